@@ -1,0 +1,1 @@
+"""Apache Beam pipelines: training data (TFRecords) and offline user encoding."""

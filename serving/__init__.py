@@ -1,0 +1,1 @@
+"""Online serving: TF Serving config, the gRPC client, a protocol-compatible model server."""

@@ -1,0 +1,44 @@
+"""``tfrs-ctx``: one entry point, one subcommand per stage of the data flow.
+
+Each subcommand lives in its own module with a ``main(argv)``; it is imported only when
+run, so ``tfrs-ctx generate`` never pays for importing TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module with main(argv), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("tfrs_ctx.synthetic", "write Pinterest-shaped synthetic raw tables"),
+    "import-movielens": ("tfrs_ctx.movielens", "convert MovieLens-100k into the raw tables"),
+    "validate": ("tfrs_ctx.validation", "validate every raw table of a directory"),
+    "build-data": ("beam_pipelines.build_training_data", "Beam: raw tables -> TFRecords + vocabularies"),
+    "train": ("tfrs_ctx.train", "train the contextual sequential two-tower model"),
+    "evaluate": ("tfrs_ctx.evaluate", "full-ranking evaluation report on held-out requests"),
+    "demo": ("tfrs_ctx.demo", "the end-to-end demo on the embedded synthetic default"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "usage: tfrs-ctx <command> [options]\n\ncommands:\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"tfrs-ctx: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""The one schema: raw tables, vocabularies, TFRecord features, shapes and padding.
+
+Every other module (Beam pipelines, tf.data parser, model, exported signatures, Feast
+views, serving client) imports names and shapes from here. No feature name is spelled
+anywhere else.
+
+Conventions
+-----------
+* Raw ids (users, items, advertisers, interest categories) are int64; demographic fields
+  and event types are strings; timestamps are int64 unix seconds (UTC).
+* Vocabulary indices: ``PAD_ID`` (0) is padding *and* "missing", ``OOV_ID`` (1) is
+  out-of-vocabulary, known values start at ``NUM_RESERVED_IDS`` (2). A vocabulary file
+  holds one raw value per line; line ``i`` maps to index ``i + NUM_RESERVED_IDS``.
+* Histories are left-padded (``PAD_SIDE = "left"``): the most recent event sits at the
+  last position, so the last valid hidden state of an encoder is position ``-1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+# --------------------------------------------------------------------------------------
+# Shapes and padding
+# --------------------------------------------------------------------------------------
+MAX_HISTORY = 50  # L: events kept per history
+MAX_CATEGORIES = 5  # C: interest categories kept per item / context
+PAD_SIDE = "left"
+PAD_ID = 0
+OOV_ID = 1
+NUM_RESERVED_IDS = 2
+MISSING_STRING = ""  # how a missing demographic value is written in vocab lookups
+
+# Upper edges (seconds) of the time-gap buckets between a history event and its target.
+# Bucket 0 is padding; a gap g falls in bucket 1 + (number of edges < g).
+TIME_GAP_EDGES = (60, 600, 3600, 6 * 3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400, 90 * 86400)
+NUM_TIME_GAP_BUCKETS = len(TIME_GAP_EDGES) + 2
+
+MIN_TIMESTAMP = 631_152_000  # 1990-01-01
+MAX_TIMESTAMP = 4_102_444_800  # 2100-01-01
+
+EVENT_TYPES = ("checkout", "add_to_cart", "signup", "lead", "page_visit")
+
+
+def time_gap_bucket(gap_seconds: int) -> int:
+    """Bucket of the gap between a history event and its target (1..NUM_TIME_GAP_BUCKETS-1)."""
+    import bisect
+
+    return 1 + bisect.bisect_left(TIME_GAP_EDGES, max(int(gap_seconds), 0))
+
+
+# --------------------------------------------------------------------------------------
+# Raw tables
+# --------------------------------------------------------------------------------------
+# Column names (each spelled once).
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+ADVERTISER_ID = "advertiser_id"
+TIMESTAMP = "timestamp"
+EVENT_TYPE = "event_type"
+CATEGORIES = "categories"
+CONFIDENCES = "confidences"
+AGE_BUCKET = "age_bucket"
+COUNTRY = "country"
+GENDER = "gender"
+REQUEST_ID = "request_id"
+SUBJECT_ITEM_ID = "subject_item_id"
+
+DEMOGRAPHIC_COLUMNS = (AGE_BUCKET, COUNTRY, GENDER)
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    name: str
+    kind: str  # "int64" | "float32" | "string" | "list_int64" | "list_float32"
+    nullable: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    name: str
+    columns: tuple[Column, ...]
+    key: tuple[str, ...]  # columns that must be unique together (empty: no key)
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def column(self, name: str) -> Column:
+        return next(c for c in self.columns if c.name == name)
+
+    def arrow_schema(self) -> pa.Schema:
+        import pyarrow as pa
+
+        types = {
+            "int64": pa.int64(),
+            "float32": pa.float32(),
+            "string": pa.string(),
+            "list_int64": pa.list_(pa.int64()),
+            "list_float32": pa.list_(pa.float32()),
+        }
+        return pa.schema([pa.field(c.name, types[c.kind], nullable=c.nullable) for c in self.columns])
+
+
+CONVERSIONS = Table(
+    "conversions",
+    (
+        Column(USER_ID, "int64"),
+        Column(TIMESTAMP, "int64"),
+        Column(ITEM_ID, "int64"),
+        Column(ADVERTISER_ID, "int64"),
+        Column(EVENT_TYPE, "string"),
+    ),
+    key=(),
+)
+ITEMS = Table(  # the ad corpus
+    "items",
+    (
+        Column(ITEM_ID, "int64"),
+        Column(ADVERTISER_ID, "int64"),
+        Column(CATEGORIES, "list_int64"),
+        Column(CONFIDENCES, "list_float32"),
+    ),
+    key=(ITEM_ID,),
+)
+USERS = Table(
+    "users",
+    (
+        Column(USER_ID, "int64"),
+        Column(AGE_BUCKET, "string", nullable=True),
+        Column(COUNTRY, "string", nullable=True),
+        Column(GENDER, "string", nullable=True),
+    ),
+    key=(USER_ID,),
+)
+SUBJECT_ITEMS = Table(  # what a user can be looking at on a related-items surface
+    "subject_items",
+    (
+        Column(ITEM_ID, "int64"),
+        Column(CATEGORIES, "list_int64"),
+        Column(CONFIDENCES, "list_float32"),
+    ),
+    key=(ITEM_ID,),
+)
+REQUESTS = Table(  # related-items request log: the real context of each request
+    "requests",
+    (
+        Column(REQUEST_ID, "int64"),
+        Column(USER_ID, "int64"),
+        Column(TIMESTAMP, "int64"),
+        Column(SUBJECT_ITEM_ID, "int64"),
+        Column(ITEM_ID, "int64"),  # the ad delivered and converted
+    ),
+    key=(REQUEST_ID,),
+)
+RAW_TABLES: dict[str, Table] = {t.name: t for t in (CONVERSIONS, ITEMS, USERS, SUBJECT_ITEMS, REQUESTS)}
+
+
+def raw_table_path(raw_dir: str, table: Table | str) -> str:
+    """Where a raw table lives: ``RAW_DIR/<table>/`` holding one or more Parquet files."""
+    import os
+
+    name = table if isinstance(table, str) else table.name
+    return os.path.join(raw_dir, name)
+
+
+# --------------------------------------------------------------------------------------
+# Vocabularies
+# --------------------------------------------------------------------------------------
+VOCAB_ITEM = "item"
+VOCAB_ADVERTISER = "advertiser"
+VOCAB_CATEGORY = "category"
+VOCAB_COUNTRY = "country"
+VOCAB_AGE_BUCKET = "age_bucket"
+VOCAB_GENDER = "gender"
+VOCAB_EVENT_TYPE = "event_type"
+VOCABULARIES = (
+    VOCAB_ITEM,
+    VOCAB_ADVERTISER,
+    VOCAB_CATEGORY,
+    VOCAB_COUNTRY,
+    VOCAB_AGE_BUCKET,
+    VOCAB_GENDER,
+    VOCAB_EVENT_TYPE,
+)
+DEMOGRAPHIC_VOCAB = {AGE_BUCKET: VOCAB_AGE_BUCKET, COUNTRY: VOCAB_COUNTRY, GENDER: VOCAB_GENDER}
+VOCAB_DIR = "vocab"
+ITEM_COUNTS_FILE = "item_counts.tsv"  # item_id <tab> count, training targets only
+METADATA_FILE = "metadata.json"
+
+
+def vocab_filename(name: str) -> str:
+    return f"{name}.txt"
+
+
+def vocab_size(num_values: int) -> int:
+    """Embedding rows needed for a vocabulary of ``num_values`` known values."""
+    return num_values + NUM_RESERVED_IDS
+
+
+# --------------------------------------------------------------------------------------
+# TFRecord example features
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Feature:
+    name: str
+    dtype: str  # "int64" | "float32"
+    shape: tuple[int, ...]  # per example, without the batch dimension
+    default: float | int = 0
+
+
+# Identity / bookkeeping
+EX_USER_ID = "user_id"
+EX_TIMESTAMP = "timestamp"
+EX_REQUEST_ID = "request_id"  # -1 for training examples
+# History (left-padded, length MAX_HISTORY)
+HISTORY_ITEM = "history_item"
+HISTORY_ADVERTISER = "history_advertiser"
+HISTORY_EVENT_TYPE = "history_event_type"
+HISTORY_TIME_GAP = "history_time_gap"
+HISTORY_LENGTH = "history_length"
+# Context: interest categories of what the user is looking at, with confidence weights
+CONTEXT_CATEGORIES = "context_categories"
+CONTEXT_WEIGHTS = "context_weights"
+# Demographics (vocab indices; PAD_ID means missing)
+USER_AGE_BUCKET = "user_age_bucket"
+USER_COUNTRY = "user_country"
+USER_GENDER = "user_gender"
+# Label: the converted ad
+LABEL_ITEM = "label_item"
+LABEL_ADVERTISER = "label_advertiser"
+LABEL_CATEGORIES = "label_categories"
+LABEL_CONFIDENCES = "label_confidences"
+LABEL_SAMPLING_PROB = "label_sampling_prob"
+# Eval only: the request's subject item as an ad-vocabulary index (PAD_ID: no request;
+# OOV_ID: the subject item is not an ad). Lets evaluation feed it as a fresh history event.
+SUBJECT_ITEM = "subject_item"
+
+HISTORY_FEATURES = (HISTORY_ITEM, HISTORY_ADVERTISER, HISTORY_EVENT_TYPE, HISTORY_TIME_GAP)
+CONTEXT_FEATURES = (CONTEXT_CATEGORIES, CONTEXT_WEIGHTS)
+DEMOGRAPHIC_FEATURES = (USER_AGE_BUCKET, USER_COUNTRY, USER_GENDER)
+DEMOGRAPHIC_FEATURE_OF_COLUMN = dict(zip(DEMOGRAPHIC_COLUMNS, DEMOGRAPHIC_FEATURES, strict=True))
+LABEL_FEATURES = (LABEL_ITEM, LABEL_ADVERTISER, LABEL_CATEGORIES, LABEL_CONFIDENCES)
+# The candidate (ad) tower reads the label features; the ad corpus file uses the same
+# names, plus the raw ITEM_ID, one row per item-vocabulary entry (sorted by index).
+CANDIDATE_FEATURES = LABEL_FEATURES
+CORPUS_FILE = "corpus.parquet"
+
+FEATURES: dict[str, Feature] = {
+    f.name: f
+    for f in (
+        Feature(EX_USER_ID, "int64", ()),
+        Feature(EX_TIMESTAMP, "int64", ()),
+        Feature(EX_REQUEST_ID, "int64", (), -1),
+        *(Feature(n, "int64", (MAX_HISTORY,)) for n in HISTORY_FEATURES),
+        Feature(HISTORY_LENGTH, "int64", ()),
+        Feature(CONTEXT_CATEGORIES, "int64", (MAX_CATEGORIES,)),
+        Feature(CONTEXT_WEIGHTS, "float32", (MAX_CATEGORIES,)),
+        *(Feature(n, "int64", ()) for n in DEMOGRAPHIC_FEATURES),
+        Feature(LABEL_ITEM, "int64", ()),
+        Feature(LABEL_ADVERTISER, "int64", ()),
+        Feature(LABEL_CATEGORIES, "int64", (MAX_CATEGORIES,)),
+        Feature(LABEL_CONFIDENCES, "float32", (MAX_CATEGORIES,)),
+        Feature(LABEL_SAMPLING_PROB, "float32", (), 0.0),
+        Feature(SUBJECT_ITEM, "int64", ()),
+    )
+}
+
+# Splits written by the training-data pipeline.
+SPLIT_TRAIN = "train"  # conversions before the cutoff, synthetic context from the label
+SPLIT_TRAIN_REQUESTS = "train_requests"  # requests before the cutoff, their real context
+SPLIT_EVAL = "eval"  # requests at/after the cutoff, their real context
+SPLITS = (SPLIT_TRAIN, SPLIT_TRAIN_REQUESTS, SPLIT_EVAL)
+TFRECORD_SUFFIX = ".tfrecord.gz"
+
+
+def tfrecord_pattern(data_dir: str, split: str) -> str:
+    import os
+
+    return os.path.join(data_dir, split, f"part*{TFRECORD_SUFFIX}")
+
+
+def feature_spec() -> dict[str, Any]:
+    """``tf.io.parse_example`` spec for every example feature."""
+    import tensorflow as tf
+
+    dtypes = {"int64": tf.int64, "float32": tf.float32}
+    return {
+        f.name: tf.io.FixedLenFeature(f.shape, dtypes[f.dtype], default_value=_default(f))
+        for f in FEATURES.values()
+    }
+
+
+def _default(f: Feature) -> Any:
+    if not f.shape:
+        return f.default
+    size = 1
+    for d in f.shape:
+        size *= d
+    return [f.default] * size
+
+
+def pad_left(values: list, length: int, pad: Any = PAD_ID) -> list:
+    """Keep the last ``length`` values and left-pad to exactly ``length``."""
+    values = list(values)[-length:] if length else []
+    return [pad] * (length - len(values)) + values
+
+
+def pad_right(values: list, length: int, pad: Any = PAD_ID) -> list:
+    """Keep the first ``length`` values and right-pad to exactly ``length`` (categories)."""
+    values = list(values)[:length]
+    return values + [pad] * (length - len(values))
