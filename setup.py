@@ -33,9 +33,13 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["tfrs_ctx", "tfrs_ctx.*", "beam_pipelines", "beam_pipelines.*", "serving", "serving.*"]),
+    packages=find_packages(
+        include=["tfrs_ctx", "tfrs_ctx.*", "beam_pipelines", "beam_pipelines.*", "serving", "serving.*"]
+    ),
     package_data={"tfrs_ctx": ["configs/*.yaml"], "serving": ["*.config", "*.txt"]},
-    data_files=[("share/tfrs-ctx/feature_repo", [str(p) for p in sorted((ROOT / "feature_repo").glob("*")) if p.is_file()])],
+    data_files=[
+        ("share/tfrs-ctx/feature_repo", [str(p) for p in sorted((ROOT / "feature_repo").glob("*")) if p.is_file()])
+    ],
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
     entry_points={"console_scripts": ["tfrs-ctx = tfrs_ctx.cli:main"]},

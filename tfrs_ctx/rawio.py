@@ -43,7 +43,9 @@ def write_table(raw_dir: str, table: Table, frame: pd.DataFrame | Mapping[str, S
     writer = TableWriter(raw_dir, table)
     columns = {c: frame[c] for c in table.column_names}
     if isinstance(frame, pd.DataFrame):
-        columns = {c: frame[c].tolist() if frame[c].dtype == object else frame[c].to_numpy() for c in table.column_names}
+        columns = {
+            c: frame[c].tolist() if frame[c].dtype == object else frame[c].to_numpy() for c in table.column_names
+        }
     writer.write(columns)
     return writer.rows
 
@@ -62,7 +64,7 @@ def read_table(raw_dir: str, table: Table, validate: bool = True) -> pd.DataFram
     frames = []
     for path in table_files(raw_dir, table):
         if path.endswith(".jsonl"):
-            frames.append(pd.read_json(path, lines=True, dtype=False))
+            frames.append(pd.read_json(path, lines=True, dtype=False, convert_dates=False))
         else:
             frames.append(pq.read_table(path).to_pandas())
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]

@@ -291,8 +291,7 @@ def feature_spec() -> dict[str, Any]:
 
     dtypes = {"int64": tf.int64, "float32": tf.float32}
     return {
-        f.name: tf.io.FixedLenFeature(f.shape, dtypes[f.dtype], default_value=_default(f))
-        for f in FEATURES.values()
+        f.name: tf.io.FixedLenFeature(f.shape, dtypes[f.dtype], default_value=_default(f)) for f in FEATURES.values()
     }
 
 

@@ -18,7 +18,9 @@ The world
   label. Each request's conversion also enters the conversion log.
 
 Everything is vectorised per chunk of users and written chunk by chunk, so memory stays
-bounded whatever ``--users`` is; the output depends only on the arguments and the seed.
+bounded whatever ``--users`` is; the output depends only on the arguments (``chunk_users``
+included: each chunk draws from its own seeded stream) and the seed. Subject items are not
+ads: their ids start at ``SUBJECT_ID_OFFSET`` so they never collide with ad ids.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from tfrs_ctx import schema
 from tfrs_ctx.rawio import TableWriter
 
 START_TIMESTAMP = 1_704_067_200  # 2024-01-01 UTC
+SUBJECT_ID_OFFSET = 10_000_000
 AGE_BUCKETS = ("18-24", "25-34", "35-44", "45-54", "55-64", "65+")
 COUNTRIES = ("US", "GB", "DE", "FR", "BR", "MX", "CA", "JP", "IN", "AU", "ES", "IT", "NL", "SE", "PL")
 GENDERS = ("female", "male", "unspecified")
@@ -88,7 +91,9 @@ class _World:
     def _corpus(self, n: int, rng: np.random.Generator, with_advertiser: bool) -> dict:
         # Every leaf gets at least one entry; the rest follow leaf popularity (flattened).
         weights = np.sqrt(self.leaf_pop)
-        leaf = np.concatenate([np.arange(self.num_leaves), rng.choice(self.num_leaves, n - self.num_leaves, p=weights / weights.sum())])
+        leaf = np.concatenate(
+            [np.arange(self.num_leaves), rng.choice(self.num_leaves, n - self.num_leaves, p=weights / weights.sum())]
+        )
         leaf = np.sort(leaf)
         offsets = np.searchsorted(leaf, np.arange(self.num_leaves + 1))
         cats, confs = [], []
@@ -98,8 +103,11 @@ class _World:
             siblings = rng.choice(self.cfg.leaves_per_top - 1, n_cats[i] - 2, replace=False)
             siblings = siblings + (siblings >= self.leaf_index[lf])  # skip the own leaf
             sib_leaves = self.leaf_top[lf] * self.cfg.leaves_per_top + siblings
-            c = [int(self.category_id(lf)), int(self.top_category_id(lf))] + [int(x) for x in self.category_id(sib_leaves)]
-            w = [rng.uniform(0.6, 0.95), rng.uniform(0.3, 0.6)] + sorted(rng.uniform(0.05, 0.3, n_cats[i] - 2), reverse=True)
+            c = [int(self.category_id(lf)), int(self.top_category_id(lf))] + [
+                int(x) for x in self.category_id(sib_leaves)
+            ]
+            minor = sorted(rng.uniform(0.05, 0.3, n_cats[i] - 2), reverse=True)
+            w = [rng.uniform(0.6, 0.95), rng.uniform(0.3, 0.6), *minor]
             order = np.argsort(w)[::-1]
             cats.append([c[j] for j in order])
             confs.append([round(float(w[j]), 4) for j in order])
@@ -138,7 +146,7 @@ def _user_chunk(world: _World, cfg: SyntheticConfig, first_user: int, n: int, rn
         return np.where(moved, late[owner, slot], early[owner, slot])
 
     # Conversions from long-term (drifting) interests.
-    n_events = 2 + rng.geometric(1.0 / max(cfg.events_per_user - 1.0, 1.0), n)
+    n_events = 2 + rng.geometric(1.0 / max(cfg.events_per_user - 2.0, 1.0), n)
     owner = np.repeat(np.arange(n), n_events)
     t = start[owner] + rng.random(len(owner)) * (span - start[owner])
     ads = world.pick(world.ads, interest_leaf(owner, t), rng)
@@ -149,7 +157,9 @@ def _user_chunk(world: _World, cfg: SyntheticConfig, first_user: int, n: int, rn
     r_owner = np.repeat(np.arange(n), n_req)
     r_t = start[r_owner] + rng.random(len(r_owner)) * (span - start[r_owner])
     own = interest_leaf(r_owner, r_t)
-    subject_leaf = np.where(rng.random(len(r_owner)) < cfg.subject_from_interest, own, world.random_leaves(len(r_owner), rng))
+    subject_leaf = np.where(
+        rng.random(len(r_owner)) < cfg.subject_from_interest, own, world.random_leaves(len(r_owner), rng)
+    )
     subject = world.pick(world.subjects, subject_leaf, rng)
     from_context = rng.random(len(r_owner)) < cfg.context_strength
     label = world.pick(world.ads, np.where(from_context, subject_leaf, interest_leaf(r_owner, r_t)), rng)
@@ -172,7 +182,7 @@ def _user_chunk(world: _World, cfg: SyntheticConfig, first_user: int, n: int, rn
         schema.REQUEST_ID: None,  # numbered by the caller
         schema.USER_ID: users[r_owner[r_order]],
         schema.TIMESTAMP: r_t[r_order].astype(np.int64) + START_TIMESTAMP,
-        schema.SUBJECT_ITEM_ID: subject[r_order] + 1,
+        schema.SUBJECT_ITEM_ID: subject[r_order] + SUBJECT_ID_OFFSET + 1,
         schema.ITEM_ID: label[r_order] + 1,
     }
 
@@ -196,17 +206,21 @@ def generate(out_dir: str, cfg: SyntheticConfig, progress: bool = True) -> dict:
     rng = np.random.default_rng(cfg.seed)
     world = _World(cfg, rng)
     writers = {t.name: TableWriter(out_dir, t) for t in schema.RAW_TABLES.values()}
-    writers["items"].write({
-        schema.ITEM_ID: np.arange(cfg.items, dtype=np.int64) + 1,
-        schema.ADVERTISER_ID: world.ads["advertiser"],
-        schema.CATEGORIES: world.ads["categories"],
-        schema.CONFIDENCES: world.ads["confidences"],
-    })
-    writers["subject_items"].write({
-        schema.ITEM_ID: np.arange(cfg.subject_items, dtype=np.int64) + 1,
-        schema.CATEGORIES: world.subjects["categories"],
-        schema.CONFIDENCES: world.subjects["confidences"],
-    })
+    writers["items"].write(
+        {
+            schema.ITEM_ID: np.arange(cfg.items, dtype=np.int64) + 1,
+            schema.ADVERTISER_ID: world.ads["advertiser"],
+            schema.CATEGORIES: world.ads["categories"],
+            schema.CONFIDENCES: world.ads["confidences"],
+        }
+    )
+    writers["subject_items"].write(
+        {
+            schema.ITEM_ID: np.arange(cfg.subject_items, dtype=np.int64) + SUBJECT_ID_OFFSET + 1,
+            schema.CATEGORIES: world.subjects["categories"],
+            schema.CONFIDENCES: world.subjects["confidences"],
+        }
+    )
     from tqdm import tqdm
 
     n_requests = 0
@@ -214,7 +228,9 @@ def generate(out_dir: str, cfg: SyntheticConfig, progress: bool = True) -> dict:
     for first in range(0, cfg.users, cfg.chunk_users):
         n = min(cfg.chunk_users, cfg.users - first)
         chunk = _user_chunk(world, cfg, first, n, np.random.default_rng([cfg.seed, first]))
-        chunk["requests"][schema.REQUEST_ID] = np.arange(n_requests, n_requests + len(chunk["requests"][schema.USER_ID])) + 1
+        chunk["requests"][schema.REQUEST_ID] = (
+            np.arange(n_requests, n_requests + len(chunk["requests"][schema.USER_ID])) + 1
+        )
         n_requests += len(chunk["requests"][schema.USER_ID])
         for name in ("conversions", "requests", "users"):
             writers[name].write(chunk[name])

@@ -3,14 +3,26 @@
 Two entry points over the same rules:
 
 * :func:`check_table` validates a whole table (pandas) and raises :class:`RawTableError`
-  naming the table, the column, the problem and the offending rows.
+  naming the table, the column, the problem and the offending rows (0-based positions in
+  the table as read, all part files concatenated in name order).
 * :func:`row_problem` validates one row (a dict) and returns the reason it is bad, or
   ``None``; the Beam pipelines route bad rows to a dead-letter output with that reason.
+
+The rules, per column (``schema.Table``): present; not null unless nullable; of the
+column's kind (an integer-valued float counts as an integer, a bool does not); list
+columns hold lists; ``confidences`` lie in [0, 1] and have one entry per category;
+timestamps lie in ``[MIN_TIMESTAMP, MAX_TIMESTAMP)``; the table key is unique; ids listed
+in :data:`REFERENCES` exist in the referenced table.
+
+``tfrs-ctx validate --raw DIR`` (:func:`main`) checks every table of a raw directory.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -26,15 +38,17 @@ REFERENCES: dict[tuple[str, str], str] = {
     (schema.REQUESTS.name, schema.ITEM_ID): schema.ITEMS.name,
     (schema.REQUESTS.name, schema.SUBJECT_ITEM_ID): schema.SUBJECT_ITEMS.name,
 }
-LIST_PAIRS = ((schema.CATEGORIES, schema.CONFIDENCES),)
+LIST_PAIRS = ((schema.CATEGORIES, schema.CONFIDENCES),)  # (a, b): b has one entry per entry of a
 MAX_ROWS_SHOWN = 5
+INT64_MIN, INT64_END = -(2**63), 2**63  # int64 range: [INT64_MIN, INT64_END)
+_NOT_FOUND = object()
 
 
 class RawTableError(ValueError):
     """A raw table breaks the schema; the message names table, column, problem and rows."""
 
     def __init__(self, table: str, column: str | None, problem: str, rows: Collection[int] = ()):
-        rows = list(rows)
+        rows = [int(r) for r in rows]
         where = f", column '{column}'" if column else ""
         shown = ", ".join(str(r) for r in rows[:MAX_ROWS_SHOWN])
         more = f" (+{len(rows) - MAX_ROWS_SHOWN} more)" if len(rows) > MAX_ROWS_SHOWN else ""
@@ -44,19 +58,23 @@ class RawTableError(ValueError):
 
 
 def _is_null(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    return value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and math.isnan(value))
 
 
 def _is_int(value: Any) -> bool:
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         return False
     if isinstance(value, (int, np.integer)):
-        return True
-    return isinstance(value, (float, np.floating)) and float(value).is_integer()
+        return INT64_MIN <= int(value) < INT64_END
+    if isinstance(value, (float, np.floating)):
+        return float(value).is_integer() and INT64_MIN <= float(value) < INT64_END
+    return False
 
 
 def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return math.isfinite(float(value))
 
 
 def _as_list(value: Any) -> list | None:
@@ -67,26 +85,33 @@ def _as_list(value: Any) -> list | None:
     return None
 
 
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def value_problem(column: Column, value: Any) -> str | None:
     """Why ``value`` is not a valid value of ``column`` (``None`` when it is)."""
-    if _is_null(value):
-        return None if column.nullable else "missing value"
+    if _as_list(value) is None and _is_null(value):
+        return None if column.nullable else "missing value (column is not nullable)"
     kind = column.kind
     if kind == "int64" and not _is_int(value):
-        return f"expected an integer, got {type(value).__name__} {value!r:.40}"
+        return f"expected an int64, got {type(value).__name__} {_show(value)}"
     if kind == "float32" and not _is_number(value):
-        return f"expected a number, got {type(value).__name__}"
+        return f"expected a finite number, got {type(value).__name__} {_show(value)}"
     if kind == "string" and not isinstance(value, str):
-        return f"expected a string, got {type(value).__name__} {value!r:.40}"
+        return f"expected a string, got {type(value).__name__} {_show(value)}"
     if kind.startswith("list_"):
         items = _as_list(value)
         if items is None:
-            return f"expected a list, got {type(value).__name__}"
-        check = _is_int if kind == "list_int64" else _is_number
-        if not all(check(v) for v in items):
-            return f"expected a list of {kind[5:]}"
-        if kind == "list_float32" and not all(0.0 <= float(v) <= 1.0 for v in items):
-            return "confidences must lie in [0, 1]"
+            return f"expected a list, got {type(value).__name__} {_show(value)}"
+        element = kind.removeprefix("list_")
+        check = _is_int if element == "int64" else _is_number
+        bad = next((v for v in items if not check(v)), _NOT_FOUND)
+        if bad is not _NOT_FOUND:
+            return f"expected a list of {element}, got element {type(bad).__name__} {_show(bad)}"
+        if column.name == schema.CONFIDENCES and not all(0.0 <= float(v) <= 1.0 for v in items):
+            return f"confidence out of [0, 1] in {_show(items)}"
     if column.name == schema.TIMESTAMP and not schema.MIN_TIMESTAMP <= int(value) < schema.MAX_TIMESTAMP:
         return f"timestamp {int(value)} out of range [{schema.MIN_TIMESTAMP}, {schema.MAX_TIMESTAMP})"
     return None
@@ -97,7 +122,8 @@ def row_problem(
 ) -> str | None:
     """Why one row is bad, naming the column (``None`` for a good row).
 
-    ``known_ids`` maps a referenced table name to its ids (see :data:`REFERENCES`).
+    ``known_ids`` maps a referenced table name to its ids (see :data:`REFERENCES`). Key
+    uniqueness needs the whole table and is checked by :func:`check_table` only.
     """
     if "__unparseable__" in row:
         return f"unparseable row: {row['__unparseable__']}"
@@ -108,60 +134,106 @@ def row_problem(
         if problem:
             return f"column '{column.name}': {problem}"
     for a, b in LIST_PAIRS:
-        if a in table.column_names and len(_as_list(row[a]) or []) != len(_as_list(row[b]) or []):
-            return f"column '{b}': length differs from '{a}'"
+        if a in table.column_names and b in table.column_names:
+            len_a, len_b = len(_as_list(row[a]) or []), len(_as_list(row[b]) or [])
+            if len_a != len_b:
+                return f"column '{b}': {len_b} entries but '{a}' has {len_a}"
     for (tname, col), ref in REFERENCES.items():
         if known_ids is not None and tname == table.name and ref in known_ids and int(row[col]) not in known_ids[ref]:
             return f"column '{col}': unknown id {int(row[col])} (not in table '{ref}')"
     return None
 
 
-def check_table(
-    table: Table, frame: pd.DataFrame, known_ids: Mapping[str, Collection[int]] | None = None
-) -> None:
-    """Raise :class:`RawTableError` for the first class of problem found in ``frame``."""
+def _bad_values(column: Column, series: pd.Series) -> np.ndarray:
+    """Boolean mask of the rows whose value breaks ``column`` (vectorised where possible)."""
+    if (
+        column.kind == "int64"
+        and pd.api.types.is_integer_dtype(series.dtype)
+        and not series.isna().any()
+        and not (pd.api.types.is_unsigned_integer_dtype(series.dtype) and len(series) and series.max() >= INT64_END)
+    ):
+        if column.name == schema.TIMESTAMP:
+            return ~series.between(schema.MIN_TIMESTAMP, schema.MAX_TIMESTAMP - 1).to_numpy(dtype=bool)
+        return np.zeros(len(series), dtype=bool)
+    if column.kind == "string" and pd.api.types.infer_dtype(series, skipna=True) in ("string", "empty"):
+        nulls = series.isna().to_numpy(dtype=bool)
+        return np.zeros(len(series), dtype=bool) if column.nullable else nulls
+    return series.map(lambda v: value_problem(column, v) is not None).to_numpy(dtype=bool)
+
+
+def check_table(table: Table, frame: pd.DataFrame, known_ids: Mapping[str, Collection[int]] | None = None) -> None:
+    """Raise :class:`RawTableError` for the first class of problem found in ``frame``.
+
+    Order: missing columns, bad values (column by column), list-length mismatches,
+    duplicate keys, unknown ids (only for references whose table is in ``known_ids``).
+    """
     missing = [c for c in table.column_names if c not in frame.columns]
     if missing:
-        raise RawTableError(table.name, missing[0], f"missing column (have {sorted(frame.columns)})")
+        raise RawTableError(table.name, missing[0], f"missing column (table has {sorted(map(str, frame.columns))})")
     for column in table.columns:
         series = frame[column.name]
-        if column.kind == "int64" and pd.api.types.is_integer_dtype(series.dtype):
-            bad = np.zeros(len(series), dtype=bool)
-            if column.name == schema.TIMESTAMP:
-                bad = ~series.between(schema.MIN_TIMESTAMP, schema.MAX_TIMESTAMP - 1).to_numpy()
-        else:
-            bad = series.map(lambda v, c=column: value_problem(c, v) is not None).to_numpy(dtype=bool)
+        bad = _bad_values(column, series)
         if bad.any():
-            rows = np.flatnonzero(bad).tolist()
-            raise RawTableError(table.name, column.name, value_problem(column, series.iloc[rows[0]]) or "bad value", rows)
+            rows = np.flatnonzero(bad)
+            problem = value_problem(column, series.iloc[rows[0]]) or "bad value"
+            raise RawTableError(table.name, column.name, problem, rows)
     for a, b in LIST_PAIRS:
-        if a in table.column_names:
-            lengths_a = frame[a].map(len).to_numpy()
-            bad = lengths_a != frame[b].map(len).to_numpy()
+        if a in table.column_names and b in table.column_names:
+            len_a, len_b = frame[a].map(len).to_numpy(), frame[b].map(len).to_numpy()
+            bad = len_a != len_b
             if bad.any():
-                raise RawTableError(table.name, b, f"length differs from '{a}'", np.flatnonzero(bad).tolist())
-    if table.key:
-        dup = frame.duplicated(list(table.key), keep="first").to_numpy()
+                rows = np.flatnonzero(bad)
+                first = rows[0]
+                problem = f"length differs from '{a}' ({len_b[first]} vs {len_a[first]} entries)"
+                raise RawTableError(table.name, b, problem, rows)
+    if table.key and len(frame):
+        dup = frame.duplicated(list(table.key), keep=False).to_numpy()
         if dup.any():
-            raise RawTableError(table.name, ",".join(table.key), "duplicate key", np.flatnonzero(dup).tolist())
+            rows = np.flatnonzero(dup)
+            value = ", ".join(f"{k}={frame[k].iloc[rows[0]]!r}" for k in table.key)
+            raise RawTableError(table.name, ",".join(table.key), f"duplicate key ({value}, ...)", rows)
     for (tname, col), ref in REFERENCES.items():
         if known_ids is not None and tname == table.name and ref in known_ids:
-            ids = np.fromiter(known_ids[ref], dtype=np.int64)
+            ids = np.fromiter(known_ids[ref], dtype=np.int64, count=len(known_ids[ref]))
             bad = ~np.isin(frame[col].to_numpy(dtype=np.int64), ids)
             if bad.any():
-                rows = np.flatnonzero(bad).tolist()
-                raise RawTableError(table.name, col, f"unknown id {int(frame[col].iloc[rows[0]])} (not in table '{ref}')", rows)
+                rows = np.flatnonzero(bad)
+                problem = f"unknown id {int(frame[col].iloc[rows[0]])} (not in table '{ref}')"
+                raise RawTableError(table.name, col, problem, rows)
 
 
 def check_raw_dir(raw_dir: str) -> dict[str, pd.DataFrame]:
-    """Read and validate every raw table of a directory, cross-table references included."""
+    """Read and validate every raw table of a directory, cross-table references included.
+
+    Referenced tables (items, subject items) are checked first, so a broken id column is
+    reported as such rather than as unknown ids elsewhere. Returns the frames by table name.
+    """
     from tfrs_ctx.rawio import read_table
 
     frames = {name: read_table(raw_dir, t, validate=False) for name, t in schema.RAW_TABLES.items()}
-    known = {
-        schema.ITEMS.name: set(frames[schema.ITEMS.name][schema.ITEM_ID].tolist()),
-        schema.SUBJECT_ITEMS.name: set(frames[schema.SUBJECT_ITEMS.name][schema.ITEM_ID].tolist()),
-    }
+    referenced = sorted(set(REFERENCES.values()))
+    for name in referenced:
+        check_table(schema.RAW_TABLES[name], frames[name])
+    known = {name: set(frames[name][schema.ITEM_ID].tolist()) for name in referenced}
     for name, table in schema.RAW_TABLES.items():
-        check_table(table, frames[name], known)
+        if name not in referenced:
+            check_table(table, frames[name], known)
     return frames
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tfrs-ctx validate --raw DIR``: print row counts (0) or the first problem (1)."""
+    parser = argparse.ArgumentParser(prog="tfrs-ctx validate", description="Validate every raw table of a directory.")
+    parser.add_argument("--raw", required=True, help="raw-table directory (one sub-directory per table)")
+    args = parser.parse_args(argv)
+    try:
+        frames = check_raw_dir(args.raw)
+    except (ValueError, OSError) as e:  # RawTableError, missing table, unreadable file
+        print(f"tfrs-ctx validate: {args.raw}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"raw": args.raw, "valid": True, "rows": {name: len(f) for name, f in frames.items()}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
