@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "pyarrow==25.0.*",
     "pyyaml==6.0.*",
     "matplotlib==3.11.*",
+    "tensorboard==2.21.*",
     "tqdm==4.70.*",
     "psutil==7.2.*",
 ]

@@ -31,3 +31,46 @@ def small_raw(tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("raw")
     generate(str(out), SyntheticConfig(users=300, items=600, subject_items=800, advertisers=60, seed=7), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_data(small_raw, tmp_path_factory) -> pathlib.Path:
+    """TFRecords, vocabularies and corpus built by the real Beam pipeline from ``small_raw``."""
+    from beam_pipelines import build_training_data
+
+    out = tmp_path_factory.mktemp("data")
+    build_training_data.run(["--input", str(small_raw), "--output", str(out)])
+    return out
+
+
+TINY_MODEL = [
+    "model.embedding_dim=16",
+    "model.ff_dim=32",
+    "model.mlp_hidden=[32]",
+    "model.output_dim=16",
+    "model.category_dim=8",
+    "model.context_dim=16",
+    "train.batch_size=64",
+    "train.epochs=2",
+    "train.validation_examples=200",
+]
+
+
+def train_tiny(data_dir: pathlib.Path, run_dir: pathlib.Path, *overrides: str) -> pathlib.Path:
+    from tfrs_ctx import train
+    from tfrs_ctx.config import load_config
+
+    cfg = load_config("synthetic", [*TINY_MODEL, *overrides])
+    cfg.train.data_dir = str(data_dir)
+    train.train(cfg, str(run_dir), verbose=0)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(small_data, tmp_path_factory) -> dict[str, pathlib.Path]:
+    """A tiny contextual and a tiny baseline model trained on ``small_data``."""
+    root = tmp_path_factory.mktemp("runs")
+    return {
+        "contextual": train_tiny(small_data, root / "contextual"),
+        "baseline": train_tiny(small_data, root / "baseline", "model.use_context=false"),
+    }

@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-data": ("beam_pipelines.build_training_data", "Beam: raw tables -> TFRecords + vocabularies"),
     "train": ("tfrs_ctx.train", "train the contextual sequential two-tower model"),
     "evaluate": ("tfrs_ctx.evaluate", "full-ranking evaluation report on held-out requests"),
+    "export": ("tfrs_ctx.export", "hybrid export: encoder, context_head, full SavedModels"),
+    "study": ("tfrs_ctx.studies", "lift over context strength; context-dropout / synthetic-context ablation"),
     "demo": ("tfrs_ctx.demo", "the end-to-end demo on the embedded synthetic default"),
 }
 

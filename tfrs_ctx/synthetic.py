@@ -58,8 +58,8 @@ class SyntheticConfig:
     events_per_user: float = 25.0
     requests_per_user: float = 3.0
     drift: float = 0.5  # probability that an interest moves to another leaf during the span
-    context_strength: float = 0.5
-    subject_from_interest: float = 0.3
+    context_strength: float = 0.75
+    subject_from_interest: float = 0.2
     days: int = 180
     missing_demographic: float = 0.05
     chunk_users: int = 50_000

@@ -1,0 +1,99 @@
+"""Model and training configuration (YAML files under ``tfrs_ctx/configs/``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+CONTEXT_SOURCES = ("synthetic", "real", "none")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    embedding_dim: int = 64  # event / item embeddings and the encoded-history vector
+    blocks: int = 2
+    heads: int = 2
+    ff_dim: int = 128
+    dropout: float = 0.1
+    causal: bool = True
+    category_dim: int = 32  # shared by the context layer and the ad tower
+    use_context: bool = True  # False: the sequence-only production baseline
+    context_dim: int = 64
+    context_dropout: float = 0.5  # the paper's "high dropout on the context layer"
+    context_drop_prob: float = 0.3  # drop the whole context of an example in training
+    demographic_dim: int = 8
+    mlp_hidden: list[int] = dataclasses.field(default_factory=lambda: [256])
+    output_dim: int = 64
+    temperature: float = 0.05
+    full_softmax_max_items: int = 200_000  # above: in-batch negatives with logQ correction
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data_dir: str = ""
+    batch_size: int = 512
+    epochs: int = 8
+    learning_rate: float = 2e-3
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.0
+    context_source: str = "synthetic"  # synthetic | real (request log) | none
+    context_noise: float = 0.5  # synthetic context: share of examples given another example's context
+    early_stopping_patience: int = 2
+    early_stopping_k: int = 100
+    validation_examples: int = 3000
+    steps_per_epoch: int | None = None
+    shuffle_buffer: int = 50_000
+    exclude_history: bool = False  # evaluation: drop already-converted ads from the ranking
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        unknown = set(d) - {"model", "train"}
+        if unknown:
+            raise ValueError(f"unknown config sections: {sorted(unknown)}")
+        model = _build(ModelConfig, d.get("model", {}))
+        train = _build(TrainConfig, d.get("train", {}))
+        if train.context_source not in CONTEXT_SOURCES:
+            raise ValueError(f"train.context_source must be one of {CONTEXT_SOURCES}, got {train.context_source!r}")
+        return cls(model, train)
+
+
+def _build(kind: type, values: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} keys: {sorted(unknown)}")
+    return kind(**values)
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (a path, or a name of a bundled config) and apply ``section.key=value``."""
+    if not os.path.exists(path) and os.path.exists(os.path.join(CONFIG_DIR, f"{path}.yaml")):
+        path = os.path.join(CONFIG_DIR, f"{path}.yaml")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not name:
+            raise ValueError(f"override must look like section.key=value, got {item!r}")
+        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    return Config.from_dict(raw)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

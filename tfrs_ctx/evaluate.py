@@ -1,0 +1,296 @@
+"""Full-ranking evaluation report on the held-out related-items requests.
+
+``tfrs-ctx evaluate --data DATA_DIR --contextual RUN --baseline RUN --out REPORT_DIR``
+
+Every row ranks the *whole* ad corpus for the same held-out requests (no sampled
+negatives): Recall@10/50/100/200 and NDCG@10 with 95% bootstrap intervals, and the lift
+(contextual / baseline) per K with a paired bootstrap interval. Rows:
+
+* ``popularity``: ads ranked by training conversions;
+* ``baseline``: the sequence-only production model (context switched off);
+* ``contextual``: the contextual model with the request's real context;
+* ``contextual_no_context``: the contextual model with the context missing;
+* ``baseline_subject_as_history``: the baseline given the subject item as a fresh history
+  event (a reference for how much the context carries; only where subject items are ads).
+
+Writes ``report.json`` (every figure), ``report.md`` and ``recall_at_k.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+from tfrs_ctx import schema
+
+KS = (10, 50, 100, 200)
+NDCG_K = 10
+ROWS = ("popularity", "baseline", "contextual", "contextual_no_context", "baseline_subject_as_history")
+LIFT_OF = ("contextual", "baseline")
+
+
+# ---- metrics -------------------------------------------------------------------------
+def label_ranks(query, corpus, labels, exclude=None) -> np.ndarray:
+    """0-based rank of each label among all ads (ties count in the label's favour).
+
+    ``query`` ``[B, d]``, ``corpus`` ``[N, d]`` (row r = item index r + NUM_RESERVED_IDS),
+    ``labels`` ``[B]`` item indices; ``exclude`` ``[B, M]`` item indices to drop from the
+    ranking (PAD/OOV and the label itself are never dropped).
+    """
+    scores = np.asarray(query, dtype=np.float32) @ np.asarray(corpus, dtype=np.float32).T
+    return ranks_from_scores(scores, labels, exclude)
+
+
+def ranks_from_scores(scores: np.ndarray, labels, exclude=None) -> np.ndarray:
+    scores = np.array(scores, dtype=np.float32, copy=True)
+    rows = np.asarray(labels, dtype=np.int64) - schema.NUM_RESERVED_IDS
+    batch = np.arange(len(rows))
+    label_scores = scores[batch, rows].copy()
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=np.int64)
+        drop = (exclude >= schema.NUM_RESERVED_IDS) & (exclude != np.asarray(labels)[:, None])
+        b, j = np.nonzero(drop)
+        scores[b, exclude[b, j] - schema.NUM_RESERVED_IDS] = -np.inf
+    return (scores > label_scores[:, None]).sum(axis=1)
+
+
+def per_request(ranks: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-request metric values (means of these are the report's figures)."""
+    out = {f"recall@{k}": (ranks < k).astype(np.float64) for k in KS}
+    out[f"ndcg@{NDCG_K}"] = np.where(ranks < NDCG_K, 1.0 / np.log2(ranks + 2.0), 0.0)
+    return out
+
+
+def bootstrap_indices(n: int, samples: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
+
+
+def interval(values: np.ndarray, idx: np.ndarray) -> dict[str, float]:
+    means = values[idx].mean(axis=1)
+    return {
+        "mean": float(values.mean()),
+        "lo": float(np.percentile(means, 2.5)),
+        "hi": float(np.percentile(means, 97.5)),
+    }
+
+
+def paired_lift(a: np.ndarray, b: np.ndarray, idx: np.ndarray) -> dict[str, float]:
+    """mean(a) / mean(b) with a paired bootstrap interval (the same resamples for both)."""
+    ratio = a[idx].mean(axis=1) / np.maximum(b[idx].mean(axis=1), 1e-12)
+    return {
+        "lift": float(a.mean() / max(b.mean(), 1e-12)),
+        "lo": float(np.percentile(ratio, 2.5)),
+        "hi": float(np.percentile(ratio, 97.5)),
+    }
+
+
+# ---- scoring the rows ----------------------------------------------------------------
+def _subject_as_history(batch: dict, corpus_advertiser: np.ndarray, event_type_index: int) -> dict:
+    """Append the subject item to each history as the most recent event (a page visit)."""
+    import tensorflow as tf
+
+    out = dict(batch)
+    subject = batch[schema.SUBJECT_ITEM]
+    is_ad = subject >= schema.NUM_RESERVED_IDS
+    advertiser = tf.gather(corpus_advertiser, tf.maximum(subject - schema.NUM_RESERVED_IDS, 0))
+    newest = {
+        schema.HISTORY_ITEM: subject,
+        schema.HISTORY_ADVERTISER: advertiser,
+        schema.HISTORY_EVENT_TYPE: tf.fill(tf.shape(subject), tf.constant(event_type_index, tf.int64)),
+        schema.HISTORY_TIME_GAP: tf.fill(tf.shape(subject), tf.constant(schema.time_gap_bucket(0), tf.int64)),
+    }
+    for name, value in newest.items():
+        shifted = tf.concat([batch[name][:, 1:], value[:, None]], axis=1)
+        out[name] = tf.where(is_ad[:, None], shifted, batch[name])
+    length = batch[schema.HISTORY_LENGTH]
+    out[schema.HISTORY_LENGTH] = tf.where(is_ad, tf.minimum(length + 1, schema.MAX_HISTORY), length)
+    return out
+
+
+def item_popularity(data_dir: str, item_ids: np.ndarray) -> np.ndarray:
+    """Training conversions per ad, aligned with ``item_ids`` (0 for ads never converted)."""
+    import pandas as pd
+
+    path = os.path.join(data_dir, schema.ITEM_COUNTS_FILE)
+    counts = pd.read_csv(path, sep="\t", header=None, names=["item", "count"], dtype={"item": np.int64})
+    lookup = dict(zip(counts["item"].tolist(), counts["count"].tolist(), strict=True))
+    return np.asarray([lookup.get(int(i), 0) for i in item_ids], dtype=np.float32)
+
+
+def score_rows(data_dir: str, contextual, baseline, exclude_history: bool, max_requests: int | None = None) -> dict:
+    """Ranks of every held-out request's label under each row; returns ``{row: ranks}``."""
+    from tfrs_ctx import dataset, vocab
+    from tfrs_ctx.train import without_context
+
+    corpus = dataset.load_corpus(data_dir)
+    popularity = item_popularity(data_dir, corpus[schema.ITEM_ID])
+    event_types = vocab.load_vocab(data_dir, schema.VOCAB_EVENT_TYPE)
+    page_visit = schema.EVENT_TYPES[-1]
+    visit_index = (
+        event_types.index(page_visit) + schema.NUM_RESERVED_IDS if page_visit in event_types else schema.OOV_ID
+    )
+    ctx_corpus = contextual.corpus_embeddings().numpy()
+    base_corpus = baseline.corpus_embeddings().numpy()
+    ranks: dict[str, list[np.ndarray]] = {row: [] for row in ROWS}
+    subject_is_ad = []
+    ds = dataset.make_dataset(data_dir, schema.SPLIT_EVAL, 1024)
+    if max_requests:
+        ds = ds.unbatch().take(max_requests).batch(1024)
+    for batch in ds:
+        labels = batch[schema.LABEL_ITEM].numpy()
+        exclude = batch[schema.HISTORY_ITEM].numpy() if exclude_history else None
+        pop_scores = np.broadcast_to(popularity, (len(labels), len(popularity)))
+        ranks["popularity"].append(ranks_from_scores(pop_scores, labels, exclude))
+        ranks["baseline"].append(label_ranks(baseline.query_embedding(batch), base_corpus, labels, exclude))
+        ranks["contextual"].append(label_ranks(contextual.query_embedding(batch), ctx_corpus, labels, exclude))
+        no_ctx = contextual.query_embedding(without_context(batch))
+        ranks["contextual_no_context"].append(label_ranks(no_ctx, ctx_corpus, labels, exclude))
+        fresh = _subject_as_history(batch, corpus[schema.LABEL_ADVERTISER], visit_index)
+        ranks["baseline_subject_as_history"].append(
+            label_ranks(baseline.query_embedding(fresh), base_corpus, labels, exclude)
+        )
+        subject_is_ad.append(batch[schema.SUBJECT_ITEM].numpy() >= schema.NUM_RESERVED_IDS)
+    out = {row: np.concatenate(r) if r else np.zeros(0, np.int64) for row, r in ranks.items()}
+    if not any(flags.any() for flags in subject_is_ad):
+        del out["baseline_subject_as_history"]  # subject items are not ads: nothing to append
+    return out
+
+
+def build_report(ranks: dict[str, np.ndarray], bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Figures with 95% bootstrap intervals and the paired lift per K."""
+    n = len(next(iter(ranks.values())))
+    if n == 0:
+        raise ValueError("no held-out requests to evaluate (is the eval split empty?)")
+    idx = bootstrap_indices(n, bootstrap, seed)
+    values = {row: per_request(r) for row, r in ranks.items()}
+    report = {
+        "requests": n,
+        "bootstrap_samples": bootstrap,
+        "rows": {row: {m: interval(v, idx) for m, v in metrics.items()} for row, metrics in values.items()},
+        "lift": {},
+    }
+    a, b = LIFT_OF
+    if a in values and b in values:
+        report["lift"] = {m: paired_lift(values[a][m], values[b][m], idx) for m in values[a]}
+    return report
+
+
+def write_report(report: dict, out_dir: str, title: str = "tfrs-ctx evaluation") -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    metrics = [f"recall@{k}" for k in KS] + [f"ndcg@{NDCG_K}"]
+    lines = [
+        f"# {title}",
+        "",
+        f"{report['requests']} held-out requests, full ranking over the whole ad corpus; "
+        f"95% bootstrap intervals ({report['bootstrap_samples']} resamples).",
+        "",
+        "| row | " + " | ".join(metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for row, figures in report["rows"].items():
+        cells = [f"{figures[m]['mean']:.4f} [{figures[m]['lo']:.4f}, {figures[m]['hi']:.4f}]" for m in metrics]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    if report["lift"]:
+        lines += ["", f"Lift {LIFT_OF[0]} / {LIFT_OF[1]} (paired bootstrap 95% interval):", ""]
+        lines += ["| metric | lift | interval |", "|---|---|---|"]
+        for m in metrics:
+            lift = report["lift"][m]
+            lines.append(f"| {m} | {lift['lift']:.2f}x | [{lift['lo']:.2f}, {lift['hi']:.2f}] |")
+    extra = report.get("notes")
+    if extra:
+        lines += ["", *extra]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot_recall(report, os.path.join(out_dir, "recall_at_k.png"), title)
+
+
+def plot_recall(report: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for row, figures in report["rows"].items():
+        mean = [figures[f"recall@{k}"]["mean"] for k in KS]
+        err = [
+            [m - figures[f"recall@{k}"]["lo"] for k, m in zip(KS, mean, strict=True)],
+            [figures[f"recall@{k}"]["hi"] - m for k, m in zip(KS, mean, strict=True)],
+        ]
+        left.errorbar(KS, mean, yerr=err, marker="o", capsize=3, label=row)
+    left.set(xscale="log", xticks=KS, xticklabels=[str(k) for k in KS], xlabel="K", ylabel="Recall@K", title=title)
+    left.legend(fontsize=8)
+    if report["lift"]:
+        lifts = [report["lift"][f"recall@{k}"] for k in KS]
+        right.bar([str(k) for k in KS], [x["lift"] for x in lifts], color="tab:green")
+        right.errorbar(
+            [str(k) for k in KS],
+            [x["lift"] for x in lifts],
+            yerr=[[x["lift"] - x["lo"] for x in lifts], [x["hi"] - x["lift"] for x in lifts]],
+            fmt="none",
+            c="k",
+            capsize=4,
+        )
+        right.axhline(1.0, color="grey", lw=1, ls="--")
+        right.set(xlabel="K", ylabel="lift", title=f"Recall@K lift: {LIFT_OF[0]} / {LIFT_OF[1]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate_runs(
+    data_dir: str,
+    contextual_run: str,
+    baseline_run: str,
+    out_dir: str | None = None,
+    bootstrap: int = 1000,
+    exclude_history: bool | None = None,
+    max_requests: int | None = None,
+) -> dict:
+    """Load both trained runs, score every row on the same requests, write the report."""
+    from tfrs_ctx.train import load_trained
+
+    contextual, cfg = load_trained(contextual_run, data_dir)
+    baseline, _ = load_trained(baseline_run, data_dir)
+    if contextual.context_layer is None:
+        raise ValueError(f"{contextual_run} was trained with model.use_context=false: it is a baseline")
+    exclude = cfg.train.exclude_history if exclude_history is None else exclude_history
+    ranks = score_rows(data_dir, contextual, baseline, exclude, max_requests)
+    report = build_report(ranks, bootstrap)
+    report["data_dir"], report["exclude_history"] = os.path.abspath(data_dir), exclude
+    report["runs"] = {"contextual": os.path.abspath(contextual_run), "baseline": os.path.abspath(baseline_run)}
+    if out_dir:
+        write_report(report, out_dir)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tfrs-ctx evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="TFRecord directory (its eval split)")
+    parser.add_argument("--contextual", required=True, help="run directory of the contextual model")
+    parser.add_argument("--baseline", required=True, help="run directory of the sequence-only baseline")
+    parser.add_argument("--out", required=True, help="report directory")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--exclude-history", choices=("yes", "no"), help="default: the contextual run's config")
+    parser.add_argument("--max-requests", type=int)
+    args = parser.parse_args(argv)
+    exclude = None if args.exclude_history is None else args.exclude_history == "yes"
+    report = evaluate_runs(
+        args.data, args.contextual, args.baseline, args.out, args.bootstrap, exclude, args.max_requests
+    )
+    with open(os.path.join(args.out, "report.md")) as f:
+        print(f.read())
+    return 0 if report["requests"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

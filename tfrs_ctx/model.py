@@ -1,0 +1,137 @@
+"""The contextual sequential two-tower model (TFRS).
+
+Query tower = ``head(encoder(history), context, demographics)``:
+
+* ``encode_history``: summed event embeddings (ad, advertiser, event type, time gap) through
+  a Transformer :class:`~tfrs_ctx.layers.SequenceEncoder`; its last valid hidden state is
+  the vector the offline job stores in the feature store.
+* ``head``: that vector (or a learned no-history vector when the history is empty), the
+  :class:`~tfrs_ctx.layers.ContextLayer` output and demographic embeddings, concatenated,
+  through the user MLP -> L2-normalised user embedding. With ``use_context=False`` the head
+  has no context path at all: that is the sequence-only production baseline.
+
+Candidate tower: ad id + advertiser + confidence-weighted interest categories -> MLP ->
+L2-normalised ad embedding. Ad, advertiser and category embedding tables are shared by
+both towers.
+
+Loss: full softmax over the whole ad corpus when it has at most
+``full_softmax_max_items`` ads; above that, in-batch negatives with the logQ
+sampling-bias correction and accidental-hit removal (``tfrs.tasks.Retrieval``).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+import tf_keras as keras
+
+from tfrs_ctx import schema
+from tfrs_ctx.config import ModelConfig
+from tfrs_ctx.layers import MLP, ContextLayer, SequenceEncoder, weighted_average
+
+
+class ContextualTwoTower(tfrs.models.Model):
+    def __init__(self, cfg: ModelConfig, vocab_sizes: dict[str, int], corpus: dict[str, np.ndarray], seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embedding_dim
+        self.item_embedding = keras.layers.Embedding(vocab_sizes[schema.VOCAB_ITEM], d, name="item_embedding")
+        self.advertiser_embedding = keras.layers.Embedding(
+            vocab_sizes[schema.VOCAB_ADVERTISER], d, name="advertiser_embedding"
+        )
+        self.event_type_embedding = keras.layers.Embedding(
+            vocab_sizes[schema.VOCAB_EVENT_TYPE], d, name="event_type_embedding"
+        )
+        self.time_gap_embedding = keras.layers.Embedding(schema.NUM_TIME_GAP_BUCKETS, d, name="time_gap_embedding")
+        self.category_embedding = keras.layers.Embedding(
+            vocab_sizes[schema.VOCAB_CATEGORY], cfg.category_dim, name="category_embedding"
+        )
+        self.encoder = SequenceEncoder(
+            schema.MAX_HISTORY, d, cfg.blocks, cfg.heads, cfg.ff_dim, cfg.dropout, cfg.causal, name="sequence_encoder"
+        )
+        self.no_history = self.add_weight(
+            name="no_history", shape=(d,), initializer=keras.initializers.RandomNormal(stddev=0.1)
+        )
+        self.context_layer = (
+            ContextLayer(cfg.context_dim, cfg.context_dropout, cfg.context_drop_prob, seed=seed, name="context_layer")
+            if cfg.use_context
+            else None
+        )
+        self.demographic_embeddings = {
+            feature: keras.layers.Embedding(
+                vocab_sizes[schema.DEMOGRAPHIC_VOCAB[column]], cfg.demographic_dim, name=f"{feature}_embedding"
+            )
+            for column, feature in schema.DEMOGRAPHIC_FEATURE_OF_COLUMN.items()
+        }
+        self.user_mlp = MLP(cfg.mlp_hidden, cfg.output_dim, name="user_mlp")
+        self.candidate_mlp = MLP(cfg.mlp_hidden, cfg.output_dim, name="candidate_mlp")
+        self.corpus = {name: tf.constant(corpus[name]) for name in schema.CANDIDATE_FEATURES}
+        self.corpus_item_ids = tf.constant(corpus[schema.ITEM_ID])
+        self.full_softmax = len(corpus[schema.ITEM_ID]) <= cfg.full_softmax_max_items
+        self.task = tfrs.tasks.Retrieval(temperature=cfg.temperature, remove_accidental_hits=True)
+
+    # ---- query tower -------------------------------------------------------------------
+    def encode_history(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        """History -> ``[B, embedding_dim]``: the offline encoder's output."""
+        events = (
+            self.item_embedding(features[schema.HISTORY_ITEM])
+            + self.advertiser_embedding(features[schema.HISTORY_ADVERTISER])
+            + self.event_type_embedding(features[schema.HISTORY_EVENT_TYPE])
+            + self.time_gap_embedding(features[schema.HISTORY_TIME_GAP])
+        )
+        return self.encoder(events, features[schema.HISTORY_LENGTH], training=training)
+
+    def head(self, encoded: tf.Tensor, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        """Encoded history + context + demographics -> normalised user embedding (online part)."""
+        has_history = tf.reshape(features[schema.HISTORY_LENGTH], [-1, 1]) > 0
+        parts = [tf.where(has_history, encoded, self.no_history[tf.newaxis])]
+        if self.context_layer is not None:
+            categories = self.category_embedding(features[schema.CONTEXT_CATEGORIES])
+            parts.append(self.context_layer(categories, features[schema.CONTEXT_WEIGHTS], training=training))
+        parts += [self.demographic_embeddings[f](features[f]) for f in schema.DEMOGRAPHIC_FEATURES]
+        return self.user_mlp(tf.concat(parts, axis=-1), training=training)
+
+    def query_embedding(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        return self.head(self.encode_history(features, training), features, training)
+
+    # ---- candidate tower ---------------------------------------------------------------
+    def candidate_embedding(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        categories, _ = weighted_average(
+            self.category_embedding(features[schema.LABEL_CATEGORIES]), features[schema.LABEL_CONFIDENCES]
+        )
+        x = tf.concat(
+            [
+                self.item_embedding(features[schema.LABEL_ITEM]),
+                self.advertiser_embedding(features[schema.LABEL_ADVERTISER]),
+                categories,
+            ],
+            axis=-1,
+        )
+        return self.candidate_mlp(x, training=training)
+
+    def corpus_embeddings(self, training: bool = False) -> tf.Tensor:
+        """``[num_ads, output_dim]``, row ``r`` = the ad with item-vocab index ``r + NUM_RESERVED_IDS``."""
+        return self.candidate_embedding(self.corpus, training)
+
+    def call(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        return self.query_embedding(features, training)
+
+    # ---- loss --------------------------------------------------------------------------
+    def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        query = self.query_embedding(features, training)
+        if self.full_softmax:
+            logits = tf.matmul(query, self.corpus_embeddings(training), transpose_b=True) / self.cfg.temperature
+            rows = features[schema.LABEL_ITEM] - schema.NUM_RESERVED_IDS
+            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(rows, logits))
+        return self.task(
+            query,
+            self.candidate_embedding(features, training),
+            candidate_sampling_probability=features[schema.LABEL_SAMPLING_PROB],
+            candidate_ids=features[schema.LABEL_ITEM],
+            compute_metrics=False,
+        )

@@ -1,0 +1,238 @@
+"""Training: ``tfrs-ctx train --config CONFIG.yaml --out RUN_DIR [--set section.key=value ...]``.
+
+tf.data from the sharded TFRecords (parallel reads, shuffle, prefetch), Adam with a warm-up +
+cosine learning-rate schedule, early stopping on validation Recall@K (full ranking over the
+ad corpus), checkpoints with resume, TensorBoard logs, a progress bar, seeds.
+
+Validation uses the ``train_requests`` split (related-items requests *before* the time
+cutoff, with their real context), so the held-out ``eval`` requests are never looked at.
+
+A run directory holds ``config.yaml``, ``checkpoints/`` (resume), ``final/`` (the weights
+evaluation and export load), ``logs/`` (TensorBoard) and ``train_summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from tfrs_ctx import dataset, schema
+from tfrs_ctx.config import Config, load_config, save_config
+from tfrs_ctx.model import ContextualTwoTower
+
+FINAL_DIR = "final"
+FINAL_WEIGHTS = "weights"
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "train_summary.json"
+
+
+def without_context(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """The same examples with the context cleared (categories PAD, weights 0)."""
+    features = dict(features)
+    features[schema.CONTEXT_CATEGORIES] = tf.zeros_like(features[schema.CONTEXT_CATEGORIES])
+    features[schema.CONTEXT_WEIGHTS] = tf.zeros_like(features[schema.CONTEXT_WEIGHTS])
+    return features
+
+
+def mix_context(features: dict[str, tf.Tensor], noise: float, seed: int) -> dict[str, tf.Tensor]:
+    """With probability ``noise`` per example, swap in the context of another example of the batch.
+
+    Synthetic context from the label is a perfect signal; real request context is not (the
+    converted ad often follows the user's history, not the subject item). Swapped contexts
+    teach the model to weigh context against history instead of trusting it blindly.
+    """
+    features = dict(features)
+    batch = tf.shape(features[schema.CONTEXT_WEIGHTS])[0]
+    other = tf.random.shuffle(tf.range(batch), seed=seed)
+    swap = tf.random.uniform([batch], seed=seed + 1) < noise
+    for name in schema.CONTEXT_FEATURES:
+        features[name] = tf.where(swap[:, tf.newaxis], tf.gather(features[name], other), features[name])
+    return features
+
+
+def training_dataset(cfg: Config, counts: dict[str, int]) -> tuple[tf.data.Dataset, int]:
+    """The training stream for ``train.context_source`` and the number of examples per epoch."""
+    t = cfg.train
+    train = dataset.make_dataset(
+        t.data_dir,
+        schema.SPLIT_TRAIN,
+        t.batch_size,
+        shuffle=True,
+        repeat=True,
+        seed=t.seed,
+        shuffle_buffer=t.shuffle_buffer,
+    )
+    if t.context_source == "synthetic":
+        if t.context_noise > 0:
+            train = train.map(lambda f: mix_context(f, t.context_noise, t.seed), num_parallel_calls=tf.data.AUTOTUNE)
+        return train, counts[schema.SPLIT_TRAIN]
+    train = train.map(without_context, num_parallel_calls=tf.data.AUTOTUNE)
+    if t.context_source == "none" or not counts.get(schema.SPLIT_TRAIN_REQUESTS):
+        return train, counts[schema.SPLIT_TRAIN]
+    # "real": organic conversions carry no request context; logged requests carry their own.
+    requests = dataset.make_dataset(
+        t.data_dir, schema.SPLIT_TRAIN_REQUESTS, t.batch_size, shuffle=True, repeat=True, seed=t.seed + 1
+    )
+    total = counts[schema.SPLIT_TRAIN] + counts[schema.SPLIT_TRAIN_REQUESTS]
+    weights = [counts[schema.SPLIT_TRAIN] / total, counts[schema.SPLIT_TRAIN_REQUESTS] / total]
+    return tf.data.Dataset.sample_from_datasets([train, requests], weights, seed=t.seed), total
+
+
+def build_model(cfg: Config) -> ContextualTwoTower:
+    meta = dataset.load_metadata(cfg.train.data_dir)
+    model = ContextualTwoTower(
+        cfg.model, meta["vocab_sizes"], dataset.load_corpus(cfg.train.data_dir), seed=cfg.train.seed
+    )
+    return model
+
+
+def load_trained(run_dir: str, data_dir: str | None = None) -> tuple[ContextualTwoTower, Config]:
+    """Rebuild a trained model from its run directory (weights from ``final/``)."""
+    cfg = load_config(os.path.join(run_dir, CONFIG_FILE))
+    if data_dir:
+        cfg.train.data_dir = data_dir
+    model = build_model(cfg)
+    status = tf.train.Checkpoint(model=model).read(os.path.join(run_dir, FINAL_DIR, FINAL_WEIGHTS))
+    model(dummy_batch(1), training=False)  # create the variables; restores them
+    model.corpus_embeddings()
+    status.assert_existing_objects_matched().expect_partial()
+    return model, cfg
+
+
+def dummy_batch(batch: int) -> dict[str, tf.Tensor]:
+    """A batch of all-padding examples (no history, no context, demographics missing)."""
+    out = {}
+    for f in schema.FEATURES.values():
+        dtype = tf.int64 if f.dtype == "int64" else tf.float32
+        out[f.name] = tf.zeros((batch, *f.shape), dtype)
+    return out
+
+
+class ValidationRecall(keras.callbacks.Callback):
+    """Full-ranking Recall@K on validation requests at each epoch end -> ``logs['val_recall']``."""
+
+    def __init__(self, batches: list[dict[str, tf.Tensor]], k: int):
+        super().__init__()
+        self.batches, self.k = batches, k
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        from tfrs_ctx.evaluate import label_ranks
+
+        corpus = self.model.corpus_embeddings()
+        ranks = np.concatenate(
+            [label_ranks(self.model.query_embedding(b), corpus, b[schema.LABEL_ITEM]) for b in self.batches]
+        )
+        recall = float(np.mean(ranks < self.k))
+        if logs is not None:
+            logs["val_recall"] = recall
+        print(f"\nepoch {epoch + 1}: validation Recall@{self.k} = {recall:.4f} on {len(ranks)} requests")
+
+
+class CheckpointEveryEpoch(keras.callbacks.Callback):
+    def __init__(self, manager: tf.train.CheckpointManager, epoch: tf.Variable):
+        super().__init__()
+        self.manager, self.epoch = manager, epoch
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch.assign(epoch + 1)
+        self.manager.save()
+
+
+def train(cfg: Config, run_dir: str, verbose: int = 1) -> dict:
+    """Train (or resume) one model into ``run_dir``; returns the training summary."""
+    t = cfg.train
+    tf.keras.utils.set_random_seed(t.seed)
+    os.makedirs(run_dir, exist_ok=True)
+    save_config(cfg, os.path.join(run_dir, CONFIG_FILE))
+    meta = dataset.load_metadata(t.data_dir)
+    ds, per_epoch = training_dataset(cfg, meta["counts"])
+    steps = t.steps_per_epoch or max(1, per_epoch // t.batch_size)
+    total_steps = steps * t.epochs
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0,
+        decay_steps=max(1, total_steps - int(t.warmup_fraction * total_steps)),
+        alpha=0.05,
+        warmup_target=t.learning_rate,
+        warmup_steps=int(t.warmup_fraction * total_steps),
+    )
+    optimizer = keras.optimizers.Adam(schedule)
+    model = build_model(cfg)
+    model.compile(optimizer=optimizer)
+
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch)
+    manager = tf.train.CheckpointManager(ckpt, os.path.join(run_dir, CHECKPOINT_DIR), max_to_keep=2)
+    if manager.latest_checkpoint:
+        ckpt.restore(manager.latest_checkpoint).expect_partial()
+        print(f"resuming from {manager.latest_checkpoint}")
+    model(dummy_batch(1))  # build, so a pending restore lands before fit reads the epoch
+    initial_epoch = int(epoch.numpy())
+
+    callbacks: list[keras.callbacks.Callback] = []
+    validation = []
+    if meta["counts"].get(schema.SPLIT_TRAIN_REQUESTS):
+        val = dataset.make_dataset(t.data_dir, schema.SPLIT_TRAIN_REQUESTS, 1024)
+        validation = list(val.unbatch().take(t.validation_examples).batch(1024))
+    if validation:
+        callbacks.append(ValidationRecall(validation, t.early_stopping_k))
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                "val_recall", mode="max", patience=t.early_stopping_patience, restore_best_weights=True
+            )
+        )
+    callbacks += [
+        CheckpointEveryEpoch(manager, epoch),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), update_freq=50, profile_batch=0),
+    ]
+    started = time.perf_counter()
+    history = model.fit(
+        ds, epochs=t.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps, callbacks=callbacks, verbose=verbose
+    )
+    seconds = time.perf_counter() - started
+    epochs_run = len(history.epoch)
+    tf.train.Checkpoint(model=model).write(os.path.join(run_dir, FINAL_DIR, FINAL_WEIGHTS))
+    summary = {
+        "epochs_run": epochs_run,
+        "steps_per_epoch": steps,
+        "batch_size": t.batch_size,
+        "seconds": round(seconds, 1),
+        "examples_per_second": round(epochs_run * steps * t.batch_size / max(seconds, 1e-9), 1),
+        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+        "best_val_recall": max(history.history.get("val_recall", [float("nan")])),
+        "full_softmax": bool(model.full_softmax),
+    }
+    with open(os.path.join(run_dir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tfrs-ctx train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML file, or a bundled name: synthetic | movielens")
+    parser.add_argument("--out", required=True, help="run directory (resumes if it holds checkpoints)")
+    parser.add_argument("--data", help="TFRecord directory (overrides train.data_dir)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    if args.data:
+        cfg.train.data_dir = args.data
+    if not cfg.train.data_dir:
+        parser.error("no data directory: pass --data or set train.data_dir")
+    summary = train(cfg, args.out, verbose=1 if sys.stdout.isatty() else 2)  # one line per epoch in logs
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
