@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "tensorflow-serving-api==2.21.*",
     "apache-beam==2.77.*",
     "feast[redis]==0.67.*",
+    "google-crc32c==1.9.*",
     "grpcio==1.85.*",
     "numpy==2.4.*",
     "pandas==2.3.*",

@@ -1,0 +1,710 @@
+"""Pure-Python (numpy) per-user transforms of the Beam pipelines.
+
+No Beam and no TensorFlow in here: the training-data pipeline's DoFns call these functions,
+and the user-encoding pipeline reuses them (:func:`history_at`: a user's left-padded history
+arrays at a target time). Everything works on one user or a batch of users, vectorised over
+their events, and is deterministic: randomness comes from a stable hash of
+``(seed, user_id, timestamp, item)`` (:func:`stable_keys`), never from process state.
+
+Examples are returned column-wise (``{feature: array [N, *shape]}``) and serialised by
+:func:`serialize_examples` straight into the ``tf.train.Example`` wire format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from tfrs_ctx import schema
+from tfrs_ctx.vocab import Vocabulary
+
+S = schema
+Block = dict[str, np.ndarray]  # one user's rows of a table, column-wise
+Columns = dict[str, np.ndarray]  # examples, feature-wise: name -> [N, *shape]
+
+CONVERSION_COLUMNS = (S.TIMESTAMP, S.ITEM_ID, S.ADVERTISER_ID, S.EVENT_TYPE)
+REQUEST_COLUMNS = (S.REQUEST_ID, S.TIMESTAMP, S.SUBJECT_ITEM_ID, S.ITEM_ID)
+_GAP_EDGES = np.asarray(S.TIME_GAP_EDGES, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------
+# Rows -> per-user blocks
+# --------------------------------------------------------------------------------------
+def column_values(rows: Sequence[Mapping[str, Any]], column: schema.Column) -> np.ndarray:
+    """One column of valid rows as a numpy array (int64, or str for string columns)."""
+    if column.kind == "string":
+        return np.asarray([str(r[column.name]) for r in rows], dtype=str)
+    return np.fromiter((int(r[column.name]) for r in rows), dtype=np.int64, count=len(rows))
+
+
+def columns_to_user_blocks(users: np.ndarray, data: Mapping[str, np.ndarray]) -> list[tuple[int, Block]]:
+    """Split column-wise rows of an event table into one block per user."""
+    if not len(users):
+        return []
+    order = np.argsort(users, kind="stable")
+    users = users[order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    ends = np.r_[starts[1:], len(users)]
+    return [
+        (int(users[a]), {name: values[order[a:b]] for name, values in data.items()})
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True)
+    ]
+
+
+def rows_to_user_blocks(table: schema.Table, rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, Block]]:
+    """Group valid rows of an event table (conversions, requests) by user, column-wise."""
+    if not rows:
+        return []
+    data = {c.name: column_values(rows, c) for c in table.columns if c.name != S.USER_ID}
+    return columns_to_user_blocks(column_values(rows, table.column(S.USER_ID)), data)
+
+
+def pack_block(block: Block) -> tuple:
+    """A compact, pickle-free form of a block for Beam's coders: int columns as raw bytes."""
+    return tuple(
+        (name, values.astype("<i8").tobytes() if values.dtype.kind in "iu" else values.tolist())
+        for name, values in block.items()
+    )
+
+
+def unpack_block(packed: tuple) -> Block:
+    """Inverse of :func:`pack_block`."""
+    return {
+        name: np.frombuffer(data, dtype="<i8").astype(np.int64) if isinstance(data, bytes) else np.asarray(data, str)
+        for name, data in packed
+    }
+
+
+def _concat(blocks: Sequence[Block], columns: Sequence[str], string_columns: Sequence[str] = ()) -> Block:
+    if not blocks:
+        return {c: np.zeros(0, dtype=str if c in string_columns else np.int64) for c in columns}
+    return {c: np.concatenate([b[c] for b in blocks]) for c in columns}
+
+
+@dataclasses.dataclass
+class UserEvents:
+    """One user's conversions sorted by (timestamp, item_id) (then advertiser, event type)."""
+
+    timestamp: np.ndarray
+    item: np.ndarray
+    advertiser: np.ndarray
+    event_type: np.ndarray
+
+    @classmethod
+    def from_blocks(cls, blocks: Sequence[Block]) -> UserEvents:
+        b = _concat(blocks, CONVERSION_COLUMNS, string_columns=(S.EVENT_TYPE,))
+        order = np.lexsort((b[S.EVENT_TYPE], b[S.ADVERTISER_ID], b[S.ITEM_ID], b[S.TIMESTAMP]))
+        return cls(b[S.TIMESTAMP][order], b[S.ITEM_ID][order], b[S.ADVERTISER_ID][order], b[S.EVENT_TYPE][order])
+
+    def __len__(self) -> int:
+        return len(self.timestamp)
+
+
+@dataclasses.dataclass
+class UserRequests:
+    """One user's related-items requests sorted by (timestamp, request_id)."""
+
+    request_id: np.ndarray
+    timestamp: np.ndarray
+    subject_item: np.ndarray
+    item: np.ndarray
+
+    @classmethod
+    def from_blocks(cls, blocks: Sequence[Block]) -> UserRequests:
+        b = _concat(blocks, REQUEST_COLUMNS)
+        order = np.lexsort((b[S.REQUEST_ID], b[S.TIMESTAMP]))
+        return cls(*(b[c][order] for c in REQUEST_COLUMNS))
+
+    def __len__(self) -> int:
+        return len(self.timestamp)
+
+    def select(self, mask: np.ndarray) -> UserRequests:
+        return UserRequests(self.request_id[mask], self.timestamp[mask], self.subject_item[mask], self.item[mask])
+
+
+# --------------------------------------------------------------------------------------
+# Vocabularies and lookup tables
+# --------------------------------------------------------------------------------------
+def _by_frequency(counts: Mapping[Any, int]) -> list:
+    """Values by count desc, then value."""
+    return [v for v, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def build_vocabularies(
+    items: Sequence[Mapping[str, Any]],
+    subject_items: Sequence[Mapping[str, Any]],
+    item_counts: Mapping[int, int],
+    event_type_counts: Mapping[str, int],
+    demographic_counts: Mapping[str, Mapping[str, int]],
+) -> dict[str, list]:
+    """Every schema vocabulary's raw values in index order.
+
+    Items: the whole ad corpus, by training-target count desc then id. Every other
+    vocabulary: by frequency desc then value (advertisers counted over items, categories
+    over items and subject items, event types over conversions, demographics over users).
+    """
+    ids = [int(r[S.ITEM_ID]) for r in items]
+    advertisers = Counter(int(r[S.ADVERTISER_ID]) for r in items)
+    categories = Counter(int(c) for rows in (items, subject_items) for r in rows for c in r[S.CATEGORIES])
+    vocabs = {
+        S.VOCAB_ITEM: _by_frequency({i: item_counts.get(i, 0) for i in ids}),
+        S.VOCAB_ADVERTISER: _by_frequency(advertisers),
+        S.VOCAB_CATEGORY: _by_frequency(categories),
+        S.VOCAB_EVENT_TYPE: _by_frequency(event_type_counts),
+    }
+    for column, name in S.DEMOGRAPHIC_VOCAB.items():
+        vocabs[name] = _by_frequency(demographic_counts.get(column, {}))
+    return {name: vocabs[name] for name in S.VOCABULARIES}
+
+
+def top_categories(categories: Sequence[int], confidences: Sequence[float], vocab: Vocabulary) -> tuple[list, list]:
+    """The top ``MAX_CATEGORIES`` categories by confidence (ties: listed order), as indices."""
+    order = sorted(range(len(categories)), key=lambda i: -float(confidences[i]))[: S.MAX_CATEGORIES]
+    return (
+        S.pad_right([vocab.index(int(categories[i])) for i in order], S.MAX_CATEGORIES, S.PAD_ID),
+        S.pad_right([float(confidences[i]) for i in order], S.MAX_CATEGORIES, 0.0),
+    )
+
+
+def _category_table(rows: Sequence[Mapping[str, Any]], vocab: Vocabulary, n: int) -> tuple[np.ndarray, np.ndarray]:
+    cats = np.zeros((n, S.MAX_CATEGORIES), dtype=np.int64)
+    confs = np.zeros((n, S.MAX_CATEGORIES), dtype=np.float32)
+    for i, row in enumerate(rows):
+        cats[i], confs[i] = top_categories(row[S.CATEGORIES], row[S.CONFIDENCES], vocab)
+    return cats, confs
+
+
+@dataclasses.dataclass
+class Lookups:
+    """Vocabularies plus per-item feature tables, built once and shared by every user.
+
+    ``item_*`` arrays are indexed by item-vocabulary index (rows 0 and 1, the reserved
+    ids, are zero); ``subject_*`` arrays are aligned with the sorted ``subject_ids``.
+    """
+
+    vocabularies: dict[str, Vocabulary]
+    item_ids: np.ndarray  # raw id per item index (0 for the reserved rows)
+    item_advertiser: np.ndarray
+    item_categories: np.ndarray
+    item_confidences: np.ndarray
+    item_sampling_prob: np.ndarray
+    subject_ids: np.ndarray
+    subject_categories: np.ndarray
+    subject_confidences: np.ndarray
+
+    @classmethod
+    def build(
+        cls,
+        vocab_values: Mapping[str, Sequence],
+        items: Sequence[Mapping[str, Any]],
+        subject_items: Sequence[Mapping[str, Any]],
+        item_counts: Mapping[int, int],
+    ) -> Lookups:
+        vocabs = {name: Vocabulary(vocab_values[name]) for name in S.VOCABULARIES}
+        item_vocab, categories = vocabs[S.VOCAB_ITEM], vocabs[S.VOCAB_CATEGORY]
+        rows = item_vocab.size
+        by_id = {int(r[S.ITEM_ID]): r for r in items}
+        ordered = [by_id[int(v)] for v in item_vocab.values]
+        item_ids = np.zeros(rows, dtype=np.int64)
+        item_ids[S.NUM_RESERVED_IDS :] = [int(v) for v in item_vocab.values]
+        advertiser = np.zeros(rows, dtype=np.int64)
+        advertiser[S.NUM_RESERVED_IDS :] = vocabs[S.VOCAB_ADVERTISER].indices(r[S.ADVERTISER_ID] for r in ordered)
+        cats, confs = _category_table(ordered, categories, len(ordered))
+        pad = ((S.NUM_RESERVED_IDS, 0), (0, 0))
+        total = sum(item_counts.values())
+        counts = np.asarray([0, 0] + [item_counts.get(int(v), 0) for v in item_vocab.values], dtype=np.float64)
+        subjects = sorted(subject_items, key=lambda r: int(r[S.ITEM_ID]))
+        s_cats, s_confs = _category_table(subjects, categories, len(subjects))
+        return cls(
+            vocabularies=vocabs,
+            item_ids=item_ids,
+            item_advertiser=advertiser,
+            item_categories=np.pad(cats, pad),
+            item_confidences=np.pad(confs, pad),
+            item_sampling_prob=(counts / total if total else counts).astype(np.float32),
+            subject_ids=np.asarray([int(r[S.ITEM_ID]) for r in subjects], dtype=np.int64),
+            subject_categories=s_cats,
+            subject_confidences=s_confs,
+        )
+
+    def subject_rows(self, subject_ids: np.ndarray) -> np.ndarray:
+        """Row of each (known) subject item in the ``subject_*`` tables."""
+        rows = np.searchsorted(self.subject_ids, subject_ids)
+        if len(rows) and (rows.max() >= len(self.subject_ids) or (self.subject_ids[rows] != subject_ids).any()):
+            raise KeyError("unknown subject item id")
+        return rows
+
+    def demographics(self, user_row: Mapping[str, Any] | None) -> dict[str, int]:
+        return encode_demographics(self.vocabularies, user_row)
+
+    def corpus_columns(self) -> dict[str, Any]:
+        """The ad corpus: one row per item-vocabulary entry, sorted by index."""
+        rows = slice(S.NUM_RESERVED_IDS, None)
+        return {
+            S.ITEM_ID: self.item_ids[rows],
+            S.LABEL_ITEM: np.arange(S.NUM_RESERVED_IDS, len(self.item_ids), dtype=np.int64),
+            S.LABEL_ADVERTISER: self.item_advertiser[rows],
+            S.LABEL_CATEGORIES: self.item_categories[rows],
+            S.LABEL_CONFIDENCES: self.item_confidences[rows],
+        }
+
+
+def encode_demographics(vocabularies: Mapping[str, Vocabulary], user_row: Mapping[str, Any] | None) -> dict[str, int]:
+    """Demographic feature -> vocab index (``PAD_ID`` when missing, ``OOV_ID`` when unknown)."""
+    out = {}
+    for column, feature in S.DEMOGRAPHIC_FEATURE_OF_COLUMN.items():
+        value = None if user_row is None else user_row.get(column)
+        out[feature] = vocabularies[S.DEMOGRAPHIC_VOCAB[column]].index(value)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Histories
+# --------------------------------------------------------------------------------------
+def _sort_key(user_rank: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
+    """(user, timestamp) as one int64 that sorts like the pair (timestamps are range-checked)."""
+    return (np.asarray(user_rank, dtype=np.int64) << 32) | (np.asarray(timestamp, dtype=np.int64) - S.MIN_TIMESTAMP)
+
+
+@dataclasses.dataclass
+class EncodedEvents:
+    """Sorted events of one or more users (each user's events contiguous), with vocab indices."""
+
+    timestamp: np.ndarray
+    item: np.ndarray  # raw ids
+    item_index: np.ndarray
+    advertiser_index: np.ndarray
+    event_type_index: np.ndarray
+    user_rank: np.ndarray  # which user (position in the batch) each event belongs to
+    user_start: np.ndarray  # per user: index of their first event
+    key: np.ndarray  # _sort_key(user_rank, timestamp), non-decreasing
+
+    @classmethod
+    def encode(cls, events: UserEvents | Sequence[UserEvents], vocabularies: Mapping[str, Vocabulary]) -> EncodedEvents:
+        batch = [events] if isinstance(events, UserEvents) else list(events)
+        lengths = np.asarray([len(e) for e in batch], dtype=np.int64)
+        fields = ("timestamp", "item", "advertiser", "event_type")
+        cat = _concat([{f: getattr(e, f) for f in fields} for e in batch], fields, string_columns=("event_type",))
+        v = vocabularies
+        rank = np.repeat(np.arange(len(batch)), lengths)
+        return cls(
+            timestamp=cat["timestamp"],
+            item=cat["item"],
+            item_index=v[S.VOCAB_ITEM].int_indices(cat["item"]),
+            advertiser_index=v[S.VOCAB_ADVERTISER].int_indices(cat["advertiser"]),
+            event_type_index=_string_indices(v[S.VOCAB_EVENT_TYPE], cat["event_type"]),
+            user_rank=rank,
+            user_start=np.cumsum(lengths) - lengths,
+            key=_sort_key(rank, cat["timestamp"]),
+        )
+
+    def __len__(self) -> int:
+        return len(self.timestamp)
+
+    def ends_before(self, user_rank: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
+        """Per target: one past the user's last event strictly before ``timestamp``."""
+        return np.searchsorted(self.key, _sort_key(user_rank, timestamp), side="left")
+
+
+def _string_indices(vocab: Vocabulary, values: np.ndarray) -> np.ndarray:
+    """Vectorised :meth:`Vocabulary.index` for a (low-cardinality) string array."""
+    uniques, inverse = np.unique(values, return_inverse=True)
+    return vocab.indices(uniques.tolist())[inverse.reshape(-1)] if len(values) else np.zeros(0, dtype=np.int64)
+
+
+def time_gap_buckets(gaps: np.ndarray) -> np.ndarray:
+    """Vectorised :func:`schema.time_gap_bucket`."""
+    return np.searchsorted(_GAP_EDGES, np.maximum(gaps, 0), side="left") + 1
+
+
+def window_positions(ends: np.ndarray, starts: np.ndarray | int = 0, max_len: int = S.MAX_HISTORY) -> np.ndarray:
+    """Left-padded positions of the last ``max_len`` events in ``[start, end)`` (-1: padding)."""
+    positions = np.asarray(ends, dtype=np.int64)[:, None] - max_len + np.arange(max_len)
+    return np.where(positions >= np.asarray(starts, dtype=np.int64).reshape(-1, 1), positions, -1)
+
+
+def positions_before(
+    events: EncodedEvents, target_ts: int, exclude_item: int | None = None, max_len: int = S.MAX_HISTORY,
+    user_rank: int = 0,
+) -> np.ndarray:
+    """Left-padded positions of a user's last events strictly before ``target_ts``, skipping ``exclude_item``."""
+    start = int(events.user_start[user_rank])
+    end = int(events.ends_before(np.asarray([user_rank]), np.asarray([target_ts]))[0])
+    idx = np.arange(start, end)
+    if exclude_item is not None:
+        idx = idx[events.item[start:end] != exclude_item]
+    idx = idx[len(idx) - max_len :] if len(idx) > max_len else idx
+    return np.concatenate([np.full(max_len - len(idx), -1, dtype=np.int64), idx])
+
+
+def gather_history(events: EncodedEvents, positions: np.ndarray, target_ts: np.ndarray) -> Columns:
+    """History features [N, L] (left-padded with ``PAD_ID``) and lengths [N] at given positions."""
+    valid = positions >= 0
+    if not len(events):
+        valid = np.zeros_like(valid)
+    p = np.where(valid, positions, 0)
+
+    def take(values: np.ndarray) -> np.ndarray:
+        return np.where(valid, values[p], S.PAD_ID) if len(values) else np.zeros(p.shape, dtype=np.int64)
+
+    gaps = np.asarray(target_ts, dtype=np.int64)[:, None] - (events.timestamp[p] if len(events) else 0)
+    return {
+        S.HISTORY_ITEM: take(events.item_index),
+        S.HISTORY_ADVERTISER: take(events.advertiser_index),
+        S.HISTORY_EVENT_TYPE: take(events.event_type_index),
+        S.HISTORY_TIME_GAP: np.where(valid, time_gap_buckets(gaps), S.PAD_ID),
+        S.HISTORY_LENGTH: valid.sum(axis=1).astype(np.int64),
+    }
+
+
+def history_at(
+    events: UserEvents, vocabularies: Mapping[str, Vocabulary], target_ts: int, exclude_item: int | None = None,
+    max_len: int = S.MAX_HISTORY,
+) -> dict[str, np.ndarray]:
+    """One user's history features at ``target_ts`` (events strictly before it), unbatched.
+
+    ``vocabularies``: e.g. :func:`tfrs_ctx.vocab.load_vocabularies` of a data directory.
+    """
+    encoded = EncodedEvents.encode(events, vocabularies)
+    positions = positions_before(encoded, target_ts, exclude_item, max_len)[None, :]
+    return {name: values[0] for name, values in gather_history(encoded, positions, np.asarray([target_ts])).items()}
+
+
+# --------------------------------------------------------------------------------------
+# Deterministic randomness and synthetic context
+# --------------------------------------------------------------------------------------
+_U64 = np.uint64
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser (uint64 in, uint64 out)."""
+    z = z + _U64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return z ^ (z >> _U64(31))
+
+
+def _u64(values: Any) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64).view(np.uint64)
+
+
+def stable_keys(seed: int, user_ids: Any, timestamps: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """A 64-bit key per (seed, user, timestamp, item): the same in every process and run."""
+    timestamps = np.asarray(timestamps, dtype=np.int64)
+    with np.errstate(over="ignore"):
+        key = _mix(np.full(len(timestamps), seed & _MASK64, dtype=np.uint64))
+        key = _mix(key ^ _u64(np.broadcast_to(np.asarray(user_ids, dtype=np.int64), timestamps.shape)))
+        key = _mix(key ^ _u64(timestamps))
+        return _mix(key ^ _u64(items))
+
+
+def stable_uniform(keys: np.ndarray, stream: int, n: int) -> np.ndarray:
+    """``[len(keys), n]`` uniforms in [0, 1) drawn from the keys; ``stream`` separates uses."""
+    with np.errstate(over="ignore"):
+        salt = _mix(np.arange(stream * n + 1, stream * n + n + 1, dtype=np.uint64))
+        z = _mix(keys[:, None] ^ salt[None, :])
+    return (z >> _U64(11)).astype(np.float64) * 2.0**-53
+
+
+def synthetic_context(
+    categories: np.ndarray, confidences: np.ndarray, keys: np.ndarray, drop_prob: float, jitter: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo-context from label categories: drop each with ``drop_prob``, weight *= U(1-j, 1+j).
+
+    Kept categories are re-packed to the left (right-padded with ``PAD_ID`` / 0.0) and
+    weights clipped to [0, 1]; with ``drop_prob=0`` and ``jitter=0`` the input comes back.
+    """
+    n = categories.shape[1]
+    keep = categories != S.PAD_ID
+    if drop_prob > 0:
+        keep &= stable_uniform(keys, 0, n) >= drop_prob
+    weights = confidences.astype(np.float32)
+    if jitter > 0:
+        scale = 1.0 - jitter + 2.0 * jitter * stable_uniform(keys, 1, n)
+        weights = np.clip(confidences.astype(np.float64) * scale, 0.0, 1.0).astype(np.float32)
+    order = np.argsort(~keep, axis=1, kind="stable")
+    keep = np.take_along_axis(keep, order, axis=1)
+    cats = np.where(keep, np.take_along_axis(categories, order, axis=1), S.PAD_ID)
+    return cats.astype(np.int64), np.where(keep, np.take_along_axis(weights, order, axis=1), np.float32(0.0))
+
+
+# --------------------------------------------------------------------------------------
+# Examples
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ExampleOptions:
+    """What shapes a user's examples (see the training-data pipeline's flags)."""
+
+    cutoff: int
+    context_drop_prob: float = 0.3
+    context_weight_jitter: float = 0.2
+    max_targets_per_user: int = 0
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class UserData:
+    """Everything known about one user: sorted events, requests, the users-table row."""
+
+    user_id: int
+    events: UserEvents
+    requests: UserRequests
+    row: dict | None = None
+
+
+def training_targets(
+    timestamp: np.ndarray, cutoff: int, max_targets: int = 0, user_rank: np.ndarray | None = None
+) -> tuple[np.ndarray, int]:
+    """Positions of the training targets and how many were cut.
+
+    Targets are the events before the cutoff; with ``max_targets``, each user's last ones.
+    """
+    targets = np.flatnonzero(np.asarray(timestamp) < cutoff)
+    if not max_targets or not len(targets):
+        return targets, 0
+    rank = np.zeros(len(targets), dtype=np.int64) if user_rank is None else np.asarray(user_rank)[targets]
+    counts = np.bincount(rank)
+    within = np.arange(len(targets)) - (np.cumsum(counts) - counts)[rank]
+    keep = within >= counts[rank] - max_targets
+    return targets[keep], int((~keep).sum())
+
+
+def _common(user_ids: np.ndarray, timestamps: np.ndarray, demographics: np.ndarray, label_index: np.ndarray,
+            lookups: Lookups) -> Columns:
+    """Identity, demographic and label features (``demographics``: [N, 3] in DEMOGRAPHIC_FEATURES order)."""
+    columns: Columns = {
+        S.EX_USER_ID: np.asarray(user_ids, dtype=np.int64),
+        S.EX_TIMESTAMP: np.asarray(timestamps, dtype=np.int64),
+        S.LABEL_ITEM: label_index,
+        S.LABEL_ADVERTISER: lookups.item_advertiser[label_index],
+        S.LABEL_CATEGORIES: lookups.item_categories[label_index],
+        S.LABEL_CONFIDENCES: lookups.item_confidences[label_index],
+        S.LABEL_SAMPLING_PROB: lookups.item_sampling_prob[label_index],
+    }
+    for k, feature in enumerate(S.DEMOGRAPHIC_FEATURES):
+        columns[feature] = demographics[:, k].astype(np.int64)
+    return columns
+
+
+def training_examples(
+    encoded: EncodedEvents, user_ids: np.ndarray, demographics: np.ndarray, lookups: Lookups, options: ExampleOptions
+) -> Columns:
+    """One example per training conversion (before the cutoff), context synthesised from its label."""
+    targets, _ = training_targets(encoded.timestamp, options.cutoff, options.max_targets_per_user, encoded.user_rank)
+    rank, ts = encoded.user_rank[targets], encoded.timestamp[targets]
+    label = encoded.item_index[targets]
+    columns = _common(user_ids[rank], ts, demographics[rank], label, lookups)
+    positions = window_positions(encoded.ends_before(rank, ts), encoded.user_start[rank])
+    columns.update(gather_history(encoded, positions, ts))
+    keys = stable_keys(options.seed, user_ids[rank], ts, encoded.item[targets])
+    columns[S.CONTEXT_CATEGORIES], columns[S.CONTEXT_WEIGHTS] = synthetic_context(
+        columns[S.LABEL_CATEGORIES], columns[S.LABEL_CONFIDENCES], keys,
+        options.context_drop_prob, options.context_weight_jitter,
+    )
+    columns[S.EX_REQUEST_ID] = np.full(len(targets), -1, dtype=np.int64)
+    columns[S.SUBJECT_ITEM] = np.full(len(targets), S.PAD_ID, dtype=np.int64)
+    return columns
+
+
+def request_examples(
+    encoded: EncodedEvents, requests: UserRequests, rank: np.ndarray, user_ids: np.ndarray, demographics: np.ndarray,
+    lookups: Lookups,
+) -> Columns:
+    """One example per request (``rank``: its user's position): real context, label = the request's ad.
+
+    The history holds conversions strictly before the request, without the user's
+    conversions of the subject item itself (a real previous event used as the subject).
+    """
+    item_vocab = lookups.vocabularies[S.VOCAB_ITEM]
+    subject_ad = item_vocab.int_indices(requests.subject_item)
+    positions = window_positions(encoded.ends_before(rank, requests.timestamp), encoded.user_start[rank])
+    for i in np.flatnonzero(subject_ad != S.OOV_ID):
+        window = positions[i][positions[i] >= 0]
+        if (encoded.item[window] == requests.subject_item[i]).any():  # else the window already excludes it
+            positions[i] = positions_before(encoded, int(requests.timestamp[i]), int(requests.subject_item[i]),
+                                            user_rank=int(rank[i]))
+    columns = _common(user_ids[rank], requests.timestamp, demographics[rank], item_vocab.int_indices(requests.item),
+                      lookups)
+    columns.update(gather_history(encoded, positions, requests.timestamp))
+    rows = lookups.subject_rows(requests.subject_item)
+    columns[S.CONTEXT_CATEGORIES] = lookups.subject_categories[rows]
+    columns[S.CONTEXT_WEIGHTS] = lookups.subject_confidences[rows]
+    columns[S.EX_REQUEST_ID] = requests.request_id.astype(np.int64)
+    columns[S.SUBJECT_ITEM] = subject_ad
+    return columns
+
+
+def batch_examples(users: Sequence[UserData], lookups: Lookups, options: ExampleOptions) -> dict[str, Columns]:
+    """Every example of a batch of users, per split (see the pipeline's module docstring)."""
+    encoded = EncodedEvents.encode([u.events for u in users], lookups.vocabularies)
+    user_ids = np.asarray([u.user_id for u in users], dtype=np.int64)
+    demographics = np.asarray(
+        [[d[f] for f in S.DEMOGRAPHIC_FEATURES] for d in (lookups.demographics(u.row) for u in users)], dtype=np.int64
+    ).reshape(len(users), len(S.DEMOGRAPHIC_FEATURES))
+    requests = UserRequests(*(np.concatenate([getattr(u.requests, f.name) for u in users] or [np.zeros(0, np.int64)])
+                              for f in dataclasses.fields(UserRequests)))
+    rank = np.repeat(np.arange(len(users)), [len(u.requests) for u in users]).astype(np.int64)
+    by_request = request_examples(encoded, requests, rank, user_ids, demographics, lookups)
+    before = requests.timestamp < options.cutoff
+    return {
+        S.SPLIT_TRAIN: training_examples(encoded, user_ids, demographics, lookups, options),
+        S.SPLIT_TRAIN_REQUESTS: select_examples(by_request, before),
+        S.SPLIT_EVAL: select_examples(by_request, ~before),
+    }
+
+
+def user_examples(user: UserData, lookups: Lookups, options: ExampleOptions) -> dict[str, Columns]:
+    """Every example of one user, per split."""
+    return batch_examples([user], lookups, options)
+
+
+def select_examples(columns: Columns, mask: np.ndarray) -> Columns:
+    return {name: values[mask] for name, values in columns.items()}
+
+
+def num_examples(columns: Columns) -> int:
+    return len(columns[S.EX_TIMESTAMP])
+
+
+# --------------------------------------------------------------------------------------
+# tf.train.Example wire format, vectorised over a user's examples
+# --------------------------------------------------------------------------------------
+def _varints(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Protobuf varints of an int array: (all bytes in row-major order, bytes per value)."""
+    v = np.ascontiguousarray(values, dtype=np.int64).view(np.uint64)
+    nbytes = _varint_len(v)
+    flat_nb = nbytes.ravel()
+    out = np.empty(int(flat_nb.sum()), dtype=np.uint8)
+    rest, pos, left = v.ravel(), _exclusive_cumsum(flat_nb), flat_nb
+    while len(rest):
+        more = left > 1
+        out[pos] = (rest & _U64(0x7F)).astype(np.uint8) | (more.view(np.uint8) << np.uint8(7))
+        rest, pos, left = rest[more] >> _U64(7), pos[more] + 1, left[more] - 1
+    return out, nbytes
+
+
+def _varint_len(values: np.ndarray) -> np.ndarray:
+    """Bytes in the varint of each value (negative int64 values take 10)."""
+    v = np.asarray(values)
+    v = v.view(np.uint64) if v.dtype == np.int64 else v.astype(np.uint64)
+    n = np.ones(v.shape, dtype=np.int64)
+    for k in range(1, 10):
+        more = v >= _U64(1 << (7 * k))
+        if not more.any():
+            break
+        n += more
+    return n
+
+
+def _exclusive_cumsum(values: np.ndarray) -> np.ndarray:
+    flat = values.ravel()
+    return (np.cumsum(flat) - flat).reshape(values.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where each feature sits in the wire format (features in key order)."""
+
+    names: tuple[str, ...]
+    widths: np.ndarray  # values per example
+    is_int: np.ndarray
+    consts: bytes  # b"\x0a", int list tag, float list tag, then every entry head
+    head_offset: np.ndarray
+    head_len: np.ndarray
+
+    @classmethod
+    def of_schema(cls) -> _Layout:
+        names = tuple(sorted(S.FEATURES))
+        consts, offsets, lengths = b"\x0a\x1a\x12", [], []
+        for name in names:
+            key = name.encode()
+            if len(key) >= 128:
+                raise ValueError(f"feature name too long: {name}")
+            head = b"\x0a" + bytes([len(key)]) + key + b"\x12"  # map key, then the Feature value tag
+            offsets.append(len(consts))
+            lengths.append(len(head))
+            consts += head
+        return cls(
+            names=names,
+            widths=np.asarray([max(1, int(np.prod(S.FEATURES[n].shape))) for n in names]),
+            is_int=np.asarray([S.FEATURES[n].dtype == "int64" for n in names]),
+            consts=consts,
+            head_offset=np.asarray(offsets),
+            head_len=np.asarray(lengths),
+        )
+
+
+_LAYOUT: _Layout | None = None
+
+
+def _payloads(columns: Columns, layout: _Layout, n: int, base: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Packed values of every feature: (byte buffers, source offsets [N, F], lengths [N, F])."""
+    src = np.zeros((n, len(layout.names)), dtype=np.int64)
+    length = np.zeros_like(src)
+    buffers = []
+    for want_int in (True, False):
+        cols = np.flatnonzero(layout.is_int == want_int)
+        parts = [np.asarray(columns[layout.names[c]]).reshape(n, -1) for c in cols]
+        for c, part in zip(cols, parts, strict=True):
+            if part.shape[1] != layout.widths[c]:
+                raise ValueError(f"feature '{layout.names[c]}': {part.shape[1]} values per example, schema says "
+                                 f"{layout.widths[c]}")
+        matrix = np.concatenate(parts, axis=1)
+        col_start = np.cumsum(layout.widths[cols]) - layout.widths[cols]
+        if want_int:
+            flat, nbytes = _varints(matrix)
+            cum = np.concatenate([np.zeros((n, 1), dtype=np.int64), np.cumsum(nbytes, axis=1)], axis=1)
+            row_start = _exclusive_cumsum(cum[:, -1])
+            src[:, cols] = base + row_start[:, None] + cum[:, col_start]
+            length[:, cols] = cum[:, col_start + layout.widths[cols]] - cum[:, col_start]
+        else:
+            flat = np.ascontiguousarray(matrix, dtype="<f4").view(np.uint8).ravel()
+            src[:, cols] = base + 4 * (np.arange(n)[:, None] * matrix.shape[1] + col_start[None, :])
+            length[:, cols] = 4 * layout.widths[cols][None, :]
+        buffers.append(flat)
+        base += len(flat)
+    return buffers, src, length
+
+
+def serialize_examples(columns: Columns) -> list[bytes]:
+    """Serialise column-wise examples as ``tf.train.Example`` protos (every schema feature).
+
+    Byte-identical to ``tf.train.Example.SerializeToString(deterministic=True)`` (features
+    in key order, packed lists), vectorised over the examples: no per-example Python.
+    """
+    global _LAYOUT
+    layout = _LAYOUT = _LAYOUT or _Layout.of_schema()
+    n, f = num_examples(columns), len(layout.names)
+    if n == 0:
+        return []
+    consts = np.frombuffer(layout.consts, dtype=np.uint8)
+    buffers, payload_src, payload_len = _payloads(columns, layout, n, base=len(consts))
+    list_len = 1 + _varint_len(payload_len) + payload_len
+    feature_len = 1 + _varint_len(list_len) + list_len
+    entry_len = layout.head_len[None, :] + _varint_len(feature_len) + feature_len
+    total = (1 + _varint_len(entry_len) + entry_len).sum(axis=1)
+    # Varints of the lengths: per feature [entry, feature, list, payload], then the example's.
+    base = len(consts) + sum(len(b) for b in buffers)
+    head_flat, head_nb = _varints(np.stack([entry_len, feature_len, list_len, payload_len], axis=-1))
+    head_src = base + _exclusive_cumsum(head_nb)
+    total_flat, total_nb = _varints(total)
+    total_src = base + len(head_flat) + _exclusive_cumsum(total_nb)
+    # Segments per example: 0x0a, len(features), then per feature 9 segments.
+    src = np.empty((n, f, 9), dtype=np.int64)
+    seg = np.empty((n, f, 9), dtype=np.int64)
+    tag = np.where(layout.is_int, 1, 2)
+    for k, (s, ln) in enumerate(((0, 1), (head_src[..., 0], head_nb[..., 0]), (layout.head_offset, layout.head_len),
+                                 (head_src[..., 1], head_nb[..., 1]), (tag, 1), (head_src[..., 2], head_nb[..., 2]),
+                                 (0, 1), (head_src[..., 3], head_nb[..., 3]), (payload_src, payload_len))):
+        src[..., k], seg[..., k] = s, ln
+    src = np.concatenate([np.zeros((n, 1), dtype=np.int64), total_src[:, None], src.reshape(n, -1)], axis=1).ravel()
+    seg = np.concatenate([np.ones((n, 1), dtype=np.int64), total_nb[:, None], seg.reshape(n, -1)], axis=1).ravel()
+    idx = np.repeat(src - _exclusive_cumsum(seg), seg) + np.arange(int(seg.sum()))
+    data = np.concatenate([consts, *buffers, head_flat, total_flat])[idx].tobytes()
+    ends = np.cumsum(1 + total_nb + total).tolist()
+    return [data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
