@@ -24,7 +24,7 @@ class ModelConfig:
     use_context: bool = True  # False: the sequence-only production baseline
     context_dim: int = 64
     context_dropout: float = 0.5  # the paper's "high dropout on the context layer"
-    context_drop_prob: float = 0.3  # drop the whole context of an example in training
+    context_drop_prob: float = 0.5  # drop the whole context of an example in training
     demographic_dim: int = 8
     mlp_hidden: list[int] = dataclasses.field(default_factory=lambda: [256])
     output_dim: int = 64
@@ -41,7 +41,7 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0
     context_source: str = "synthetic"  # synthetic | real (request log) | none
-    context_noise: float = 0.5  # synthetic context: share of examples given another example's context
+    context_noise: float = 0.2  # synthetic context: share of examples given another example's context
     early_stopping_patience: int = 2
     early_stopping_k: int = 100
     validation_examples: int = 3000

@@ -24,8 +24,9 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ABLATIONS: dict[str, list[str]] = {
-    "default (synthetic context, dropout 0.5, context drop 0.3)": [],
-    "no context dropout (dropout 0, context drop 0)": ["model.context_dropout=0.0", "model.context_drop_prob=0.0"],
+    "default (synthetic context, context noise 0.2, dropout 0.5, whole-context drop 0.5)": [],
+    "no context dropout (dropout 0, whole-context drop 0)": ["model.context_dropout=0.0", "model.context_drop_prob=0.0"],
+    "no context noise (synthetic context always the label's)": ["train.context_noise=0.0"],
     "no synthetic context (context layer never sees context in training)": ["train.context_source=none"],
     "real request context instead of synthetic": ["train.context_source=real"],
 }
@@ -100,7 +101,10 @@ def ablation(args: argparse.Namespace) -> dict:
     data = prepare_data(root, args.users, args.strength, args.max_targets_per_user, args.seed)
     base = train_once(args.config, data, os.path.join(root, "baseline"), [*args.set, "model.use_context=false"])
     results = {}
+    chosen = [n for n in ABLATIONS if not args.only or any(o in n for o in args.only.split(","))]
     for i, (name, overrides) in enumerate(ABLATIONS.items()):
+        if name not in chosen:
+            continue
         print(f"\n=== ablation: {name}", flush=True)
         run = train_once(args.config, data, os.path.join(root, f"contextual_{i}"), [*args.set, *overrides])
         report = evaluate.evaluate_runs(data, run, base, os.path.join(root, f"report_{i}"), args.bootstrap)
@@ -171,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seed", type=int, default=0)
     sub.choices["lift-curve"].add_argument("--strengths", default="0,0.25,0.5,0.75")
     sub.choices["ablation"].add_argument("--strength", type=float, default=0.75)
+    sub.choices["ablation"].add_argument("--only", help="comma-separated words picking settings (default: all)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     (lift_curve if args.study == "lift-curve" else ablation)(args)
