@@ -41,12 +41,9 @@ import tensorflow as tf
 from tfrs_ctx import schema, vocab
 from tfrs_ctx.model import ContextualTwoTower
 
-MODEL_NAMES = ("encoder", "context_head", "full")
-ENCODED_HISTORY = "encoded_history"
-MODEL_VERSION = "model_version"
-USER_EMBEDDING = "user_embedding"
-TOP_K_IDS = "top_k_ids"
-TOP_K_SCORES = "top_k_scores"
+MODEL_NAMES = (schema.MODEL_ENCODER, schema.MODEL_CONTEXT_HEAD, schema.MODEL_FULL)
+ENCODED_HISTORY, MODEL_VERSION, USER_EMBEDDING = schema.ENCODED_HISTORY, schema.MODEL_VERSION, schema.USER_EMBEDDING
+TOP_K_IDS, TOP_K_SCORES = schema.TOP_K_IDS, schema.TOP_K_SCORES
 WARMUP_FILE = "tf_serving_warmup_requests"
 INFO_FILE = "model_info.json"
 
@@ -202,9 +199,9 @@ def export_all(
     module = ExportModule(model, data_dir, version, top_k)
     dim = model.cfg.embedding_dim
     plans = {
-        "encoder": (module.encode, encoder_specs()),
-        "context_head": (module.head, head_specs(dim)),
-        "full": (module.full, full_specs()),
+        schema.MODEL_ENCODER: (module.encode, encoder_specs()),
+        schema.MODEL_CONTEXT_HEAD: (module.head, head_specs(dim)),
+        schema.MODEL_FULL: (module.full, full_specs()),
     }
     info = {
         "model_version": version,

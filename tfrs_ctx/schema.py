@@ -285,6 +285,19 @@ def tfrecord_pattern(data_dir: str, split: str) -> str:
     return os.path.join(data_dir, split, f"part*{TFRECORD_SUFFIX}")
 
 
+# --------------------------------------------------------------------------------------
+# Serving signatures (exported SavedModels; inputs reuse the feature names above)
+# --------------------------------------------------------------------------------------
+MODEL_ENCODER = "encoder"
+MODEL_CONTEXT_HEAD = "context_head"
+MODEL_FULL = "full"
+ENCODED_HISTORY = "encoded_history"  # encoder output / head input, [B, d]
+MODEL_VERSION = "model_version"  # every model's output, [B]: the integer version directory
+USER_EMBEDDING = "user_embedding"
+TOP_K_IDS = "top_k_ids"  # raw ad ids, [B, K], best first
+TOP_K_SCORES = "top_k_scores"
+
+
 def feature_spec() -> dict[str, Any]:
     """``tf.io.parse_example`` spec for every example feature."""
     import tensorflow as tf
