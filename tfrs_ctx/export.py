@@ -45,7 +45,7 @@ MODEL_NAMES = (schema.MODEL_ENCODER, schema.MODEL_CONTEXT_HEAD, schema.MODEL_FUL
 ENCODED_HISTORY, MODEL_VERSION, USER_EMBEDDING = schema.ENCODED_HISTORY, schema.MODEL_VERSION, schema.USER_EMBEDDING
 TOP_K_IDS, TOP_K_SCORES = schema.TOP_K_IDS, schema.TOP_K_SCORES
 WARMUP_FILE = "tf_serving_warmup_requests"
-INFO_FILE = "model_info.json"
+INFO_FILE = schema.MODEL_INFO_FILE
 
 # Raw-input signature pieces: feature name -> (dtype, shape after the batch dim, vocab).
 HISTORY_INPUTS = {

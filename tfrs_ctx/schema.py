@@ -327,3 +327,30 @@ def pad_right(values: list, length: int, pad: Any = PAD_ID) -> list:
     """Keep the first ``length`` values and right-pad to exactly ``length`` (categories)."""
     values = list(values)[:length]
     return values + [pad] * (length - len(values))
+
+
+# --------------------------------------------------------------------------------------
+# Feature store
+# --------------------------------------------------------------------------------------
+# Feast objects (feature_repo/) and the offline-store layout the user-encoding pipeline
+# writes under a store directory. Join keys are raw-table column names (USER_ID,
+# SUBJECT_ITEM_ID); feature names are the signature / raw-table names they feed.
+FS_USER = "user"  # entity, join key USER_ID
+FS_SUBJECT_ITEM = "subject_item"  # entity, join key SUBJECT_ITEM_ID
+FV_USER_SEQUENCE = "user_sequence_encoding"  # ENCODED_HISTORY, HISTORY_LENGTH, MODEL_VERSION
+FV_USER_DEMOGRAPHICS = "user_demographics"  # DEMOGRAPHIC_COLUMNS, raw strings (null: missing)
+FV_SUBJECT_ITEM_CONTEXT = "subject_item_context"  # CATEGORIES (raw ids), CONFIDENCES: top MAX_CATEGORIES
+# The encoder's output as stored: a flat float32 list, row-major [N, d] (N = 1, the last
+# hidden state, today; the last N states for cross-attention later: N = len / d).
+# ENCODED_HISTORY and MODEL_VERSION (the serving-signature names above) are also the
+# stored feature names: the vector and the integer model version it belongs to.
+EVENT_TIMESTAMP = "event_timestamp"  # Feast timestamp field of every source (UTC)
+STORE_DIR_ENV = "TFRS_CTX_STORE"  # env var: the store directory the Feast repo resolves paths in
+USER_ENCODINGS_DIR = "user_encodings"  # STORE/<dir>/*.parquet, one or more files per run
+USER_DEMOGRAPHICS_FILE = "user_demographics.parquet"  # STORE/<file>, a snapshot of the users table
+SUBJECT_ITEMS_FILE = "subject_items.parquet"  # STORE/<file>, a snapshot of the subject_items table
+ENCODE_STATE_FILE = "encode_state.json"  # STORE/<file>: watermark, model version, last run
+FEAST_YAML = "feature_store.yaml"  # feature_repo/<file>: SQLite online store (the embedded default)
+FEAST_REDIS_YAML = "feature_store.redis.yaml"  # feature_repo/<file>: Redis online store
+FEAST_DEFINITIONS = "features.py"  # feature_repo/<file>: entities, sources, feature views
+MODEL_INFO_FILE = "model_info.json"  # models/<name>/<version>/assets.extra/<file>: model_version (export writes it)

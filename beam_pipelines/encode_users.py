@@ -1,0 +1,634 @@
+"""Beam: raw conversions + the encoder SavedModel -> per-user encoded histories for Feast.
+
+    python -m beam_pipelines.encode_users --raw RAW_DIR --model models/encoder --output STORE_DIR \\
+        [--full] [--as_of TS] [--event_timestamp TS] [--min_batch_size 64] [--max_batch_size 512] \\
+        [--output_shards 0] [--xla] [Beam options, e.g. --direct_running_mode=multi_processing --direct_num_workers=2]
+
+What it does
+------------
+1. Picks the encoder: ``--model`` is a TF Serving base path (``models/encoder``: its highest
+   integer version) or one version directory; the version comes from
+   ``assets.extra/model_info.json``.
+2. Selects users: on the first run, with ``--full`` or when the model version changed since
+   the last run, every user with a conversion; otherwise only users with a conversion newer
+   than the *watermark* (the newest conversion timestamp a previous run processed, kept in
+   ``STORE_DIR/encode_state.json``). Conversions are validated like the training pipeline's
+   (bad rows are dropped and counted).
+3. Builds each selected user's latest history with the training pipeline's transforms: their
+   last ``MAX_HISTORY`` conversions at or before the reference time ``--as_of`` (default: the
+   newest conversion in the data), time gaps bucketed relative to it, left-padded; raw ids and
+   event-type strings, as the encoder signature takes them.
+4. Runs the encoder with Beam ``RunInference`` (:class:`EncoderModelHandler`: the multi-input
+   SavedModel signature loaded once per worker process, batches of user dicts).
+5. Writes Parquet a Feast ``FileSource`` reads (names from :mod:`tfrs_ctx.schema`):
+   ``STORE_DIR/user_encodings/run-<event_ts>-v<version>-part-*.parquet`` (``user_id``,
+   ``event_timestamp``, ``encoded_history`` list<float32>, ``history_length``,
+   ``model_version``); every run *adds* files, and Feast serves the newest row per user.
+   Snapshots of the ``users`` (raw demographic strings, null when missing) and
+   ``subject_items`` (top ``MAX_CATEGORIES`` categories by confidence) tables go to
+   ``user_demographics.parquet`` / ``subject_items.parquet``, re-exported when their raw
+   files changed (or with ``--full``).
+
+Every output row is stamped ``event_timestamp`` = the run's ``--event_timestamp`` (default:
+now; always later than the previous run's), so ``feast materialize-incremental <now>``
+picks up exactly what a run wrote. Outputs are staged under ``STORE_DIR/.staging/`` and
+moved into place only after the pipeline succeeded; the state file is updated last. A user
+with no conversions gets no row. Users encoded / skipped are Beam metrics, printed at the end.
+
+Runs on the DirectRunner by default (in-process, or ``multi_processing`` workers) without
+Beam's switch to the Prism runner; ``--runner`` picks any other Beam runner.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__":
+    # `python -m` runs this file as __main__: hand over to the importable module, so the
+    # classes Beam pickles (options, DoFns, the model handler) exist once, under their name.
+    from beam_pipelines.encode_users import main
+
+    sys.exit(main())
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+
+from beam_pipelines import build_training_data as B
+from beam_pipelines import transforms as T
+from tfrs_ctx import feature_store as F
+from tfrs_ctx import rawio
+from tfrs_ctx import schema as S
+from tfrs_ctx.vocab import is_missing
+
+NAMESPACE = B.NAMESPACE
+USER_BATCH = B.USER_BATCH  # users whose histories are built together
+ENCODER_INPUTS = (*S.HISTORY_FEATURES, S.HISTORY_LENGTH)  # the encoder signature's inputs
+SUMMARY_FILE = "summary.json"  # in the run's staging directory: as_of and the newest conversion
+STAGED_ENCODINGS = "encodings"  # staging prefix of the encoding shards
+SNAPSHOT_TABLES = (S.USERS, S.SUBJECT_ITEMS)
+XLA_FLAGS = "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit"  # XLA auto-clustering, CPU included
+USER_COUNTERS = ("users_encoded", "users_skipped_no_new_activity", "users_without_history")
+
+
+class EncodeUsersOptions(PipelineOptions):
+    """The pipeline's own flags."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: Any) -> None:
+        add = parser.add_argument
+        add("--raw", help="raw-table directory (RAW_DIR/<table>/*.parquet|*.jsonl)")
+        add("--model", help="encoder SavedModel: base path (highest integer version) or a version directory")
+        with contextlib.suppress(argparse.ArgumentError):  # build-data's options define it too: one flag
+            add("--output", help="store directory (Feast offline sources + the pipeline's state)")
+        add("--full", action="store_true", default=False, help="encode every user, not only users with new events")
+        add("--as_of", type=int, default=None, help="reference time (unix s); default: the newest conversion")
+        add("--event_timestamp", type=int, default=None, help="timestamp of the rows written (unix s); default now")
+        add("--min_batch_size", type=int, default=64, help="RunInference: smallest batch of users")
+        add("--max_batch_size", type=int, default=512, help="RunInference: largest batch of users")
+        add("--output_shards", type=int, default=0, help="encoding files per run (0: runner-decided)")
+        add("--xla", action="store_true", default=False, help="encoder with XLA auto-clustering (fresh workers)")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeConfig:
+    """Validated pipeline flags."""
+
+    raw: str
+    model: str
+    output: str
+    full: bool
+    as_of: int | None
+    event_timestamp: int | None
+    min_batch_size: int
+    max_batch_size: int
+    output_shards: int
+    xla: bool
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> EncodeConfig:
+        o = options.view_as(EncodeUsersOptions)
+        if not (o.raw and o.model and o.output):
+            raise ValueError("--raw, --model and --output are required")
+        if not 1 <= o.min_batch_size <= o.max_batch_size:
+            raise ValueError("need 1 <= --min_batch_size <= --max_batch_size")
+        if o.output_shards < 0:
+            raise ValueError("--output_shards must be >= 0")
+        return cls(**{f.name: getattr(o, f.name) for f in dataclasses.fields(cls)})
+
+
+# --------------------------------------------------------------------------------------
+# Model, state and the run plan
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class EncoderModel:
+    path: str  # the version directory
+    version: int
+
+
+def resolve_model(path: str) -> EncoderModel:
+    """The encoder version directory ``path`` names (a base path: its highest integer version)."""
+    if not os.path.exists(os.path.join(path, "saved_model.pb")):
+        versions = [
+            d for d in os.listdir(path) if d.isdigit() and os.path.isfile(os.path.join(path, d, "saved_model.pb"))
+        ]
+        if not versions:
+            raise FileNotFoundError(f"no SavedModel under {path} (expected <path>/<integer version>/saved_model.pb)")
+        path = os.path.join(path, max(versions, key=int))
+    info_path = os.path.join(path, "assets.extra", S.MODEL_INFO_FILE)
+    with open(info_path) as f:
+        version = int(json.load(f)[S.MODEL_VERSION])
+    return EncoderModel(os.path.abspath(path), version)
+
+
+@dataclasses.dataclass
+class EncodeState:
+    """What the previous runs left: ``STORE_DIR/encode_state.json``."""
+
+    watermark: int | None = None  # newest conversion timestamp processed
+    model_version: int | None = None
+    event_timestamp: int | None = None  # of the last run's rows
+    as_of: int | None = None
+    snapshots: dict[str, str] = dataclasses.field(default_factory=dict)  # raw table -> fingerprint
+    last_run: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str) -> EncodeState:
+        if not FileSystems.exists(path):
+            return cls()
+        with FileSystems.open(path) as f:
+            return cls(**json.loads(f.read()))
+
+    def save(self, path: str) -> None:
+        tmp = path + ".tmp"
+        B.write_bytes(tmp, json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode())
+        FileSystems.rename([tmp], [path])
+
+
+def table_fingerprint(raw_dir: str, table: S.Table) -> str:
+    """A hash of a raw table's file names, sizes and modification times."""
+    stats = {os.path.basename(p): os.stat(p) for p in rawio.table_files(raw_dir, table)}
+    files = [(name, st.st_size, st.st_mtime_ns) for name, st in sorted(stats.items())]
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What one run does, decided before the pipeline is built."""
+
+    full: bool
+    reason: str
+    watermark: int | None  # users with a conversion after it are encoded (None: everyone)
+    event_timestamp: int
+    snapshots: dict[str, str]  # raw table -> fingerprint now
+    export_snapshots: bool
+    staging: str
+
+    @property
+    def tag(self) -> str:
+        return f"run-{self.event_timestamp}"
+
+
+def plan_run(config: EncodeConfig, model: EncoderModel, state: EncodeState, paths: F.StorePaths) -> RunPlan:
+    """Full or incremental, the rows' timestamp, whether the snapshots are re-exported."""
+    if config.full:
+        full, reason = True, "--full"
+    elif state.watermark is None:
+        full, reason = True, "first run"
+    elif state.model_version != model.version:
+        full, reason = True, f"model version changed ({state.model_version} -> {model.version})"
+    else:
+        full, reason = False, f"incremental (conversions after {state.watermark})"
+    last = state.event_timestamp or 0
+    if config.event_timestamp is not None and config.event_timestamp <= last:
+        raise ValueError(f"--event_timestamp {config.event_timestamp} must be after the last run's ({last})")
+    event_ts = config.event_timestamp if config.event_timestamp is not None else max(int(time.time()), last + 1)
+    snapshots = {t.name: table_fingerprint(config.raw, t) for t in SNAPSHOT_TABLES}
+    present = all(FileSystems.exists(p) for p in (paths.demographics, paths.subject_items))
+    return RunPlan(
+        full=full,
+        reason=reason,
+        watermark=None if full else state.watermark,
+        event_timestamp=event_ts,
+        snapshots=snapshots,
+        export_snapshots=full or not present or snapshots != state.snapshots,
+        staging=os.path.join(paths.staging, f"run-{event_ts}"),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Histories
+# --------------------------------------------------------------------------------------
+def raw_histories(users: Sequence[T.UserEvents], as_of: int) -> dict[str, np.ndarray]:
+    """The encoder's raw inputs ``[B, MAX_HISTORY]`` / ``[B]``: each user's last events at or before ``as_of``.
+
+    Left-padded (ids 0, event type ``""``, gap bucket ``PAD_ID``); gap buckets are
+    relative to ``as_of``. Same windowing as the training examples
+    (:func:`transforms.window_positions`, :func:`transforms.time_gap_buckets`).
+    """
+    lengths = np.asarray([len(u) for u in users], dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    ends = starts + np.asarray([np.searchsorted(u.timestamp, as_of, side="right") for u in users], dtype=np.int64)
+    positions = T.window_positions(ends.reshape(-1), starts.reshape(-1))
+    valid = positions >= 0
+    p = np.where(valid, positions, 0)
+
+    def take(field: str, pad: Any) -> np.ndarray:
+        values = np.concatenate([getattr(u, field) for u in users]) if users else np.zeros(0, dtype=np.int64)
+        return np.where(valid, values[p], pad) if len(values) else np.full(p.shape, pad)
+
+    gaps = as_of - take("timestamp", as_of)
+    return {
+        S.HISTORY_ITEM: take("item", S.PAD_ID).astype(np.int64),
+        S.HISTORY_ADVERTISER: take("advertiser", S.PAD_ID).astype(np.int64),
+        S.HISTORY_EVENT_TYPE: take("event_type", S.MISSING_STRING).astype(object),
+        S.HISTORY_TIME_GAP: np.where(valid, T.time_gap_buckets(gaps), S.PAD_ID).astype(np.int64),
+        S.HISTORY_LENGTH: valid.sum(axis=1).astype(np.int64),
+    }
+
+
+def user_events(packed_blocks: Iterable[tuple]) -> T.UserEvents:
+    return T.UserEvents.from_blocks([T.unpack_block(b) for b in packed_blocks])
+
+
+class BuildHistories(beam.DoFn):
+    """A batch of ``(user_id, packed blocks)`` -> ``(user_id, encoder inputs)`` for the selected users."""
+
+    def __init__(self, watermark: int | None):
+        self.watermark = watermark
+        self.selected = Metrics.counter(NAMESPACE, "users_selected")
+        self.skipped = Metrics.counter(NAMESPACE, "users_skipped_no_new_activity")
+        self.without_history = Metrics.counter(NAMESPACE, "users_without_history")
+
+    def process(self, users: Sequence[tuple[int, Iterable[tuple]]], as_of: int) -> Iterator[tuple[int, dict]]:
+        selected, events = [], []
+        for user_id, blocks in users:
+            e = user_events(blocks)
+            n = int(np.searchsorted(e.timestamp, as_of, side="right"))
+            if n == 0:
+                self.without_history.inc()
+            elif self.watermark is not None and e.timestamp[n - 1] <= self.watermark:
+                self.skipped.inc()
+            else:
+                selected.append(int(user_id))
+                events.append(e)
+        if not selected:
+            return
+        self.selected.inc(len(selected))
+        inputs = raw_histories(events, as_of)
+        for i, user_id in enumerate(selected):
+            yield user_id, {name: values[i] for name, values in inputs.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------
+class _Encoder:
+    """A loaded encoder: the SavedModel (kept alive) and its ``serving_default`` signature."""
+
+    def __init__(self, path: str):
+        import tensorflow as tf
+
+        self.saved_model = tf.saved_model.load(path)
+        self.signature = self.saved_model.signatures["serving_default"]
+        names = set(self.signature.structured_input_signature[1])
+        if names != set(ENCODER_INPUTS):
+            raise ValueError(f"{path} is not an encoder: its inputs are {sorted(names)}, want {sorted(ENCODER_INPUTS)}")
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        import tensorflow as tf
+
+        out = self.signature(**{name: tf.constant(value) for name, value in inputs.items()})
+        return out[S.ENCODED_HISTORY].numpy(), out[S.MODEL_VERSION].numpy()
+
+
+def encode_batch(
+    encoder: _Encoder, batch: Sequence[Mapping[str, np.ndarray]], size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stack per-user inputs into one batch (padded to ``size`` rows) and run the encoder.
+
+    Returns ``([B, d] float32, [B] int64)`` for the ``B = len(batch)`` real rows; padding
+    rows repeat the first one (rows are independent in the encoder).
+    """
+    inputs = {name: np.stack([example[name] for example in batch]) for name in ENCODER_INPUTS}
+    n = len(batch)
+    if size is not None and size > n:
+        inputs = {name: np.concatenate([v, np.repeat(v[:1], size - n, axis=0)]) for name, v in inputs.items()}
+    encoded, versions = encoder(inputs)
+    return encoded[:n], versions[:n]
+
+
+class EncoderModelHandler(ModelHandler[dict, PredictionResult, _Encoder]):
+    """RunInference handler of the encoder SavedModel: dict examples in, ``(vector, version)`` out.
+
+    The signature takes several named inputs, so the stock TensorFlow handler (one tensor
+    in) does not fit. The model is loaded once per worker process (RunInference shares it
+    between the process's threads); batch sizes are RunInference's.
+
+    ``xla``: run the graph with XLA auto-clustering (``TF_XLA_FLAGS``, set by RunInference
+    before the model loads; it takes effect only in a process that has not imported
+    TensorFlow yet, e.g. a fresh worker) and pad every batch to ``max_batch_size`` rows, so
+    the graph compiles once (about a second) instead of once per batch size.
+    """
+
+    def __init__(self, model_path: str, min_batch_size: int = 64, max_batch_size: int = 512, xla: bool = False):
+        env = {"TF_XLA_FLAGS": XLA_FLAGS} if xla else {}
+        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size, env_vars=env)
+        self.model_path = model_path
+        self.pad_to = max_batch_size if xla else None
+
+    def set_environment_vars(self) -> None:
+        if self.pad_to and "tensorflow" in sys.modules and XLA_FLAGS not in os.environ.get("TF_XLA_FLAGS", ""):
+            logging.warning("--xla: TensorFlow is already loaded in this process, so the encoder runs without XLA")
+        super().set_environment_vars()
+
+    def load_model(self) -> _Encoder:
+        return _Encoder(self.model_path)
+
+    def run_inference(
+        self, batch: Sequence[dict], model: _Encoder, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[PredictionResult]:
+        encoded, versions = encode_batch(model, batch, self.pad_to)
+        return [PredictionResult(example, (encoded[i], int(versions[i]))) for i, example in enumerate(batch)]
+
+    def get_num_bytes(self, batch: Sequence[dict]) -> int:
+        return sum(v.nbytes for example in batch for v in example.values())
+
+    def get_metrics_namespace(self) -> str:
+        return "EncodeUsers"
+
+
+# --------------------------------------------------------------------------------------
+# Output rows
+# --------------------------------------------------------------------------------------
+def _timestamp_type() -> Any:
+    import pyarrow as pa
+
+    return pa.timestamp("us", tz="UTC")
+
+
+def encoding_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([
+        (S.USER_ID, pa.int64()),
+        (S.EVENT_TIMESTAMP, _timestamp_type()),
+        (S.ENCODED_HISTORY, pa.list_(pa.float32())),
+        (S.HISTORY_LENGTH, pa.int64()),
+        (S.MODEL_VERSION, pa.int64()),
+    ])
+
+
+def demographics_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([
+        (S.USER_ID, pa.int64()),
+        *((c, pa.string()) for c in S.DEMOGRAPHIC_COLUMNS),
+        (S.EVENT_TIMESTAMP, _timestamp_type()),
+    ])
+
+
+def subject_items_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([
+        (S.SUBJECT_ITEM_ID, pa.int64()),
+        (S.CATEGORIES, pa.list_(pa.int64())),
+        (S.CONFIDENCES, pa.list_(pa.float32())),
+        (S.EVENT_TIMESTAMP, _timestamp_type()),
+    ])
+
+
+def encoding_row(keyed: tuple[int, PredictionResult], event_us: int) -> dict[str, Any]:
+    """One Parquet row of ``user_encodings``."""
+    Metrics.counter(NAMESPACE, "users_encoded").inc()
+    user_id, result = keyed
+    vector, version = result.inference
+    return {
+        S.USER_ID: user_id,
+        S.EVENT_TIMESTAMP: event_us,
+        S.ENCODED_HISTORY: vector.astype(np.float32).reshape(-1).tolist(),
+        S.HISTORY_LENGTH: int(result.example[S.HISTORY_LENGTH]),
+        S.MODEL_VERSION: version,
+    }
+
+
+def demographics_row(row: Mapping[str, Any], event_us: int) -> dict[str, Any]:
+    """One Parquet row of ``user_demographics``: raw strings, ``None`` when missing."""
+    values = {c: None if is_missing(row.get(c)) else str(row[c]) for c in S.DEMOGRAPHIC_COLUMNS}
+    return {S.USER_ID: int(row[S.USER_ID]), **values, S.EVENT_TIMESTAMP: event_us}
+
+
+def top_raw_categories(categories: Sequence[int], confidences: Sequence[float]) -> tuple[list[int], list[float]]:
+    """The top ``MAX_CATEGORIES`` categories by confidence (ties: listed order), as raw ids.
+
+    The order of :func:`transforms.top_categories` (what the training examples hold).
+    """
+    order = sorted(range(len(categories)), key=lambda i: -float(confidences[i]))[: S.MAX_CATEGORIES]
+    return [int(categories[i]) for i in order], [float(confidences[i]) for i in order]
+
+
+def subject_item_row(row: Mapping[str, Any], event_us: int) -> dict[str, Any]:
+    """One Parquet row of ``subject_items`` (keyed by ``subject_item_id``)."""
+    categories, confidences = top_raw_categories(row[S.CATEGORIES], row[S.CONFIDENCES])
+    return {
+        S.SUBJECT_ITEM_ID: int(row[S.ITEM_ID]),
+        S.CATEGORIES: categories,
+        S.CONFIDENCES: confidences,
+        S.EVENT_TIMESTAMP: event_us,
+    }
+
+
+def resolve_as_of(stats: tuple, as_of: int | None) -> int:
+    """The reference time: ``--as_of``, else the newest valid conversion."""
+    if as_of is not None:
+        return int(as_of)
+    if stats[1] is None:
+        raise ValueError("no valid conversions: nothing to encode (pass --as_of to run anyway)")
+    return int(stats[1])
+
+
+def write_summary(stats: tuple, as_of: int, path: str) -> None:
+    B.write_bytes(path, json.dumps({"as_of": as_of, "max_timestamp": stats[1]}).encode())
+
+
+def _count_dead(record: dict, table: str) -> Iterator[None]:
+    Metrics.counter(NAMESPACE, f"dead_letter_{table}").inc()
+    return iter(())
+
+
+# --------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------
+def write_snapshot(pcoll: beam.PCollection, name: str, schema: Any, path: str) -> None:
+    """One Parquet file at exactly ``path``."""
+    _ = pcoll | f"Write{name}" >> beam.io.WriteToParquet(
+        path.removesuffix(".parquet"), schema, file_name_suffix=".parquet", num_shards=1, shard_name_template=""
+    )
+
+
+def export_snapshots(p: beam.Pipeline, config: EncodeConfig, plan: RunPlan) -> None:
+    """The users and subject_items tables as Feast sources (validated, one row per key)."""
+    event_us = plan.event_timestamp * 1_000_000
+    users, dead_users = B.small_table(p, config.raw, S.USERS)
+    subjects, dead_subjects = B.small_table(p, config.raw, S.SUBJECT_ITEMS)
+    for table, dead in ((S.USERS, dead_users), (S.SUBJECT_ITEMS, dead_subjects)):
+        _ = dead | f"FlattenDead{table.name}" >> beam.Flatten() | f"CountDead{table.name}" >> beam.FlatMap(
+            _count_dead, table.name
+        )
+    staged = {name: os.path.join(plan.staging, name) for name in (S.USER_DEMOGRAPHICS_FILE, S.SUBJECT_ITEMS_FILE)}
+    demographics = users | "DemographicsRows" >> beam.Map(demographics_row, event_us)
+    write_snapshot(demographics, "Demographics", demographics_schema(), staged[S.USER_DEMOGRAPHICS_FILE])
+    subject_rows = subjects | "SubjectItemRows" >> beam.Map(subject_item_row, event_us)
+    write_snapshot(subject_rows, "SubjectItems", subject_items_schema(), staged[S.SUBJECT_ITEMS_FILE])
+
+
+def build_pipeline(p: beam.Pipeline, config: EncodeConfig, model: EncoderModel, plan: RunPlan) -> None:
+    """Wire the user-encoding pipeline into ``p``."""
+    items, dead_items = B.small_table(p, config.raw, S.ITEMS)
+    item_ids = items | "ItemIds" >> beam.Map(lambda r: int(r[S.ITEM_ID]))
+    known = p | "KnownSeed" >> beam.Create([None]) | "KnownIds" >> beam.Map(
+        lambda _, ids: B.KnownIds.of({S.ITEMS.name: ids}), beam.pvalue.AsList(item_ids)
+    )
+    checked = B.read_table(p, config.raw, S.CONVERSIONS, True) | "ValidateConversions" >> beam.ParDo(
+        B.ValidateEvents(S.CONVERSIONS), known=beam.pvalue.AsSingleton(known)
+    ).with_outputs(B.DEAD, B.STATS, main="blocks")
+    for table, dead in ((S.ITEMS, dead_items), (S.CONVERSIONS, [checked[B.DEAD]])):
+        _ = dead | f"FlattenDead{table.name}" >> beam.Flatten() | f"CountDead{table.name}" >> beam.FlatMap(
+            _count_dead, table.name
+        )
+    stats = checked[B.STATS] | "Stats" >> beam.CombineGlobally(B.StatsFn())
+    as_of = stats | "AsOf" >> beam.Map(resolve_as_of, config.as_of)
+    _ = stats | "Summary" >> beam.Map(
+        write_summary, beam.pvalue.AsSingleton(as_of), os.path.join(plan.staging, SUMMARY_FILE)
+    )
+    handler = KeyedModelHandler(
+        EncoderModelHandler(model.path, config.min_batch_size, config.max_batch_size, config.xla)
+    )
+    rows = (
+        checked.blocks
+        | "GroupByUser" >> beam.GroupByKey()
+        | "BatchUsers" >> beam.BatchElements(min_batch_size=USER_BATCH, max_batch_size=USER_BATCH)
+        | "Histories" >> beam.ParDo(BuildHistories(plan.watermark), as_of=beam.pvalue.AsSingleton(as_of))
+        | "Encode" >> RunInference(handler)
+        | "EncodingRows" >> beam.Map(encoding_row, plan.event_timestamp * 1_000_000)
+    )
+    _ = rows | "WriteEncodings" >> beam.io.WriteToParquet(
+        os.path.join(plan.staging, STAGED_ENCODINGS, "part"),
+        encoding_schema(),
+        file_name_suffix=".parquet",
+        num_shards=config.output_shards,
+    )
+    if plan.export_snapshots:
+        export_snapshots(p, config, plan)
+
+
+# --------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------
+def _matches(pattern: str) -> list[str]:
+    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+def publish(plan: RunPlan, paths: F.StorePaths, users_encoded: int) -> list[str]:
+    """Move a successful run's staged files into the store; returns the published paths."""
+    staged = _matches(os.path.join(plan.staging, STAGED_ENCODINGS, "part-*.parquet"))
+    published = []
+    if users_encoded and staged:
+        if not FileSystems.exists(paths.encodings):
+            FileSystems.mkdirs(paths.encodings)
+        published = [os.path.join(paths.encodings, f"{plan.tag}-{os.path.basename(s)}") for s in staged]
+        FileSystems.rename(staged, published)
+    if plan.export_snapshots:
+        sources = [os.path.join(plan.staging, name) for name in (S.USER_DEMOGRAPHICS_FILE, S.SUBJECT_ITEMS_FILE)]
+        FileSystems.rename(sources, [paths.demographics, paths.subject_items])
+        published += [paths.demographics, paths.subject_items]
+    return published
+
+
+def next_watermark(plan: RunPlan, state: EncodeState, window: Mapping[str, Any]) -> int | None:
+    """The newest conversion this run processed; an incremental run never moves it back."""
+    newest = window["max_timestamp"]
+    processed = min(window["as_of"], newest) if newest is not None else None
+    candidates = [w for w in (processed, None if plan.full else state.watermark) if w is not None]
+    return max(candidates) if candidates else None
+
+
+def _remove(path: str) -> None:
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+
+
+def run(argv: Sequence[str] | None = None, save_main_session: bool = False) -> dict[str, Any]:
+    """Encode the selected users into the store; returns (and prints) the run summary."""
+    options = PipelineOptions(argv)
+    options.view_as(SetupOptions).save_main_session = save_main_session
+    config = EncodeConfig.from_options(options)
+    paths = F.store_paths(config.output)
+    model = resolve_model(config.model)
+    state = EncodeState.load(paths.state)
+    plan = plan_run(config, model, state, paths)
+    _remove(paths.staging)  # leftovers of a failed run
+    pipeline = beam.Pipeline(runner=B.make_runner(options), options=options)
+    build_pipeline(pipeline, config, model, plan)
+    result = pipeline.run()
+    result.wait_until_finish()
+    totals = B.counters(result)
+    with FileSystems.open(os.path.join(plan.staging, SUMMARY_FILE)) as f:
+        window = json.loads(f.read())
+    counts = {name: totals.get(name, 0) for name in USER_COUNTERS}
+    published = publish(plan, paths, counts["users_encoded"])
+    _remove(paths.staging)
+    watermark = next_watermark(plan, state, window)
+    summary = {
+        "mode": plan.reason,
+        "model_version": model.version,
+        "model_path": model.path,
+        "as_of": window["as_of"],
+        "event_timestamp": plan.event_timestamp,
+        "watermark": watermark,
+        **counts,
+        "dead_letter": {k.removeprefix("dead_letter_"): v for k, v in totals.items() if k.startswith("dead_letter_")},
+        "snapshots_exported": plan.export_snapshots,
+        "files": published,
+    }
+    EncodeState(
+        watermark=summary["watermark"],
+        model_version=model.version,
+        event_timestamp=plan.event_timestamp,
+        as_of=window["as_of"],
+        snapshots=plan.snapshots if plan.export_snapshots else state.snapshots,
+        last_run={k: summary[k] for k in ("mode", "as_of", *USER_COUNTERS)},
+    ).save(paths.state)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point (``python -m beam_pipelines.encode_users``)."""
+    logging.basicConfig(level=logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
