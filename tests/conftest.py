@@ -74,3 +74,25 @@ def tiny_runs(small_data, tmp_path_factory) -> dict[str, pathlib.Path]:
         "contextual": train_tiny(small_data, root / "contextual"),
         "baseline": train_tiny(small_data, root / "baseline", "model.use_context=false"),
     }
+
+
+@pytest.fixture(scope="session")
+def demo_work(tmp_path_factory) -> pathlib.Path:
+    """The end-to-end demo at small scale: every stage, a tiny model; returns its workdir."""
+    from tfrs_ctx import demo
+
+    work = tmp_path_factory.mktemp("demo")
+    tiny = [f"--set={o}" for o in TINY_MODEL if not o.startswith("train.epochs")]
+    rc = demo.main(["--workdir", str(work), "--users", "400", "--epochs", "2", "--bootstrap", "100", *tiny])
+    assert rc == 0
+    return work
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_work):
+    """The compatible model server on the demo's models (a separate process on loopback)."""
+    from serving.launcher import start_server
+
+    with start_server(demo_work / "models", server="python") as server:
+        server.wait_ready(300)
+        yield server

@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("tfrs_ctx.evaluate", "full-ranking evaluation report on held-out requests"),
     "export": ("tfrs_ctx.export", "hybrid export: encoder, context_head, full SavedModels"),
     "study": ("tfrs_ctx.studies", "lift over context strength; context-dropout / synthetic-context ablation"),
+    "daily": ("tfrs_ctx.daily", "the daily job: Beam-encode users with new activity, materialize Feast"),
+    "recommend": ("tfrs_ctx.recommend", "candidate ads for one request via Feast + gRPC Predict"),
     "demo": ("tfrs_ctx.demo", "the end-to-end demo on the embedded synthetic default"),
 }
 

@@ -1,8 +1,11 @@
 """``tfrs-ctx demo``: every stage end to end on the embedded synthetic default (or MovieLens).
 
 generate (or import MovieLens) -> Beam TFRecords -> train the sequence-only baseline and the
-contextual model -> full-ranking evaluation report. Each stage prints its progress and
-time; the run ends with where the report, models and data are. Re-running starts clean.
+contextual model -> full-ranking evaluation report -> hybrid export -> Beam-encode users
+into Feast (apply + materialize) -> start the model server -> recommend for sample users
+while the subject item changes -> stop the server. Each stage prints its progress and time;
+the run ends with where the report, models, feature store and data are. Re-running starts
+clean.
 """
 
 from __future__ import annotations
@@ -59,11 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     from tfrs_ctx.config import load_config
 
     work = os.path.abspath(args.workdir)
-    raw, data, runs, report_dir = (os.path.join(work, d) for d in ("raw", "data", "runs", "report"))
-    for d in (raw, data, runs, report_dir):
+    raw, data, runs, report_dir, models, store = (
+        os.path.join(work, d) for d in ("raw", "data", "runs", "report", "models", "store")
+    )
+    for d in (raw, data, runs, report_dir, models, store):
         shutil.rmtree(d, ignore_errors=True)
     os.makedirs(work, exist_ok=True)
-    stages = Stages(5)
+    stages = Stages(10)
 
     if args.data == "synthetic":
         from tfrs_ctx.synthetic import SyntheticConfig, generate
@@ -99,11 +104,86 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + f.read())
     lift = report["lift"]["recall@100"]
     print(f"Recall@100 lift contextual/baseline: {lift['lift']:.2f}x [{lift['lo']:.2f}, {lift['hi']:.2f}]")
+
+    from tfrs_ctx import daily, export
+
+    model, _ = train.load_trained(os.path.join(runs, "contextual"), data)
+    exported = stages.run("export encoder / context_head / full SavedModels", export.export_all, model, data, models)
+    print(f"    model version {exported['version']}: " + ", ".join(exported["paths"].values()))
+    stages.run(
+        "Beam: encode users -> Feast offline store; feast apply + materialize",
+        daily.run,
+        ["--raw", raw, "--models", models, "--store", store, "--full"],
+    )
+
+    from serving.launcher import start_server
+
+    server = stages.run(
+        "start the model server (TF Serving if installed, else the compatible server)", start_server, models
+    )
+    try:
+        server.wait_ready(300)
+        print(f"    {server.kind} model server on 127.0.0.1:{server.port}")
+        shown = stages.run(
+            "recommend while the subject item changes (Feast read + gRPC Predict)",
+            show_recommendations,
+            f"127.0.0.1:{server.port}",
+            raw,
+            store,
+        )
+    finally:
+        stages.run("stop the model server", server.stop)
+    with open(os.path.join(work, "recommendations.json"), "w") as f:
+        json.dump(shown, f, indent=2)
+
     print(f"\nfinished in {stages.elapsed / 60:.1f} min")
-    print(f"  report:  {report_dir}/report.md  (and report.json, recall_at_k.png)")
-    print(f"  models:  {runs}/baseline, {runs}/contextual  (TensorBoard logs under */logs)")
-    print(f"  data:    {data}  (TFRecords, vocabularies, metadata.json)")
+    print(f"  report:   {report_dir}/report.md  (and report.json, recall_at_k.png)")
+    print(f"  models:   {models}  (TF Serving layout; serve with: python -m serving.launcher --models_dir {models})")
+    print(f"  store:    {store}  (Feast: TFRS_CTX_STORE={store} feast -c feature_repo ...)")
+    print(f"  runs:     {runs}/baseline, {runs}/contextual  (TensorBoard logs under */logs)")
+    print(f"  data:     {data}  (TFRecords, vocabularies, metadata.json)")
     return 0
+
+
+def show_recommendations(target: str, raw: str, store: str, users: int = 3, subjects: int = 3, k: int = 10) -> list:
+    """For a few users, the top-k ads as the subject item changes; how many follow the subject."""
+    import pandas as pd
+
+    from serving.client import AdRequest, CandidateClient
+    from serving.features import FeastFeatureReader
+    from tfrs_ctx import schema
+    from tfrs_ctx.recommend import ad_details
+
+    details = ad_details(raw)
+    reader = FeastFeatureReader.open(store)
+    conversions = pd.read_parquet(os.path.join(raw, schema.CONVERSIONS.name), columns=[schema.USER_ID])
+    sample_users = conversions[schema.USER_ID].value_counts().index[:users].tolist()
+    items = pd.read_parquet(os.path.join(raw, schema.SUBJECT_ITEMS.name))
+    items["top"] = [int(c[0]) for c in items[schema.CATEGORIES]]  # the subject's leaf interest
+    distinct = items.drop_duplicates("top")
+    picked = distinct.iloc[:: max(1, len(distinct) // subjects)].head(subjects)  # spread over the taxonomy
+    shown = []
+    with CandidateClient(target, reader) as client:
+        for user in sample_users:
+            requests = [AdRequest(int(user), int(i)) for i in picked[schema.ITEM_ID]]
+            for request, top, rec in zip(requests, picked["top"], client.recommend(requests), strict=True):
+                follows = sum(details.get(a, {}).get(schema.CATEGORIES, [None])[0] == top for a in rec.item_ids[:k])
+                print(
+                    f"    user {user:>6}  subject {request.subject_item_id} (top category {top}): "
+                    f"{follows}/{k} of the top {k} ads share it; top 5: {rec.item_ids[:5]}"
+                )
+                shown.append(
+                    {
+                        "user": int(user),
+                        "subject_item": request.subject_item_id,
+                        "top_category": top,
+                        "ads": rec.item_ids[:k],
+                        "scores": rec.scores[:k],
+                        "follow_subject": follows,
+                        "model_version": rec.model_version,
+                    }
+                )
+    return shown
 
 
 if __name__ == "__main__":

@@ -1,0 +1,164 @@
+"""The online client's defined behaviour for every odd case, on a real server and Feast repo."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pandas as pd
+import pytest
+
+from serving.client import (
+    AdRequest,
+    CandidateClient,
+    FeatureStoreUnavailable,
+    ModelServerUnavailable,
+    ModelVersionMismatch,
+)
+from serving.features import FeastFeatureReader
+from tfrs_ctx import feature_store as fs
+from tfrs_ctx import schema
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reader(demo_work):
+    return FeastFeatureReader.open(str(demo_work / "store"))
+
+
+@pytest.fixture(scope="module")
+def client(demo_server, reader):
+    with CandidateClient(f"127.0.0.1:{demo_server.port}", reader) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def known(demo_work):
+    users = pd.read_parquet(demo_work / "raw" / schema.USERS.name)[schema.USER_ID].tolist()
+    subjects = pd.read_parquet(demo_work / "raw" / schema.SUBJECT_ITEMS.name)[schema.ITEM_ID].tolist()
+    return users, subjects
+
+
+def test_cold_start_user_gets_the_no_history_path(client, known):
+    unknown_user = max(known[0]) + 1000
+    rec = client.recommend([AdRequest(unknown_user, known[1][0])])[0]
+    assert not rec.history_used and rec.context_used
+    assert any("cold start" in n for n in rec.notes)
+    assert len(rec.item_ids) == len(set(rec.item_ids)) > 0
+
+
+def test_unknown_subject_item_gets_the_no_context_path(client, known):
+    user = known[0][0]
+    unknown = client.recommend([AdRequest(user, 999_999_999)])[0]
+    assert not unknown.context_used and any("unknown subject item" in n for n in unknown.notes)
+    no_context = client.recommend([AdRequest(user, None)])[0]
+    assert unknown.item_ids == no_context.item_ids
+
+
+def test_batch_and_explicit_context(client, known, reader):
+    user, subject = known[0][1], known[1][2]
+    cats, weights = reader.subject_items([subject])[subject]
+    via_subject, explicit = client.recommend([AdRequest(user, subject), AdRequest(user, None, cats, weights)])
+    assert via_subject.item_ids == explicit.item_ids
+    assert via_subject.scores == pytest.approx(explicit.scores, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def other_version_server(demo_work, tmp_path_factory):
+    """A server whose context_head has only a different version than the stored vectors'."""
+    from serving.launcher import start_server
+
+    models = tmp_path_factory.mktemp("models_v2")
+    (version,) = [p.name for p in (demo_work / "models" / schema.MODEL_CONTEXT_HEAD).iterdir()]
+    shutil.copytree(
+        demo_work / "models" / schema.MODEL_CONTEXT_HEAD / version, models / schema.MODEL_CONTEXT_HEAD / "1"
+    )
+    with start_server(
+        models,
+        config=None,
+        extra_args=[
+            "--model_name",
+            schema.MODEL_CONTEXT_HEAD,
+            "--model_base_path",
+            str(models / schema.MODEL_CONTEXT_HEAD),
+        ],
+        server="python",
+    ) as server:
+        server.wait_ready(300)
+        yield server
+
+
+def test_version_mismatch_refuses_or_cold_starts(other_version_server, reader, known):
+    target = f"127.0.0.1:{other_version_server.port}"
+    with CandidateClient(target, reader) as strict, pytest.raises(ModelVersionMismatch, match="model version"):
+        strict.recommend([AdRequest(known[0][0], known[1][0])])
+    with CandidateClient(target, reader, version_policy="cold_start") as lenient:
+        rec = lenient.recommend([AdRequest(known[0][0], known[1][0])])[0]
+    assert rec.model_version == 1 and not rec.history_used
+    assert any("not served" in n for n in rec.notes)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_down_fails_fast_with_a_clear_error(reader, known):
+    client = CandidateClient(f"127.0.0.1:{_free_port()}", reader, embedding_dim=16, deadline_s=0.3, retries=2)
+    start = time.monotonic()
+    with pytest.raises(ModelServerUnavailable, match="3 attempts"):
+        client.recommend([AdRequest(known[0][0], known[1][0])])
+    assert time.monotonic() - start < 3.0
+
+
+def test_slow_server_hits_the_deadline_then_retries(reader, known):
+    calls = []
+
+    def slow(request, context):
+        calls.append(1)
+        time.sleep(2.0)
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(
+        "tensorflow.serving.PredictionService",
+        {"Predict": grpc.unary_unary_rpc_method_handler(slow, lambda b: b, lambda b: b)},
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        client = CandidateClient(f"127.0.0.1:{port}", reader, embedding_dim=16, deadline_s=0.2, retries=1)
+        start = time.monotonic()
+        with pytest.raises(ModelServerUnavailable, match="DEADLINE_EXCEEDED"):
+            client.recommend([AdRequest(known[0][0], known[1][0])])
+        assert time.monotonic() - start < 1.5 and len(calls) == 2
+    finally:
+        threading.Thread(target=server.stop, args=(0,)).start()
+
+
+def test_online_store_unreachable(demo_work, demo_server, known, monkeypatch):
+    """Materialized into a real Redis that then stops: a clear FeatureStoreUnavailable, no hang."""
+    import datetime as dt
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed (Debian package redis-server; .ci/run installs it)")
+    yaml = str(fs.repo_yaml(online="redis"))
+    with fs.local_redis_server() as address:
+        monkeypatch.setenv("REDIS_CONNECTION_STRING", address)
+        store = fs.apply(str(demo_work / "store"), fs_yaml=yaml)
+        fs.materialize(store, dt.datetime.now(dt.UTC))
+        reader = FeastFeatureReader.open(str(demo_work / "store"), fs_yaml=yaml)
+        with CandidateClient(f"127.0.0.1:{demo_server.port}", reader) as client:
+            assert client.recommend([AdRequest(known[0][0], known[1][0])])[0].history_used
+    start = time.monotonic()
+    with CandidateClient(f"127.0.0.1:{demo_server.port}", reader) as client, pytest.raises(FeatureStoreUnavailable):
+        client.recommend([AdRequest(known[0][0], known[1][0])])
+    assert time.monotonic() - start < 30
