@@ -23,8 +23,8 @@ class ModelConfig:
     category_dim: int = 32  # shared by the context layer and the ad tower
     use_context: bool = True  # False: the sequence-only production baseline
     context_dim: int = 64
-    context_dropout: float = 0.5  # the paper's "high dropout on the context layer"
-    context_drop_prob: float = 0.5  # drop the whole context of an example in training
+    context_dropout: float = 0.0  # the paper's "high dropout on the context layer": see the ablation
+    context_drop_prob: float = 0.0  # drop the whole context of an example in training
     demographic_dim: int = 8
     mlp_hidden: list[int] = dataclasses.field(default_factory=lambda: [256])
     output_dim: int = 64
