@@ -1,0 +1,92 @@
+"""Online cost of the hybrid split: ``context_head`` against ``full`` at batch 1, 50-event history.
+
+    python -m benchmarks.bench_head_vs_full --run RUN_DIR [--data DATA_DIR] [--requests 500] [--json PATH]
+
+Exports the trained run, then measures in one process: each model's compute alone (the
+signature run in-process, one intra-op thread) and Predict latency through the model server
+on loopback, both at batch 1 with a full ``MAX_HISTORY``-event history. Reports p50/p99 and
+the full / head ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+
+def batch1_inputs(data_dir: str, dim: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Raw inputs for each model: a full-length history, a 5-category context, demographics."""
+    from tfrs_ctx import schema, vocab
+
+    rng = np.random.default_rng(seed)
+    items = [int(v) for v in vocab.load_vocab(data_dir, schema.VOCAB_ITEM)]
+    cats = [int(v) for v in vocab.load_vocab(data_dir, schema.VOCAB_CATEGORY)]
+    L, C = schema.MAX_HISTORY, schema.MAX_CATEGORIES
+    history = {
+        schema.HISTORY_ITEM: rng.choice(items, (1, L)).astype(np.int64),
+        schema.HISTORY_ADVERTISER: rng.integers(1, 500, (1, L)).astype(np.int64),
+        schema.HISTORY_EVENT_TYPE: np.asarray([[schema.EVENT_TYPES[0].encode()] * L], object),
+        schema.HISTORY_TIME_GAP: rng.integers(1, schema.NUM_TIME_GAP_BUCKETS, (1, L)).astype(np.int64),
+        schema.HISTORY_LENGTH: np.asarray([L], np.int64),
+    }
+    head = {
+        schema.HISTORY_LENGTH: np.asarray([L], np.int64),
+        schema.CONTEXT_CATEGORIES: rng.choice(cats, (1, C)).astype(np.int64),
+        schema.CONTEXT_WEIGHTS: np.asarray([[0.9, 0.5, 0.3, 0.2, 0.1]], np.float32),
+        **{f: np.asarray([b""], object) for f in schema.DEMOGRAPHIC_FEATURES},
+    }
+    return {
+        schema.MODEL_CONTEXT_HEAD: {**head, schema.ENCODED_HISTORY: rng.normal(size=(1, dim)).astype(np.float32)},
+        schema.MODEL_FULL: {**history, **head},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--data")
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    from benchmarks.bench_serving import compare_models, measure_compute
+    from tfrs_ctx import export, schema
+    from tfrs_ctx.train import load_trained
+
+    model, cfg = load_trained(args.run, args.data)
+    names = (schema.MODEL_CONTEXT_HEAD, schema.MODEL_FULL)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = os.path.join(tmp, "models")  # serving/models.config's base paths are models/<name>
+        result = export.export_all(model, cfg.train.data_dir, tmp, version=1)
+        inputs = batch1_inputs(cfg.train.data_dir, cfg.model.embedding_dim)
+        out: dict = {"embedding_dim": cfg.model.embedding_dim, "corpus": int(model.corpus_item_ids.shape[0])}
+        for name in names:
+            request = predict_pb2.PredictRequest()
+            for key, value in inputs[name].items():
+                request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+            out[f"compute_{name}"] = measure_compute(result["paths"][name], request, args.requests)
+        served = compare_models(tmp, names, requests=args.requests, inputs=inputs)
+        out.update({f"predict_{n}": served[n] for n in names})
+    for kind in ("compute", "predict"):
+        head, full = out[f"{kind}_{names[0]}"], out[f"{kind}_{names[1]}"]
+        out[f"{kind}_full_over_head_p50"] = round(full["p50_ms"] / head["p50_ms"], 2)
+    print(json.dumps(out, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
