@@ -3,7 +3,7 @@ protocol-compatible model server (``serving.model_server``), with the same flags
 
 CLI (execs the chosen server, so signals reach it directly)::
 
-    python -m serving.launcher --port 8500 --model_config_file serving/models.config --models_dir DIR \\
+    python -m serving.launcher --port 8500 [--model_config_file serving/models.config] --models_dir DIR \\
         [--enable_batching --batching_parameters_file serving/batching_parameters.txt] \\
         [--server auto|binary|python] [--dry_run]
 
@@ -101,6 +101,8 @@ def _child_env(kind: str) -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.model_config_file and not args.model_base_path:
+        args.model_config_file = str(DEFAULT_CONFIG)  # the bundled serving/models.config
     server_config.check_server_flags(parser, args)
     command, kind = build_command(args, args.server)
     if kind == "binary":
@@ -266,6 +268,8 @@ def start_server(
         cleanup.append(port_file)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.model_config_file and not args.model_base_path:
+        args.model_config_file = str(DEFAULT_CONFIG)  # the bundled serving/models.config
     server_config.check_server_flags(parser, args)
     command, kind = build_command(args, server)
     cleanup += [a.split("=", 1)[1] for a in command if a.startswith("--model_config_file=") and kind == "binary"]
