@@ -20,6 +20,7 @@ import tempfile
 import time
 
 from beam_pipelines import build_training_data
+from benchmarks import emit
 from tfrs_ctx import schema
 from tfrs_ctx.synthetic import SyntheticConfig, generate
 
@@ -92,11 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.json)
     return 0
 
 

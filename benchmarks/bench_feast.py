@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks import emit
+
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -115,7 +117,10 @@ def child(args: list[str]) -> dict[str, Any]:
     """Run ``python -m benchmarks.bench_feast --child ...`` in a fresh process (XLA needs one)."""
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_feast", "--child", json.dumps(args)],
-        capture_output=True, text=True, check=False, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
@@ -124,17 +129,32 @@ def child(args: list[str]) -> dict[str, Any]:
 
 def bench_pipeline(raw: str, models: str, store: str, xla: bool) -> dict[str, Any]:
     """``python -m beam_pipelines.encode_users --full`` in one in-process DirectRunner worker."""
-    argv = ["--raw", raw, "--model", os.path.join(models, "encoder"), "--output", store, "--full",
-            "--direct_running_mode=in_memory", *(["--xla"] if xla else [])]
+    argv = [
+        "--raw",
+        raw,
+        "--model",
+        os.path.join(models, "encoder"),
+        "--output",
+        store,
+        "--full",
+        "--direct_running_mode=in_memory",
+        *(["--xla"] if xla else []),
+    ]
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "beam_pipelines.encode_users", *argv], capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "beam_pipelines.encode_users", *argv], capture_output=True, text=True, check=False
+    )
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
-    lengths = np.concatenate([pq.read_table(f, columns=[S.HISTORY_LENGTH])[S.HISTORY_LENGTH].to_numpy()
-                              for f in summary["files"] if S.USER_ENCODINGS_DIR in f])
+    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
+    lengths = np.concatenate(
+        [
+            pq.read_table(f, columns=[S.HISTORY_LENGTH])[S.HISTORY_LENGTH].to_numpy()
+            for f in summary["files"]
+            if S.USER_ENCODINGS_DIR in f
+        ]
+    )
     return {
         "xla": xla,
         "users": summary["users_encoded"],
@@ -240,11 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.json)
     return 0
 
 

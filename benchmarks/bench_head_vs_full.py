@@ -11,10 +11,11 @@ the full / head ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
+
+from benchmarks import emit
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -81,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("compute", "predict"):
         head, full = out[f"{kind}_{names[0]}"], out[f"{kind}_{names[1]}"]
         out[f"{kind}_full_over_head_p50"] = round(full["p50_ms"] / head["p50_ms"], 2)
-    print(json.dumps(out, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    emit(out, args.json)
     return 0
 
 

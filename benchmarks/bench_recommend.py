@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 import threading
@@ -20,6 +19,8 @@ import time
 
 import numpy as np
 import pandas as pd
+
+from benchmarks import emit
 
 
 def _requests(workdir: str, n: int, seed: int = 0):
@@ -111,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             result["redis"] = measure(
                 target, lambda: FeastFeatureReader.open(store, fs_yaml=redis_yaml), requests, args.threads, args.seconds
             )
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.json)
     return 0
 
 

@@ -10,11 +10,12 @@ the real tf.data pipeline. Reports examples/s and the contextual/baseline ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
+
+from benchmarks import emit
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -88,10 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     result["ratio_contextual_over_baseline_time"] = round(
         result["contextual"]["median_step_s"] / result["baseline"]["median_step_s"], 3
     )
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.json)
     return 0
 
 
