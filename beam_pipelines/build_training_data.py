@@ -57,7 +57,6 @@ import dataclasses
 import heapq
 import io
 import json
-import logging
 import math
 import os
 from collections import Counter
@@ -72,6 +71,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, SetupOptions, StandardOptions
 
+from beam_pipelines import cli_main
 from beam_pipelines import transforms as T
 from tfrs_ctx import rawio, schema
 from tfrs_ctx.validation import REFERENCES, row_problem
@@ -735,13 +735,7 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True) -> di
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (``tfrs-ctx build-data``)."""
-    logging.basicConfig(level=logging.WARNING)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    run(argv)
-    return 0
+    return cli_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from beam_pipelines import build_training_data as B
+from beam_pipelines import cli_main
 from beam_pipelines import transforms as T
 from tfrs_ctx import feature_store as F
 from tfrs_ctx import rawio
@@ -621,13 +622,7 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = False) -> d
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (``python -m beam_pipelines.encode_users``)."""
-    logging.basicConfig(level=logging.WARNING)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    run(argv)
-    return 0
+    return cli_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
