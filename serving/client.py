@@ -40,7 +40,6 @@ from tfrs_ctx import schema
 
 log = logging.getLogger("tfrs_ctx.client")
 
-ENCODED_HISTORY, TOP_K_IDS, TOP_K_SCORES = schema.ENCODED_HISTORY, schema.TOP_K_IDS, schema.TOP_K_SCORES
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
@@ -170,7 +169,7 @@ class CandidateClient:
                 raise ModelServerUnavailable(f"GetModelMetadata failed: {e.code().name}: {e.details()}") from e
             signatures = get_model_metadata_pb2.SignatureDefMap()
             response.metadata["signature_def"].Unpack(signatures)
-            shape = signatures.signature_def["serving_default"].inputs[ENCODED_HISTORY].tensor_shape
+            shape = signatures.signature_def["serving_default"].inputs[schema.ENCODED_HISTORY].tensor_shape
             self._dim = int(shape.dim[-1].size)
         return self._dim
 
@@ -206,7 +205,7 @@ class CandidateClient:
                     rows[i] = self._cold(rows[i])
                     notes[i].append(f"stored vector of model version {version} is not served: cold start")
                 response = self._predict([rows[i] for i in idx], None)
-            ids, scores = ndarray(response.outputs[TOP_K_IDS]), ndarray(response.outputs[TOP_K_SCORES])
+            ids, scores = ndarray(response.outputs[schema.TOP_K_IDS]), ndarray(response.outputs[schema.TOP_K_SCORES])
             served = int(response.model_spec.version.value)
             for j, i in enumerate(idx):
                 results[i] = Recommendation(
@@ -283,7 +282,7 @@ class CandidateClient:
         if version is not None:
             request.model_spec.version.value = int(version)
         inputs = {
-            ENCODED_HISTORY: np.stack([r["vector"] for r in rows]).astype(np.float32),
+            schema.ENCODED_HISTORY: np.stack([r["vector"] for r in rows]).astype(np.float32),
             schema.HISTORY_LENGTH: np.asarray([r["length"] for r in rows], np.int64),
             schema.CONTEXT_CATEGORIES: np.stack([r["categories"] for r in rows]).astype(np.int64),
             schema.CONTEXT_WEIGHTS: np.stack([r["weights"] for r in rows]).astype(np.float32),
@@ -292,7 +291,7 @@ class CandidateClient:
             inputs[feature] = np.asarray([r["demographics"][feature].encode() for r in rows], object)
         for name, value in inputs.items():
             request.inputs[name].CopyFrom(tensor_proto(value))
-        request.output_filter.extend([TOP_K_IDS, TOP_K_SCORES])
+        request.output_filter.extend([schema.TOP_K_IDS, schema.TOP_K_SCORES])
         return request
 
     def _predict(self, rows: list[dict], version: int | None) -> predict_pb2.PredictResponse:

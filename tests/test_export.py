@@ -78,15 +78,15 @@ def test_head_of_encoder_equals_full(models, small_data, source):
         batch = next(iter(dataset.make_dataset(str(small_data), schema.SPLIT_EVAL, 64)))
         raw = _raw({k: v.numpy() for k, v in batch.items()}, small_data)
     enc = _call(paths["encoder"], {k: raw[k] for k in export.HISTORY_INPUTS})
-    head_inputs = {k: raw[k] for k in export.HEAD_INPUTS} | {export.ENCODED_HISTORY: enc[export.ENCODED_HISTORY]}
+    head_inputs = {k: raw[k] for k in export.HEAD_INPUTS} | {schema.ENCODED_HISTORY: enc[schema.ENCODED_HISTORY]}
     head = _call(paths["context_head"], head_inputs)
     full = _call(paths["full"], raw)
-    np.testing.assert_allclose(head[export.USER_EMBEDDING], full[export.USER_EMBEDDING], atol=1e-5)
-    np.testing.assert_allclose(head[export.TOP_K_SCORES], full[export.TOP_K_SCORES], atol=1e-5)
-    assert (head[export.TOP_K_IDS] == full[export.TOP_K_IDS]).mean() > 0.99  # ties may swap
-    assert set(head[export.MODEL_VERSION].tolist()) == {7} == set(enc[export.MODEL_VERSION].tolist())
-    assert head[export.TOP_K_IDS].shape == (64, 20)
-    assert np.all(np.diff(head[export.TOP_K_SCORES], axis=1) <= 1e-6)  # ranked
+    np.testing.assert_allclose(head[schema.USER_EMBEDDING], full[schema.USER_EMBEDDING], atol=1e-5)
+    np.testing.assert_allclose(head[schema.TOP_K_SCORES], full[schema.TOP_K_SCORES], atol=1e-5)
+    assert (head[schema.TOP_K_IDS] == full[schema.TOP_K_IDS]).mean() > 0.99  # ties may swap
+    assert set(head[schema.MODEL_VERSION].tolist()) == {7} == set(enc[schema.MODEL_VERSION].tolist())
+    assert head[schema.TOP_K_IDS].shape == (64, 20)
+    assert np.all(np.diff(head[schema.TOP_K_SCORES], axis=1) <= 1e-6)  # ranked
 
 
 def test_full_export_matches_the_in_process_model(models, small_data, tiny_runs):
@@ -96,7 +96,7 @@ def test_full_export_matches_the_in_process_model(models, small_data, tiny_runs)
     batch = next(iter(dataset.make_dataset(str(small_data), schema.SPLIT_EVAL, 32)))
     expected = model.query_embedding(batch).numpy()
     raw = _raw({k: v.numpy() for k, v in batch.items()}, small_data)
-    got = _call(models[1]["paths"]["full"], raw)[export.USER_EMBEDDING]
+    got = _call(models[1]["paths"]["full"], raw)[schema.USER_EMBEDDING]
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
@@ -144,6 +144,6 @@ def test_saved_model_cli_shows_named_signatures(models):
         [cli, "show", "--all", "--dir", models[1]["paths"]["context_head"]], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for name in (export.ENCODED_HISTORY, schema.CONTEXT_CATEGORIES, export.TOP_K_IDS, export.MODEL_VERSION):
+    for name in (schema.ENCODED_HISTORY, schema.CONTEXT_CATEGORIES, schema.TOP_K_IDS, schema.MODEL_VERSION):
         assert name in proc.stdout
     assert "serving_default" in proc.stdout

@@ -61,7 +61,7 @@ def reference_vectors(encoder_path: str, raw_dir, user_ids, as_of: int) -> tuple
     inputs = reference_inputs(raw_dir, user_ids, as_of)
     fn = tf.saved_model.load(encoder_path).signatures["serving_default"]
     out = fn(**{k: tf.constant(v) for k, v in inputs.items()})
-    return out[export.ENCODED_HISTORY].numpy(), out[export.MODEL_VERSION].numpy()
+    return out[S.ENCODED_HISTORY].numpy(), out[S.MODEL_VERSION].numpy()
 
 
 def online_vectors(store, user_ids) -> dict[int, dict]:

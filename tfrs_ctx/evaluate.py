@@ -132,7 +132,7 @@ def score_rows(data_dir: str, contextual, baseline, exclude_history: bool, max_r
     corpus = dataset.load_corpus(data_dir)
     popularity = item_popularity(data_dir, corpus[schema.ITEM_ID])
     event_types = vocab.load_vocab(data_dir, schema.VOCAB_EVENT_TYPE)
-    page_visit = schema.EVENT_TYPES[-1]
+    page_visit = schema.EVENT_PAGE_VISIT
     visit_index = (
         event_types.index(page_visit) + schema.NUM_RESERVED_IDS if page_visit in event_types else schema.OOV_ID
     )

@@ -42,8 +42,6 @@ from tfrs_ctx import schema, vocab
 from tfrs_ctx.model import ContextualTwoTower
 
 MODEL_NAMES = (schema.MODEL_ENCODER, schema.MODEL_CONTEXT_HEAD, schema.MODEL_FULL)
-ENCODED_HISTORY, MODEL_VERSION, USER_EMBEDDING = schema.ENCODED_HISTORY, schema.MODEL_VERSION, schema.USER_EMBEDDING
-TOP_K_IDS, TOP_K_SCORES = schema.TOP_K_IDS, schema.TOP_K_SCORES
 WARMUP_FILE = "tf_serving_warmup_requests"
 INFO_FILE = schema.MODEL_INFO_FILE
 
@@ -121,22 +119,22 @@ class ExportModule(tf.Module):
     def encode(self, raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         features = self.lookups(raw, HISTORY_INPUTS)
         encoded = self.model.encode_history(features, training=False)
-        return {ENCODED_HISTORY: encoded, MODEL_VERSION: self._versions(encoded)}
+        return {schema.ENCODED_HISTORY: encoded, schema.MODEL_VERSION: self._versions(encoded)}
 
     def head(self, raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         features = self.lookups(raw, HEAD_INPUTS)
-        user = self.model.head(raw[ENCODED_HISTORY], features, training=False)
+        user = self.model.head(raw[schema.ENCODED_HISTORY], features, training=False)
         scores, rows = tf.math.top_k(tf.matmul(user, self.corpus_embeddings, transpose_b=True), k=self.top_k)
         return {
-            USER_EMBEDDING: user,
-            TOP_K_IDS: tf.gather(self.corpus_ids, rows),
-            TOP_K_SCORES: scores,
-            MODEL_VERSION: self._versions(user),
+            schema.USER_EMBEDDING: user,
+            schema.TOP_K_IDS: tf.gather(self.corpus_ids, rows),
+            schema.TOP_K_SCORES: scores,
+            schema.MODEL_VERSION: self._versions(user),
         }
 
     def full(self, raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        encoded = self.encode(raw)[ENCODED_HISTORY]
-        return self.head({**raw, ENCODED_HISTORY: encoded})
+        encoded = self.encode(raw)[schema.ENCODED_HISTORY]
+        return self.head({**raw, schema.ENCODED_HISTORY: encoded})
 
 
 def encoder_specs() -> dict[str, tf.TensorSpec]:
@@ -145,7 +143,7 @@ def encoder_specs() -> dict[str, tf.TensorSpec]:
 
 def head_specs(dim: int) -> dict[str, tf.TensorSpec]:
     specs = {n: _spec(n, d, s) for n, (d, s, _) in HEAD_INPUTS.items()}
-    specs[ENCODED_HISTORY] = _spec(ENCODED_HISTORY, tf.float32, (dim,))
+    specs[schema.ENCODED_HISTORY] = _spec(schema.ENCODED_HISTORY, tf.float32, (dim,))
     return specs
 
 

@@ -49,9 +49,14 @@ from tfrs_ctx import schema
 from tfrs_ctx.rawio import write_table
 from tfrs_ctx.synthetic import AGE_BUCKETS
 
-# Event type per star rating (tuple unpacking fails loudly if schema.EVENT_TYPES changes shape).
-_CHECKOUT, _ADD_TO_CART, _SIGNUP, _LEAD, _PAGE_VISIT = schema.EVENT_TYPES
-EVENT_TYPE_OF_RATING = {5: _CHECKOUT, 4: _ADD_TO_CART, 3: _LEAD, 2: _PAGE_VISIT, 1: _PAGE_VISIT}
+# Event type per star rating.
+EVENT_TYPE_OF_RATING = {
+    5: schema.EVENT_CHECKOUT,
+    4: schema.EVENT_ADD_TO_CART,
+    3: schema.EVENT_LEAD,
+    2: schema.EVENT_PAGE_VISIT,
+    1: schema.EVENT_PAGE_VISIT,
+}
 UNDER_18 = "under-18"
 AGE_EDGES = (18, 25, 35, 45, 55, 65)  # lower edges of AGE_BUCKETS
 GENDER_OF_CODE = {"F": "female", "M": "male"}

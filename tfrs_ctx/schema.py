@@ -44,7 +44,12 @@ NUM_TIME_GAP_BUCKETS = len(TIME_GAP_EDGES) + 2
 MIN_TIMESTAMP = 631_152_000  # 1990-01-01
 MAX_TIMESTAMP = 4_102_444_800  # 2100-01-01
 
-EVENT_TYPES = ("checkout", "add_to_cart", "signup", "lead", "page_visit")
+EVENT_CHECKOUT = "checkout"
+EVENT_ADD_TO_CART = "add_to_cart"
+EVENT_SIGNUP = "signup"
+EVENT_LEAD = "lead"
+EVENT_PAGE_VISIT = "page_visit"
+EVENT_TYPES = (EVENT_CHECKOUT, EVENT_ADD_TO_CART, EVENT_SIGNUP, EVENT_LEAD, EVENT_PAGE_VISIT)
 
 
 def time_gap_bucket(gap_seconds: int) -> int:

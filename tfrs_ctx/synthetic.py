@@ -168,7 +168,8 @@ def _user_chunk(world: _World, cfg: SyntheticConfig, first_user: int, n: int, rn
     all_owner = np.concatenate([owner, r_owner])
     all_t = np.concatenate([t, r_t]).astype(np.int64) + START_TIMESTAMP
     all_ads = np.concatenate([ads, label])
-    all_type = np.concatenate([etype, np.zeros(len(r_owner), dtype=np.int64)])
+    checkout = schema.EVENT_TYPES.index(schema.EVENT_CHECKOUT)
+    all_type = np.concatenate([etype, np.full(len(r_owner), checkout, dtype=np.int64)])
     order = np.lexsort((all_t, all_owner))
     conversions = {
         schema.USER_ID: users[all_owner[order]],
