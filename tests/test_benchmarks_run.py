@@ -1,0 +1,202 @@
+"""benchmarks.run: the sizing arithmetic and the Markdown tables, on hand-made results (no bench runs)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from benchmarks import run
+
+
+def _bench(result: dict) -> dict:
+    return {"ok": True, "wall_s": 10.0, "result": result}
+
+
+@pytest.fixture()
+def results() -> dict:
+    """A results.json as benchmarks.run writes it, with round numbers."""
+    lat = {"p50_ms": 1.0, "p99_ms": 2.0}
+    return {
+        "mode": "quick",
+        "machine": {"cpu_model": "Test CPU", "cpu_count": 2, "cpu_affinity": 2, "ram_bytes": 8 * 1024**3},
+        "store": {"bytes_per_user": 356},
+        "benches": {
+            "generator": _bench({"users": 1000, "events": 30000, "events_per_second_wall": 1e6, "peak_rss_gib": 0.5}),
+            "beam": _bench(
+                {
+                    "conversions": 100_000,
+                    "runs": [
+                        {
+                            "mode": "in_memory",
+                            "workers": 1,
+                            "events_per_second": 20_000,
+                            "events_per_second_per_worker": 20_000,
+                            "events_per_cpu_second": 25_000,
+                        },
+                        {
+                            "mode": "multi_processing",
+                            "workers": 2,
+                            "events_per_second": 15_000,
+                            "events_per_second_per_worker": 7_500,
+                            "events_per_cpu_second": 12_500,
+                        },
+                    ],
+                }
+            ),
+            "training": _bench(
+                {
+                    "contextual": {"batch_size": 512, "examples_per_second": 1500.0},
+                    "baseline": {"batch_size": 512, "examples_per_second": 2000.0},
+                }
+            ),
+            "feast": _bench(
+                {
+                    "encoder": {
+                        "handler": [
+                            {"xla": False, "users_per_second": 3000, "users_per_cpu_second": 4000},
+                            {"xla": True, "users_per_second": 4500, "users_per_cpu_second": 5000},
+                        ],
+                        "pipeline_in_memory": [
+                            {"xla": False, "users": 20_000, "users_per_second_per_worker": 1000},
+                            {"xla": True, "users_per_second_per_worker": 1100},
+                        ],
+                    },
+                    "materialize": {
+                        "sqlite": {"user_sequence_encoding": {"rows_per_second": 5000}},
+                        "redis": {"user_sequence_encoding": {"rows_per_second": 4000}},
+                    },
+                    "online_read": {
+                        "sqlite": {"one_user": {"p50_ms": 0.2, "p99_ms": 0.4}, "batch_100_users": lat},
+                        "redis": {"one_user": {"p50_ms": 0.3, "p99_ms": 0.6}, "batch_100_users": lat},
+                    },
+                }
+            ),
+            "serving": _bench(
+                {
+                    "cpus": 2,
+                    "echo": {"p50_ms": 0.4, "p99_ms": 0.5},
+                    "predict": {"p50_ms": 0.8, "p99_ms": 1.5},
+                    "model_compute": {"p50_ms": 0.2, "p99_ms": 0.3},
+                    "predict_over_echo_p50": 2.0,
+                    "predict_over_echo_p99": 3.0,
+                    "throughput": [
+                        {"server_batching": False, "threads": 8, "requests_per_s": 1600.0},
+                        {"server_batching": True, "threads": 8, "requests_per_s": 1200.0},
+                    ],
+                }
+            ),
+            "head_vs_full": _bench(
+                {
+                    "corpus": 10_000,
+                    "compute_context_head": {"p50_ms": 0.2, "p99_ms": 0.4},
+                    "compute_full": {"p50_ms": 2.0, "p99_ms": 3.0},
+                    "predict_context_head": {"p50_ms": 0.7, "p99_ms": 1.0},
+                    "predict_full": {"p50_ms": 2.8, "p99_ms": 4.0},
+                    "compute_full_over_head_p50": 10.0,
+                    "predict_full_over_head_p50": 4.0,
+                }
+            ),
+            "recommend": _bench(
+                {
+                    "sqlite": {
+                        "latency": {"p50_ms": 1.6, "p99_ms": 2.2},
+                        "throughput": {"threads": 8, "requests_per_s": 250.0},
+                    },
+                    "redis": {
+                        "latency": {"p50_ms": 2.0, "p99_ms": 4.0},
+                        "throughput": {"threads": 8, "requests_per_s": 200.0},
+                    },
+                }
+            ),
+        },
+    }
+
+
+def test_sizing_by_hand(results):
+    s = run.sizing(results)
+    # 100M users x 20% active = 20M histories; 5000 users/core-s (XLA, the better) -> 4000 s.
+    assert s["encoder_users_per_core_s"] == 5000
+    assert s["encoder_core_hours"] == pytest.approx(4000 / 3600)
+    assert s["encoder_pipeline_core_hours"] == pytest.approx(20_000 / 3600)  # 20M / 1000 per worker-s
+    # 100M x 30 events = 3B events at 25k events/CPU-s = 120,000 s.
+    assert s["beam_events"] == 3e9
+    assert s["beam_core_hours"] == pytest.approx(120_000 / 3600)
+    # 100M users x 2 versions x 356 B (measured).
+    assert s["store_row_bytes_measured"] is True
+    assert s["store_bytes"] == pytest.approx(71.2e9)
+    # 10M x 64 x 4 B; 0.2 ms at 10k ads -> 200 ms at 10M; x 10k QPS = 2000 core-seconds/s.
+    assert s["corpus_bytes"] == 2.56e9
+    assert s["bruteforce_ms_per_request"] == pytest.approx(200.0)
+    assert s["bruteforce_cores"] == pytest.approx(2000.0)
+    # 1600 req/s on 2 cores = 800 per core; 10k / 800 / 0.6 = 20.83 cores -> 3 replicas of 8.
+    assert s["serving_rps_per_core"] == 800
+    assert s["serving_cores"] == pytest.approx(10_000 / 800 / 0.6)
+    assert s["serving_replicas"] == 3
+    # recommend: best 250 req/s on 2 cores = 125 per core; 10k / 125 / 0.6 = 133.3 cores.
+    assert s["recommend_cores"] == pytest.approx(10_000 / 125 / 0.6)
+
+
+def test_sizing_states_assumptions_and_tolerates_missing_benches():
+    s = run.sizing({"benches": {}}, {"users": 1e6, "versions_kept": 1})
+    assert s["assumptions"]["users"] == 1e6
+    assert s["encoder_core_hours"] is None and s["beam_core_hours"] is None and s["serving_replicas"] is None
+    assert s["store_row_bytes_measured"] is False
+    assert s["store_bytes"] == 1e6 * (64 * 4 + 100)  # stated: the vector plus 100 B per row
+    assert "Online store" in "\n".join(run.sizing_note(s))
+
+
+def test_markdown_has_headlines_ratios_and_sizing(results):
+    results["sizing"] = run.sizing(results)
+    text = run.render_markdown(results)
+    ratios = {row[0]: row[1] for row in run.ratio_rows(results)}
+    assert ratios == {
+        "Predict / echo, p50": "2.00x",
+        "Predict / echo, p99": "3.00x",
+        "full / context_head compute, p50": "10.00x",
+        "full / context_head Predict, p50": "4.00x",
+        "contextual / baseline training ex/s": "0.75x",
+        "Redis / SQLite online read p50, 1 user": "1.50x",
+        "Redis / SQLite online read p50, 100 users": "1.00x",
+        "Redis / SQLite recommend p50": "1.25x",
+        "Redis / SQLite materialize rows/s, user encodings": "0.80x",
+        "XLA / no-XLA encoder users/CPU-s": "1.25x",
+        "multi-process / in-process Beam events/s": "0.75x",
+        "multi-process / in-process Beam events/CPU-s": "0.50x",
+    }
+    for name, value in ratios.items():
+        assert f"| {name} | {value} |" in text
+    assert "| Predict vs bare gRPC echo, batch 1 | p50/p99 0.80 / 1.50 ms vs 0.40 / 0.50 ms" in text
+    assert "1,500 examples/s (baseline 2,000)" in text
+    assert "5.6 worker-core-hours for the whole Beam job at this run's 1,000 users/worker-s on 20,000 users" in text
+    assert "71.20 GB" in text and "2.56 GB" in text and "3 replicas" in text
+    assert "Failed" not in text
+    assert "Wall time per bench: generator 10 s, beam 10 s" in text
+
+
+def test_markdown_leaves_out_missing_and_lists_failed(results):
+    results["benches"]["serving"] = {"ok": False, "error": "exit status 1", "log": "serving.log", "wall_s": 3.0}
+    text = run.render_markdown(results)
+    assert "Predict / echo" not in text
+    assert "- serving: exit status 1 (log: `serving.log`)" in text
+    assert "full / context_head compute, p50" in text
+
+
+def test_get_walks_dicts_and_lists(results):
+    assert run.get(results, "beam", "runs", 1, "workers") == 2
+    assert run.get(results, "beam", "runs", 5, "workers") is None
+    assert run.get(results, "missing", "x") is None
+
+
+def test_run_step_records_a_failure_with_its_log_tail(tmp_path):
+    cmd = [sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"]
+    record = run.run_step("bad", cmd, tmp_path, 60, tmp_path / "bad.json")
+    assert not record["ok"] and record["returncode"] == 3 and record["error"] == "exit status 3"
+    assert "boom" in record["log_tail"] and (tmp_path / "bad.log").exists()
+    assert record["leftover_processes_killed"] is False and record["cpu_s"] >= 0
+
+
+def test_run_step_kills_a_bench_past_its_timeout(tmp_path):
+    record = run.run_step("slow", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path, 0.5, None)
+    assert not record["ok"] and record["error"] == "timed out after 0.5 s" and record["wall_s"] < 30
+    assert record["leftover_processes_killed"] is True
