@@ -80,3 +80,57 @@ def test_loss_decreases(corpus, full_softmax):
     first = m.evaluate(tf.data.Dataset.from_tensors(batch(1)), verbose=0, return_dict=True)["loss"]
     assert history[-1] < history[0]
     assert first < history[0]
+
+
+def test_no_context_loss_is_the_same_examples_loss_with_context_cleared(corpus):
+    from tfrs_ctx.model import without_context
+
+    x = batch(2)
+    plain = ContextualTwoTower(ModelConfig(dropout=0.0, no_context_loss_weight=0.0), VOCAB, corpus)
+    aux = ContextualTwoTower(ModelConfig(dropout=0.0, no_context_loss_weight=0.5), VOCAB, corpus)
+    plain.compute_loss(x), aux.compute_loss(x)  # builds both towers
+    aux.set_weights(plain.get_weights())
+    with_ctx = float(plain.compute_loss(x))
+    cleared = float(plain.compute_loss(without_context(x)))
+    assert with_ctx != pytest.approx(cleared)
+    assert float(aux.compute_loss(x)) == pytest.approx(with_ctx + 0.5 * cleared, rel=1e-5)
+
+
+def test_context_trust_zero_gives_exactly_the_no_context_embedding(corpus):
+    from tfrs_ctx.model import without_context
+
+    m = ContextualTwoTower(ModelConfig(dropout=0.0), VOCAB, corpus)
+    x = batch(3)
+    m(x)
+    assert not np.allclose(m(x).numpy(), m(without_context(x)).numpy(), atol=1e-4)
+    m.context_layer.trust.assign(0.0)
+    np.testing.assert_allclose(m(x).numpy(), m(without_context(x)).numpy(), atol=1e-6)
+
+
+def test_calibration_distrusts_context_that_carries_no_signal(corpus):
+    """Trained where context = the label's categories, calibrated where context is random."""
+    import tf_keras as keras
+
+    cfg = ModelConfig(embedding_dim=16, ff_dim=32, mlp_hidden=[32], dropout=0.0, no_context_loss_weight=0.0)
+    m = ContextualTwoTower(cfg, VOCAB, corpus)
+    m.compile(optimizer=keras.optimizers.Adam(5e-3))
+
+    def informative(seed: int) -> dict[str, tf.Tensor]:
+        x = batch(seed)
+        rows = x[schema.LABEL_ITEM] - schema.NUM_RESERVED_IDS
+        x[schema.CONTEXT_CATEGORIES] = tf.gather(tf.constant(corpus[schema.LABEL_CATEGORIES]), rows)
+        return x
+
+    train = [informative(seed) for seed in range(10, 26)]  # random histories: only the context informs
+    ds = tf.data.Dataset.from_tensors(train[0])
+    for x in train[1:]:
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(x))
+    m.fit(ds.repeat(8), verbose=0)
+    assert float(m.context_layer.trust.numpy()) == 1.0  # not trained by fit: non-trainable
+    random_context = tf.data.Dataset.from_tensors(batch(5)).repeat()
+    trajectory = m.calibrate_context(random_context, steps=60, learning_rate=0.05)
+    assert trajectory[-1] < 0.5
+    assert 0.0 <= trajectory[-1] <= 1.0
+    informative_context = ds.repeat()
+    m.context_layer.trust.assign(0.5)
+    assert m.calibrate_context(informative_context, steps=60, learning_rate=0.05)[-1] > 0.6  # rises

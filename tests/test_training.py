@@ -25,6 +25,11 @@ def test_training_lowers_the_loss_and_writes_its_summary(tiny_runs, small_data):
         assert summary["examples_per_second"] > 0 and len(summary["history"]["loss"]) == summary["epochs_run"]
         assert 0.0 <= summary["best_val_recall"] <= 1.0
         assert (run / train.FINAL_DIR).is_dir() and (run / "logs").is_dir()
+        if trained.context_layer is None:
+            assert summary["calibration"] is None
+        else:  # the calibrated trust is what the final weights hold
+            assert 0.0 <= summary["calibration"]["trust"] <= 1.0 and summary["calibration"]["steps"] > 0
+            assert float(trained.context_layer.trust.numpy()) == pytest.approx(summary["calibration"]["trust"])
 
 
 def test_resume_continues_from_the_last_epoch(small_data, tmp_path):

@@ -25,6 +25,7 @@ class ModelConfig:
     context_dim: int = 64
     context_dropout: float = 0.0  # the paper's "high dropout on the context layer": see the ablation
     context_drop_prob: float = 0.0  # drop the whole context of an example in training
+    no_context_loss_weight: float = 1.0  # the same examples' loss with context cleared (shared encoding)
     demographic_dim: int = 8
     mlp_hidden: list[int] = dataclasses.field(default_factory=lambda: [256])
     output_dim: int = 64
@@ -47,6 +48,8 @@ class TrainConfig:
     validation_examples: int = 3000
     steps_per_epoch: int | None = None
     shuffle_buffer: int = 50_000
+    calibration_steps: int = 200  # fit the context trust on train_requests (real context); 0: off
+    calibration_learning_rate: float = 0.05
     exclude_history: bool = False  # evaluation: drop already-converted ads from the ranking
     seed: int = 0
 

@@ -127,7 +127,7 @@ def item_popularity(data_dir: str, item_ids: np.ndarray) -> np.ndarray:
 def score_rows(data_dir: str, contextual, baseline, exclude_history: bool, max_requests: int | None = None) -> dict:
     """Ranks of every held-out request's label under each row; returns ``{row: ranks}``."""
     from tfrs_ctx import dataset, vocab
-    from tfrs_ctx.train import without_context
+    from tfrs_ctx.model import without_context
 
     corpus = dataset.load_corpus(data_dir)
     popularity = item_popularity(data_dir, corpus[schema.ITEM_ID])

@@ -156,7 +156,10 @@ class ContextLayer(keras.layers.Layer):
     The categories' embeddings (a shared table passed in) are averaged with their confidence
     weights, then a dense layer with a high dropout rate. In training, the whole context of
     an example is dropped with probability ``drop_context``, so the model also learns the
-    no-context case. Output: the vector and a has-context flag, ``[B, dim + 1]``.
+    no-context case. Output: the vector and a has-context flag, ``[B, dim + 1]``, both scaled
+    by ``trust`` in [0, 1]: a non-trainable scalar (1 while training on synthetic context) that
+    ``ContextualTwoTower.calibrate_context`` fits on real request context; at 0 the output is
+    exactly the no-context output.
     """
 
     def __init__(self, dim: int, dropout: float = 0.5, drop_context: float = 0.3, seed: int | None = None, **kwargs):
@@ -164,6 +167,7 @@ class ContextLayer(keras.layers.Layer):
         self.dim, self.dropout, self.drop_context, self.seed = dim, dropout, drop_context, seed
         self.dense = keras.layers.Dense(dim, activation="relu")
         self.drop = keras.layers.Dropout(dropout, seed=seed)
+        self.trust = self.add_weight(name="trust", shape=(), initializer="ones", trainable=False)
 
     def call(self, category_embeddings: tf.Tensor, weights: tf.Tensor, training: bool | None = None) -> tf.Tensor:
         weights = tf.cast(weights, tf.float32)
@@ -173,7 +177,7 @@ class ContextLayer(keras.layers.Layer):
         pooled, total = weighted_average(category_embeddings, weights)
         has_context = tf.cast(total > 0, tf.float32)
         vector = self.drop(self.dense(pooled), training=training) * has_context
-        return tf.concat([vector, has_context], axis=-1)
+        return tf.concat([vector, has_context], axis=-1) * self.trust
 
     def get_config(self) -> dict:
         return _serializable(

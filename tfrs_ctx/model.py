@@ -16,7 +16,15 @@ both towers.
 
 Loss: full softmax over the whole ad corpus when it has at most
 ``full_softmax_max_items`` ads; above that, in-batch negatives with the logQ
-sampling-bias correction and accidental-hit removal (``tfrs.tasks.Retrieval``).
+sampling-bias correction and accidental-hit removal (``tfrs.tasks.Retrieval``). The
+contextual model adds, with weight ``no_context_loss_weight``, the same loss for the same
+examples with their context cleared: one history encoding, two heads. That keeps the
+context-missing path (most requests in production) as good as the sequence-only baseline,
+which dropping a share of contexts at random does not (see the ablation).
+
+``calibrate_context``: after training on synthetic context, only the context layer's
+``trust`` scalar is fitted on logged requests with their real context, so the model learns
+how far real context can be believed (at context strength 0: not at all -> lift ~1x).
 """
 
 from __future__ import annotations
@@ -33,6 +41,14 @@ import tf_keras as keras
 from tfrs_ctx import schema
 from tfrs_ctx.config import ModelConfig
 from tfrs_ctx.layers import MLP, ContextLayer, SequenceEncoder, weighted_average
+
+
+def without_context(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """The same examples with the context cleared (categories PAD, weights 0)."""
+    features = dict(features)
+    features[schema.CONTEXT_CATEGORIES] = tf.zeros_like(features[schema.CONTEXT_CATEGORIES])
+    features[schema.CONTEXT_WEIGHTS] = tf.zeros_like(features[schema.CONTEXT_WEIGHTS])
+    return features
 
 
 class ContextualTwoTower(tfrs.models.Model):
@@ -123,15 +139,64 @@ class ContextualTwoTower(tfrs.models.Model):
 
     # ---- loss --------------------------------------------------------------------------
     def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        query = self.query_embedding(features, training)
+        encoded = self.encode_history(features, training)
+        queries = [self.head(encoded, features, training)]
+        weights = [1.0]
+        if self.context_layer is not None and self.cfg.no_context_loss_weight > 0:
+            queries.append(self.head(encoded, without_context(features), training))
+            weights.append(self.cfg.no_context_loss_weight)
+        losses = self.retrieval_losses(queries, features, training)
+        return tf.add_n([w * loss for w, loss in zip(weights, losses, strict=True)])
+
+    def retrieval_losses(
+        self, queries: list[tf.Tensor], features: dict[str, tf.Tensor], training: bool = False
+    ) -> list[tf.Tensor]:
+        """The retrieval loss of each query batch against the same labels (candidates computed once)."""
         if self.full_softmax:
-            logits = tf.matmul(query, self.corpus_embeddings(training), transpose_b=True) / self.cfg.temperature
+            corpus = self.corpus_embeddings(training)
             rows = features[schema.LABEL_ITEM] - schema.NUM_RESERVED_IDS
-            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(rows, logits))
-        return self.task(
-            query,
-            self.candidate_embedding(features, training),
-            candidate_sampling_probability=features[schema.LABEL_SAMPLING_PROB],
-            candidate_ids=features[schema.LABEL_ITEM],
-            compute_metrics=False,
-        )
+            return [
+                tf.reduce_mean(
+                    tf.nn.sparse_softmax_cross_entropy_with_logits(
+                        rows, tf.matmul(q, corpus, transpose_b=True) / self.cfg.temperature
+                    )
+                )
+                for q in queries
+            ]
+        candidates = self.candidate_embedding(features, training)
+        return [
+            self.task(
+                q,
+                candidates,
+                candidate_sampling_probability=features[schema.LABEL_SAMPLING_PROB],
+                candidate_ids=features[schema.LABEL_ITEM],
+                compute_metrics=False,
+            )
+            for q in queries
+        ]
+
+    def calibrate_context(self, batches: tf.data.Dataset, steps: int, learning_rate: float = 0.05) -> list[float]:
+        """Fit only the context layer's ``trust`` on real-context examples; returns its trajectory.
+
+        Everything else stays frozen and dropout is off, so the context semantics learned from
+        synthetic context are kept and only their weight against history and demographics moves.
+        """
+        if self.context_layer is None:
+            raise ValueError("calibrate_context needs the contextual model (model.use_context=true)")
+        trust = self.context_layer.trust
+        optimizer = keras.optimizers.Adam(learning_rate)
+        trajectory = []
+
+        @tf.function
+        def step(batch: dict[str, tf.Tensor]) -> None:
+            with tf.GradientTape() as tape:
+                tape.watch(trust)
+                (loss,) = self.retrieval_losses([self.query_embedding(batch)], batch)
+            optimizer.apply_gradients([(tape.gradient(loss, trust), trust)])
+            trust.assign(tf.clip_by_value(trust, 0.0, 1.0))
+
+        for i, batch in enumerate(batches.take(steps)):
+            step(batch)
+            if i % 10 == 0 or i == steps - 1:
+                trajectory.append(float(trust.numpy()))
+        return trajectory

@@ -6,6 +6,8 @@ ad corpus), checkpoints with resume, TensorBoard logs, a progress bar, seeds.
 
 Validation uses the ``train_requests`` split (related-items requests *before* the time
 cutoff, with their real context), so the held-out ``eval`` requests are never looked at.
+After training on synthetic context, the contextual model's context trust is calibrated on
+the other ``train_requests`` (``train.calibration_steps``; see ``ContextualTwoTower.calibrate_context``).
 
 A run directory holds ``config.yaml``, ``checkpoints/`` (resume), ``final/`` (the weights
 evaluation and export load), ``logs/`` (TensorBoard) and ``train_summary.json``.
@@ -28,21 +30,13 @@ import tf_keras as keras
 
 from tfrs_ctx import dataset, schema
 from tfrs_ctx.config import Config, load_config, save_config
-from tfrs_ctx.model import ContextualTwoTower
+from tfrs_ctx.model import ContextualTwoTower, without_context
 
 FINAL_DIR = "final"
 FINAL_WEIGHTS = "weights"
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "train_summary.json"
-
-
-def without_context(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """The same examples with the context cleared (categories PAD, weights 0)."""
-    features = dict(features)
-    features[schema.CONTEXT_CATEGORIES] = tf.zeros_like(features[schema.CONTEXT_CATEGORIES])
-    features[schema.CONTEXT_WEIGHTS] = tf.zeros_like(features[schema.CONTEXT_WEIGHTS])
-    return features
 
 
 def mix_context(features: dict[str, tf.Tensor], noise: float, seed: int) -> dict[str, tf.Tensor]:
@@ -127,16 +121,10 @@ class ValidationRecall(keras.callbacks.Callback):
         self.batches, self.k = batches, k
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        from tfrs_ctx.evaluate import label_ranks
-
-        corpus = self.model.corpus_embeddings()
-        ranks = np.concatenate(
-            [label_ranks(self.model.query_embedding(b), corpus, b[schema.LABEL_ITEM]) for b in self.batches]
-        )
-        recall = float(np.mean(ranks < self.k))
+        recall = _recall(self.model, self.batches, self.k)
         if logs is not None:
             logs["val_recall"] = recall
-        print(f"\nepoch {epoch + 1}: validation Recall@{self.k} = {recall:.4f} on {len(ranks)} requests")
+        print(f"\nepoch {epoch + 1}: validation Recall@{self.k} = {recall:.4f}")
 
 
 class CheckpointEveryEpoch(keras.callbacks.Callback):
@@ -201,6 +189,7 @@ def train(cfg: Config, run_dir: str, verbose: int = 1) -> dict:
     )
     seconds = time.perf_counter() - started
     epochs_run = len(history.epoch)
+    calibration = calibrate(model, cfg, validation)
     tf.train.Checkpoint(model=model).write(os.path.join(run_dir, FINAL_DIR, FINAL_WEIGHTS))
     summary = {
         "epochs_run": epochs_run,
@@ -211,10 +200,63 @@ def train(cfg: Config, run_dir: str, verbose: int = 1) -> dict:
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
         "best_val_recall": max(history.history.get("val_recall", [float("nan")])),
         "full_softmax": bool(model.full_softmax),
+        "calibration": calibration,
     }
     with open(os.path.join(run_dir, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+CALIBRATION_MAX_PASSES = 4  # one scalar: a few passes over the requests are plenty
+
+
+def calibration_dataset(cfg: Config, skip: int) -> tuple[tf.data.Dataset, int] | None:
+    """``train_requests`` after the first ``skip`` (the validation examples), shuffled, repeated;
+    and the number of steps to run (``train.calibration_steps``, at most a few passes)."""
+    t = cfg.train
+    meta = dataset.load_metadata(t.data_dir)
+    available = meta["counts"].get(schema.SPLIT_TRAIN_REQUESTS, 0) - skip
+    if available < t.batch_size:
+        return None
+    examples = dataset.make_dataset(t.data_dir, schema.SPLIT_TRAIN_REQUESTS, 1024).unbatch().skip(skip)
+    batches = examples.shuffle(min(available, t.shuffle_buffer), seed=t.seed).repeat().batch(t.batch_size)
+    return batches, min(t.calibration_steps, -(-CALIBRATION_MAX_PASSES * available // t.batch_size))
+
+
+def calibrate(model: ContextualTwoTower, cfg: Config, validation: list[dict[str, tf.Tensor]]) -> dict | None:
+    """Fit the context trust on real request context (``None`` when off or not applicable)."""
+    t = cfg.train
+    if not cfg.model.use_context or t.calibration_steps <= 0 or t.context_source != "synthetic":
+        return None
+    calibration = calibration_dataset(cfg, t.validation_examples if validation else 0)
+    if calibration is None:
+        print("context calibration skipped: too few train_requests beyond the validation examples")
+        return None
+    batches, steps = calibration
+    before = _recall(model, validation, t.early_stopping_k)
+    trajectory = model.calibrate_context(batches, steps, t.calibration_learning_rate)
+    after = _recall(model, validation, t.early_stopping_k)
+    print(
+        f"context trust calibrated on real request context: {trajectory[-1]:.3f}; "
+        f"validation Recall@{t.early_stopping_k} {before:.4f} -> {after:.4f}"
+    )
+    return {
+        "trust": trajectory[-1],
+        "steps": steps,
+        "trajectory": trajectory,
+        "val_recall_before": before,
+        "val_recall_after": after,
+    }
+
+
+def _recall(model: ContextualTwoTower, batches: list[dict[str, tf.Tensor]], k: int) -> float | None:
+    from tfrs_ctx.evaluate import label_ranks
+
+    if not batches:
+        return None
+    corpus = model.corpus_embeddings()
+    ranks = np.concatenate([label_ranks(model.query_embedding(b), corpus, b[schema.LABEL_ITEM]) for b in batches])
+    return float(np.mean(ranks < k))
 
 
 def main(argv: list[str] | None = None) -> int:
