@@ -23,19 +23,25 @@ import sys
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-ABLATIONS: dict[str, list[str]] = {
-    "default (synthetic context, context noise 0.2, no context dropout)": [],
-    "high context dropout (dropout 0.5, whole-context drop 0.5)": [
-        "model.context_dropout=0.5",
-        "model.context_drop_prob=0.5",
-    ],
-    "high context dropout, no context noise (the published recipe)": [
-        "model.context_dropout=0.5",
-        "model.context_drop_prob=0.5",
-        "train.context_noise=0.0",
-    ],
-    "no synthetic context (context layer never sees context in training)": ["train.context_source=none"],
-    "real request context instead of synthetic": ["train.context_source=real"],
+# slug (run directory) -> (what it is, overrides relative to the bundled config)
+ABLATIONS: dict[str, tuple[str, list[str]]] = {
+    "default": ("default: synthetic context (noise 0.2), no-context loss, trust calibrated on requests", []),
+    "no_context_loss": ("without the no-context loss", ["model.no_context_loss_weight=0"]),
+    "published": (
+        "the published recipe: high context dropout (0.5, whole-context drop 0.5), no noise, no extra loss",
+        [
+            "model.context_dropout=0.5",
+            "model.context_drop_prob=0.5",
+            "model.no_context_loss_weight=0",
+            "train.context_noise=0.0",
+            "train.calibration_steps=0",
+        ],
+    ),
+    "no_synthetic_context": (
+        "no synthetic context (the context layer never sees context in training)",
+        ["train.context_source=none"],
+    ),
+    "real_context": ("real request context instead of synthetic", ["train.context_source=real"]),
 }
 METRICS = ("recall@10", "recall@50", "recall@100", "recall@200", "ndcg@10")
 
@@ -77,7 +83,13 @@ def lift_curve(args: argparse.Namespace) -> dict:
         ctx = train_once(args.config, data, os.path.join(root, "contextual"), list(args.set))
         report = evaluate.evaluate_runs(data, ctx, base, os.path.join(root, "report"), args.bootstrap)
         rows.append(
-            {"strength": strength, "requests": report["requests"], "lift": report["lift"], "rows": report["rows"]}
+            {
+                "strength": strength,
+                "requests": report["requests"],
+                "trust": _trust(ctx),
+                "lift": report["lift"],
+                "rows": report["rows"],
+            }
         )
     result = {"users": args.users, "points": rows}
     with open(os.path.join(args.out, "lift_curve.json"), "w") as f:
@@ -85,8 +97,9 @@ def lift_curve(args: argparse.Namespace) -> dict:
     lines = [
         f"# Lift over context strength ({args.users} synthetic users per point)",
         "",
-        "| strength | baseline R@100 | contextual R@100 | no-context R@100 | lift R@10 | lift R@100 | lift R@200 |",
-        "|---|---|---|---|---|---|---|",
+        "| strength | trust | baseline R@100 | contextual R@100 | no-context R@100 | lift R@10 | lift R@100 "
+        "| lift R@200 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in rows:
         r, lift = p["rows"], p["lift"]
@@ -95,7 +108,7 @@ def lift_curve(args: argparse.Namespace) -> dict:
             f"{lift[m]['lift']:.2f}x [{lift[m]['lo']:.2f}, {lift[m]['hi']:.2f}]"
             for m in ("recall@10", "recall@100", "recall@200")
         ]
-        lines.append(f"| {p['strength']:g} | " + " | ".join(cells + lifts) + " |")
+        lines.append(f"| {p['strength']:g} | {_fmt(p['trust'])} | " + " | ".join(cells + lifts) + " |")
     _write(args.out, "lift_curve.md", lines)
     _plot_curve(rows, os.path.join(args.out, "lift_curve.png"))
     return result
@@ -108,35 +121,54 @@ def ablation(args: argparse.Namespace) -> dict:
     data = prepare_data(root, args.users, args.strength, args.max_targets_per_user, args.seed)
     base = train_once(args.config, data, os.path.join(root, "baseline"), [*args.set, "model.use_context=false"])
     results = {}
-    chosen = [n for n in ABLATIONS if not args.only or any(o in n for o in args.only.split(","))]
-    for i, (name, overrides) in enumerate(ABLATIONS.items()):
-        if name not in chosen:
-            continue
+    for slug, (name, overrides) in ABLATIONS.items():
+        run_dir = os.path.join(root, slug)
+        chosen = not args.only or slug in args.only.split(",")
+        if not chosen and not os.path.exists(os.path.join(run_dir, "train_summary.json")):
+            continue  # not asked for and not trained before
         print(f"\n=== ablation: {name}", flush=True)
-        run = train_once(args.config, data, os.path.join(root, f"contextual_{i}"), [*args.set, *overrides])
-        report = evaluate.evaluate_runs(data, run, base, os.path.join(root, f"report_{i}"), args.bootstrap)
-        results[name] = {"overrides": overrides, "rows": report["rows"], "lift": report["lift"]}
+        run = train_once(args.config, data, run_dir, [*args.set, *overrides])
+        report = evaluate.evaluate_runs(data, run, base, os.path.join(root, f"report_{slug}"), args.bootstrap)
+        results[slug] = {
+            "setting": name,
+            "overrides": overrides,
+            "trust": _trust(run),
+            "rows": report["rows"],
+            "lift": report["lift"],
+        }
     with open(os.path.join(args.out, "ablation.json"), "w") as f:
         json.dump({"users": args.users, "strength": args.strength, "settings": results}, f, indent=2)
     lines = [
         f"# Context dropout and synthetic context ({args.users} users, context strength {args.strength:g})",
         "",
-        "| setting | R@100 with context | R@100 context missing | baseline R@100 | lift R@100 "
+        "| setting | trust | R@100 with context | R@100 context missing | baseline R@100 | lift R@100 "
         "| no-context / baseline |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, r in results.items():
+    for r in results.values():
         rows = r["rows"]
         with_ctx, missing, base_r = (
             rows[k]["recall@100"]["mean"] for k in ("contextual", "contextual_no_context", "baseline")
         )
         lift = r["lift"]["recall@100"]
         lines.append(
-            f"| {name} | {with_ctx:.4f} | {missing:.4f} | {base_r:.4f} | {lift['lift']:.2f}x "
+            f"| {r['setting']} | {_fmt(r['trust'])} | {with_ctx:.4f} | {missing:.4f} | {base_r:.4f} "
+            f"| {lift['lift']:.2f}x "
             f"[{lift['lo']:.2f}, {lift['hi']:.2f}] | {missing / max(base_r, 1e-12):.3f} |"
         )
     _write(args.out, "ablation.md", lines)
     return results
+
+
+def _trust(run_dir: str) -> float | None:
+    """The calibrated context trust of a run (``None``: not calibrated)."""
+    with open(os.path.join(run_dir, "train_summary.json")) as f:
+        calibration = json.load(f).get("calibration")
+    return calibration["trust"] if calibration else None
+
+
+def _fmt(trust: float | None) -> str:
+    return "-" if trust is None else f"{trust:.2f}"
 
 
 def _write(out: str, name: str, lines: list[str]) -> None:
@@ -182,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seed", type=int, default=0)
     sub.choices["lift-curve"].add_argument("--strengths", default="0,0.25,0.5,0.75")
     sub.choices["ablation"].add_argument("--strength", type=float, default=0.75)
-    sub.choices["ablation"].add_argument("--only", help="comma-separated words picking settings (default: all)")
+    sub.choices["ablation"].add_argument(
+        "--only", help=f"comma-separated settings to train (default: all): {', '.join(ABLATIONS)}"
+    )
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     (lift_curve if args.study == "lift-curve" else ablation)(args)
