@@ -25,7 +25,7 @@ class ModelConfig:
     context_dim: int = 64
     context_dropout: float = 0.0  # the paper's "high dropout on the context layer": see the ablation
     context_drop_prob: float = 0.0  # drop the whole context of an example in training
-    no_context_loss_weight: float = 1.0  # the same examples' loss with context cleared (shared encoding)
+    no_context_loss_weight: float = 0.3  # the same examples' loss with context cleared (shared encoding)
     demographic_dim: int = 8
     mlp_hidden: list[int] = dataclasses.field(default_factory=lambda: [256])
     output_dim: int = 64

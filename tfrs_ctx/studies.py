@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "default": ("default: synthetic context (noise 0.2), no-context loss, trust calibrated on requests", []),
     "no_context_loss": ("without the no-context loss", ["model.no_context_loss_weight=0"]),
+    "aux1": ("no-context loss weight 1 instead of 0.3", ["model.no_context_loss_weight=1.0"]),
     "published": (
         "the published recipe: high context dropout (0.5, whole-context drop 0.5), no noise, no extra loss",
         [
