@@ -26,11 +26,13 @@ cutoff, and no history holds an event at or after its own target.
 Validation
 ----------
 Every raw row is checked against :func:`tfrs_ctx.validation.row_problem` (references
-against the valid ``items`` / ``subject_items``; duplicate keys of the small tables keep one
-row). For column-typed Parquet batches of the event tables the same rules run vectorised
-first (:func:`typed_suspects`) and only the flagged rows go through ``row_problem``, which
+against the valid ``items`` / ``subject_items``; duplicate keys of the small tables and
+duplicate request ids keep one row, the first in a canonical order). For column-typed
+Parquet batches of the event tables the same rules run vectorised first
+(:func:`typed_suspects`) and only the flagged rows go through ``row_problem``, which
 supplies the reason; a test checks both paths give the same result. Bad rows are never
-dropped silently: they go to the dead-letter output.
+dropped silently: they go to the dead-letter output, and for every table the rows read
+equal the rows kept (``metadata.json`` ``rows``) plus the dead letters (``dead_letter``).
 
 Outputs (names from :mod:`tfrs_ctx.schema`): ``DATA_DIR/<split>/part-*-of-N.tfrecord.gz``,
 ``vocab/<name>.txt``, ``item_counts.tsv``, ``corpus.parquet``, ``metadata.json`` and
@@ -74,7 +76,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from beam_pipelines import cli_main
 from beam_pipelines import transforms as T
 from tfrs_ctx import rawio, schema
-from tfrs_ctx.validation import REFERENCES, row_problem
+from tfrs_ctx.validation import ALLOWED_VALUES, REFERENCES, row_problem
 from tfrs_ctx.vocab import is_missing, vocab_text
 
 S = schema
@@ -85,6 +87,7 @@ USER_BATCH = 64  # users whose examples are built and serialised together
 DIRECT_RUNNERS = ("directrunner", "direct", "switchingdirectrunner")
 DEAD = "dead"
 STATS = "stats"
+DUP = "dup"
 
 class BuildDataOptions(PipelineOptions):
     """The pipeline's own flags."""
@@ -212,8 +215,9 @@ def typed_suspects(table: schema.Table, batch: Any, known: KnownIds) -> np.ndarr
 
     When every column has exactly the schema's Arrow type (int64 / string, no lists), the
     only ways a row can fail :func:`row_problem` are a null in a non-nullable column, a
-    timestamp out of range or an unknown referenced id. This flags a superset of those
-    rows; the pipeline re-checks each flagged row with :func:`row_problem` itself.
+    timestamp out of range, a value outside a closed set (``ALLOWED_VALUES``) or an unknown
+    referenced id. This flags a superset of those rows; the pipeline re-checks each flagged
+    row with :func:`row_problem` itself.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -233,6 +237,9 @@ def typed_suspects(table: schema.Table, batch: Any, known: KnownIds) -> np.ndarr
         if column.name == S.TIMESTAMP:
             ts = pc.fill_null(values, S.MIN_TIMESTAMP).to_numpy()
             suspect |= (ts < S.MIN_TIMESTAMP) | (ts >= S.MAX_TIMESTAMP)
+        if column.name in ALLOWED_VALUES:
+            allowed = pa.array(sorted(ALLOWED_VALUES[column.name]), pa.string())
+            suspect |= ~pc.fill_null(pc.is_in(values, value_set=allowed), False).to_numpy(zero_copy_only=False)
     for (name, column), ref in REFERENCES.items():
         if name == table.name and ref in known.arrays:
             ids = pc.fill_null(batch.column(column), 0).to_numpy()
@@ -314,6 +321,66 @@ def keep_first(table: schema.Table, key_rows: tuple[Any, Iterable[Mapping]]) -> 
     yield rows[0]
     for row in rows[1:]:
         yield beam.pvalue.TaggedOutput(DEAD, dead_letter(table, f"duplicate key ({', '.join(table.key)})", row))
+
+
+def count_row(row: Any, table: str, delta: int = 1) -> Any:
+    """Count a row kept (``delta`` 1) or taken back (-1) in the ``rows_<table>`` metric; returns it."""
+    Metrics.counter(NAMESPACE, f"rows_{table}").inc(delta)
+    return row
+
+
+class SplitDuplicateRequests(beam.DoFn):
+    """Validated request blocks -> blocks without the duplicated request ids, and those rows (``DUP``)."""
+
+    def process(self, block: tuple[int, tuple], duplicated: frozenset) -> Iterator[Any]:
+        user, packed = block
+        if not duplicated:
+            yield block
+            return
+        b = T.unpack_block(packed)
+        dup = np.isin(b[S.REQUEST_ID], np.fromiter(duplicated, dtype=np.int64, count=len(duplicated)))
+        if not dup.any():
+            yield block
+            return
+        for i in np.flatnonzero(dup):
+            row = {S.USER_ID: user, **{name: int(values[i]) for name, values in b.items()}}
+            yield beam.pvalue.TaggedOutput(DUP, (row[S.REQUEST_ID], row))
+        if not dup.all():
+            yield user, T.pack_block({name: values[~dup] for name, values in b.items()})
+
+
+def request_block(row: Mapping[str, int]) -> tuple[int, tuple]:
+    """One kept request row as a one-row block of its user."""
+    data = {c.name: np.asarray([row[c.name]], np.int64) for c in S.REQUESTS.columns if c.name != S.USER_ID}
+    return int(row[S.USER_ID]), T.pack_block(data)
+
+
+def dedupe_requests(blocks: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+    """Validated request blocks with one row per ``request_id``, and the duplicates' dead letters.
+
+    Request ids seen more than once are found first (normally none: the blocks then pass
+    through untouched); their rows are grouped by id and :func:`keep_first` keeps one.
+    """
+    name = S.REQUESTS.name
+    duplicated = (
+        blocks
+        | "RequestIds" >> beam.FlatMap(lambda b: T.unpack_block(b[1])[S.REQUEST_ID].tolist())
+        | "CountRequestIds" >> beam.combiners.Count.PerElement()
+        | "DuplicatedIds" >> beam.FlatMap(lambda kv: [kv[0]] if kv[1] > 1 else [])
+        | "DuplicatedList" >> beam.combiners.ToList()
+        | "DuplicatedSet" >> beam.Map(frozenset)
+    )
+    split = blocks | "SplitDuplicateRequests" >> beam.ParDo(
+        SplitDuplicateRequests(), duplicated=beam.pvalue.AsSingleton(duplicated)
+    ).with_outputs(DUP, main="blocks")
+    kept = (
+        split[DUP]
+        | "GroupDuplicateRequests" >> beam.GroupByKey()
+        | "KeepFirstRequest" >> beam.FlatMap(lambda kv: keep_first(S.REQUESTS, kv)).with_outputs(DEAD, main="rows")
+    )
+    dead = kept[DEAD] | "UncountDuplicateRequests" >> beam.Map(count_row, name, -1)
+    kept_blocks = kept.rows | "KeptRequestBlocks" >> beam.Map(request_block)
+    return (split.blocks, kept_blocks) | "DedupedRequests" >> beam.Flatten(), dead
 
 
 class StatsFn(beam.CombineFn):
@@ -571,7 +638,8 @@ def small_table(p: beam.Pipeline, raw_dir: str, table: schema.Table) -> tuple[be
         | f"Group{name}" >> beam.GroupByKey()
         | f"Dedupe{name}" >> beam.FlatMap(lambda kv, t=table: keep_first(t, kv)).with_outputs(DEAD, main="rows")
     )
-    return unique.rows, [checked[DEAD], unique[DEAD]]
+    rows = unique.rows | f"Count{name}" >> beam.Map(count_row, name)
+    return rows, [checked[DEAD], unique[DEAD]]
 
 
 def build_pipeline(p: beam.Pipeline, config: BuildConfig) -> None:
@@ -599,6 +667,9 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig) -> None:
         dead[table.name] = [checked[DEAD]]
         if table is S.CONVERSIONS:
             stats = checked[STATS] | "Stats" >> beam.CombineGlobally(StatsFn())
+        else:
+            events[table.name], duplicates = dedupe_requests(checked.blocks)
+            dead[table.name].append(duplicates)
 
     cutoff = stats | "Cutoff" >> beam.Map(compute_cutoff, config.cutoff, config.eval_fraction)
     keyed_users = users | "KeyUsers" >> beam.Map(lambda r: (int(r[S.USER_ID]), r))
@@ -710,7 +781,7 @@ def finalize_metadata(output: str, totals: Mapping[str, int]) -> dict:
         metadata = json.loads(f.read())
     metadata["counts"] = {split: totals.get(f"examples_{split}", 0) for split in S.SPLITS}
     metadata["dead_letter"] = {name: totals.get(f"dead_letter_{name}", 0) for name in S.RAW_TABLES}
-    metadata["rows"] = {name: totals.get(f"rows_{name}", 0) for name in (S.CONVERSIONS.name, S.REQUESTS.name)}
+    metadata["rows"] = {name: totals.get(f"rows_{name}", 0) for name in S.RAW_TABLES}
     metadata["pipeline_counters"] = dict(sorted(totals.items()))
     write_bytes(path, json.dumps(metadata, indent=2).encode())
     return metadata

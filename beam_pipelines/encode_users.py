@@ -12,8 +12,10 @@ What it does
 2. Selects users: on the first run, with ``--full`` or when the model version changed since
    the last run, every user with a conversion; otherwise only users with a conversion newer
    than the *watermark* (the newest conversion timestamp a previous run processed, kept in
-   ``STORE_DIR/encode_state.json``). Conversions are validated like the training pipeline's
-   (bad rows are dropped and counted).
+   ``STORE_DIR/encode_state.json``). Conversions are validated like the training pipeline's:
+   bad rows go to ``STORE_DIR/dead_letter/run-<event_ts>-<table>-*.jsonl`` (with the reason;
+   only non-empty files are kept) and are counted in the summary's ``dead_letter``; for every
+   table read, the rows read equal ``rows`` (kept) plus ``dead_letter``.
 3. Builds each selected user's latest history with the training pipeline's transforms: their
    last ``MAX_HISTORY`` conversions at or before the reference time ``--as_of`` (default: the
    newest conversion in the data), time gaps bucketed relative to it, left-padded; raw ids and
@@ -304,8 +306,11 @@ class _Encoder:
     def __init__(self, path: str):
         import tensorflow as tf
 
-        self.saved_model = tf.saved_model.load(path)
-        self.signature = self.saved_model.signatures["serving_default"]
+        try:
+            self.saved_model = tf.saved_model.load(path)
+            self.signature = self.saved_model.signatures["serving_default"]
+        except Exception as e:  # corrupt saved_model.pb, missing or truncated variables, ...
+            raise ValueError(f"cannot load the encoder SavedModel at {path}: {type(e).__name__}: {e}") from e
         names = set(self.signature.structured_input_signature[1])
         if names != set(ENCODER_INPUTS):
             raise ValueError(f"{path} is not an encoder: its inputs are {sorted(names)}, want {sorted(ENCODER_INPUTS)}")
@@ -468,11 +473,6 @@ def write_summary(stats: tuple, as_of: int, path: str) -> None:
     B.write_bytes(path, json.dumps({"as_of": as_of, "max_timestamp": stats[1]}).encode())
 
 
-def _count_dead(record: dict, table: str) -> Iterator[None]:
-    Metrics.counter(NAMESPACE, f"dead_letter_{table}").inc()
-    return iter(())
-
-
 # --------------------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------------------
@@ -488,10 +488,7 @@ def export_snapshots(p: beam.Pipeline, config: EncodeConfig, plan: RunPlan) -> N
     event_us = plan.event_timestamp * 1_000_000
     users, dead_users = B.small_table(p, config.raw, S.USERS)
     subjects, dead_subjects = B.small_table(p, config.raw, S.SUBJECT_ITEMS)
-    for table, dead in ((S.USERS, dead_users), (S.SUBJECT_ITEMS, dead_subjects)):
-        _ = dead | f"FlattenDead{table.name}" >> beam.Flatten() | f"CountDead{table.name}" >> beam.FlatMap(
-            _count_dead, table.name
-        )
+    B.write_dead_letters({S.USERS.name: dead_users, S.SUBJECT_ITEMS.name: dead_subjects}, plan.staging)
     staged = {name: os.path.join(plan.staging, name) for name in (S.USER_DEMOGRAPHICS_FILE, S.SUBJECT_ITEMS_FILE)}
     demographics = users | "DemographicsRows" >> beam.Map(demographics_row, event_us)
     write_snapshot(demographics, "Demographics", demographics_schema(), staged[S.USER_DEMOGRAPHICS_FILE])
@@ -509,10 +506,7 @@ def build_pipeline(p: beam.Pipeline, config: EncodeConfig, model: EncoderModel, 
     checked = B.read_table(p, config.raw, S.CONVERSIONS, True) | "ValidateConversions" >> beam.ParDo(
         B.ValidateEvents(S.CONVERSIONS), known=beam.pvalue.AsSingleton(known)
     ).with_outputs(B.DEAD, B.STATS, main="blocks")
-    for table, dead in ((S.ITEMS, dead_items), (S.CONVERSIONS, [checked[B.DEAD]])):
-        _ = dead | f"FlattenDead{table.name}" >> beam.Flatten() | f"CountDead{table.name}" >> beam.FlatMap(
-            _count_dead, table.name
-        )
+    B.write_dead_letters({S.ITEMS.name: dead_items, S.CONVERSIONS.name: [checked[B.DEAD]]}, plan.staging)
     stats = checked[B.STATS] | "Stats" >> beam.CombineGlobally(B.StatsFn())
     as_of = stats | "AsOf" >> beam.Map(resolve_as_of, config.as_of)
     _ = stats | "Summary" >> beam.Map(
@@ -562,6 +556,23 @@ def publish(plan: RunPlan, paths: F.StorePaths, users_encoded: int) -> list[str]
     return published
 
 
+def publish_dead_letters(plan: RunPlan, paths: F.StorePaths) -> list[str]:
+    """Move a run's non-empty staged dead-letter files to ``STORE_DIR/dead_letter/``; returns their paths."""
+    staged = [
+        m.path
+        for m in FileSystems.match([os.path.join(plan.staging, B.DEAD_LETTER_DIR, "*.jsonl")])[0].metadata_list
+        if m.size_in_bytes > 0
+    ]
+    if not staged:
+        return []
+    target = os.path.join(paths.root, B.DEAD_LETTER_DIR)
+    if not FileSystems.exists(target):
+        FileSystems.mkdirs(target)
+    published = [os.path.join(target, f"{plan.tag}-{os.path.basename(s)}") for s in sorted(staged)]
+    FileSystems.rename(sorted(staged), published)
+    return published
+
+
 def next_watermark(plan: RunPlan, state: EncodeState, window: Mapping[str, Any]) -> int | None:
     """The newest conversion this run processed; an incremental run never moves it back."""
     newest = window["max_timestamp"]
@@ -594,7 +605,9 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = False) -> d
         window = json.loads(f.read())
     counts = {name: totals.get(name, 0) for name in USER_COUNTERS}
     published = publish(plan, paths, counts["users_encoded"])
+    dead_letter_files = publish_dead_letters(plan, paths)
     _remove(paths.staging)
+    tables = (S.CONVERSIONS, S.ITEMS, *(SNAPSHOT_TABLES if plan.export_snapshots else ()))
     watermark = next_watermark(plan, state, window)
     summary = {
         "mode": plan.reason,
@@ -604,7 +617,9 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = False) -> d
         "event_timestamp": plan.event_timestamp,
         "watermark": watermark,
         **counts,
-        "dead_letter": {k.removeprefix("dead_letter_"): v for k, v in totals.items() if k.startswith("dead_letter_")},
+        "rows": {t.name: totals.get(f"rows_{t.name}", 0) for t in tables},
+        "dead_letter": {t.name: totals.get(f"dead_letter_{t.name}", 0) for t in tables},
+        "dead_letter_files": dead_letter_files,
         "snapshots_exported": plan.export_snapshots,
         "files": published,
     }

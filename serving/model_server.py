@@ -11,6 +11,11 @@ Serves ``tensorflow.serving.PredictionService`` (Predict, GetModelMetadata),
 one client works against either. It is not TF Serving: no REST API, no Classify/Regress/
 MultiInference (UNIMPLEMENTED), only the ops of the installed TensorFlow. Binds 127.0.0.1 unless
 ``--host`` says otherwise. SIGTERM/SIGINT: stop accepting, finish in-flight requests, exit 0.
+
+Without ``--enable_batching`` a Predict request may hold at most :data:`MAX_BATCH_SIZE` rows
+(TF Serving's batching default; with batching, ``max_batch_size`` applies): larger ones are
+INVALID_ARGUMENT, with the batching limit's message, before anything runs, so no request can
+make the server allocate without bound. ``tensorflow_model_server`` has no such limit.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ log = logging.getLogger("tfrs_ctx.serving")
 SERVER_NAME = "tfrs-ctx protocol-compatible model server"
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
+MAX_BATCH_SIZE = BatchingOptions().max_batch_size  # rows per Predict request without --enable_batching
 
 
 def _grpc_errors(method):
@@ -76,11 +82,23 @@ def _require_name(spec: model_pb2.ModelSpec) -> None:
         raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec name")
 
 
+def _check_batch_size(inputs: dict, max_batch_size: int) -> None:
+    """Refuse a request whose inputs hold more than ``max_batch_size`` rows (0th dimension)."""
+    size = max((array.shape[0] for array in inputs.values() if array.ndim), default=0)
+    if size > max_batch_size:
+        raise ServingError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"Task size {size} is larger than maximum input batch size {max_batch_size}",
+        )
+
+
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """Predict and GetModelMetadata (Classify/Regress/MultiInference stay UNIMPLEMENTED)."""
 
-    def __init__(self, store: ModelStore, scheduler: BatchScheduler | None = None):
-        self.store, self.scheduler = store, scheduler
+    def __init__(
+        self, store: ModelStore, scheduler: BatchScheduler | None = None, max_batch_size: int = MAX_BATCH_SIZE
+    ):
+        self.store, self.scheduler, self.max_batch_size = store, scheduler, max_batch_size
 
     @_grpc_errors
     def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
@@ -90,6 +108,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         if self.scheduler is not None:
             outputs = self.scheduler.run(servable, prepared)
         else:
+            _check_batch_size(prepared.inputs, self.max_batch_size)
             outputs = servable.run(prepared.signature, prepared.inputs, prepared.outputs)
         response = predict_pb2.PredictResponse()
         response.model_spec.name = servable.name

@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import grpc
 import numpy as np
 import tensorflow as tf
-from google.protobuf import text_format
+from google.protobuf import message, text_format
 from tensorflow.core.framework import tensor_pb2
 from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, prediction_log_pb2
@@ -141,14 +141,17 @@ def read_meta_graph(path: str) -> meta_graph_pb2.MetaGraphDef:
     """The MetaGraphDef tagged ``serve`` of the SavedModel at ``path``."""
     saved_model = saved_model_pb2.SavedModel()
     pb, pbtxt = os.path.join(path, "saved_model.pb"), os.path.join(path, "saved_model.pbtxt")
-    if os.path.exists(pb):
-        with open(pb, "rb") as f:
-            saved_model.ParseFromString(f.read())
-    elif os.path.exists(pbtxt):
-        with open(pbtxt) as f:
-            text_format.Parse(f.read(), saved_model)
-    else:
-        raise FileNotFoundError(f"no saved_model.pb or saved_model.pbtxt in {path}")
+    try:
+        if os.path.exists(pb):
+            with open(pb, "rb") as f:
+                saved_model.ParseFromString(f.read())
+        elif os.path.exists(pbtxt):
+            with open(pbtxt) as f:
+                text_format.Parse(f.read(), saved_model)
+        else:
+            raise FileNotFoundError(f"no saved_model.pb or saved_model.pbtxt in {path}")
+    except (message.DecodeError, text_format.ParseError, UnicodeDecodeError) as e:
+        raise ValueError(f"{pb if os.path.exists(pb) else pbtxt} is not a valid SavedModel: {e}") from e
     for meta_graph in saved_model.meta_graphs:
         if SERVE_TAG in meta_graph.meta_info_def.tags:
             return meta_graph
@@ -223,10 +226,13 @@ class Servable:
         self.signatures = {
             k: Signature.from_def(k, v) for k, v in meta_graph.signature_def.items() if k != INIT_OP_SIGNATURE
         }
-        if runtime == "session":
-            self._runtime = _SessionRuntime(path, meta_graph, session_config)
-        else:
-            self._runtime = _FunctionRuntime(path)
+        try:
+            if runtime == "session":
+                self._runtime = _SessionRuntime(path, meta_graph, session_config)
+            else:
+                self._runtime = _FunctionRuntime(path)
+        except Exception as e:  # missing or truncated variables, ops this TensorFlow lacks, ...
+            raise ValueError(f"cannot load the SavedModel at {path}: {type(e).__name__}: {e}") from e
 
     def signature(self, name: str) -> Signature:
         sig = self.signatures.get(name or DEFAULT_SIGNATURE)

@@ -1,9 +1,18 @@
-"""tf.data input pipeline over the training-data TFRecords, built from the schema alone."""
+"""tf.data input pipeline over the training-data TFRecords, built from the schema alone.
+
+Before a split is read, its files are checked once per process (:func:`verify_tfrecords`): a
+truncated or corrupt shard is a ``tf.errors.DataLossError`` naming the file, and a split whose
+record count differs from ``metadata.json`` (a missing shard) one naming the split, never a
+silent partial read. tf.data's own error on a damaged shard does not say which file it was, and
+a gzip shard cut where a record ends reads as a shorter shard without any error.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import struct
+import zlib
 
 import numpy as np
 import tensorflow as tf
@@ -11,6 +20,62 @@ import tensorflow as tf
 from tfrs_ctx import schema
 
 DEFAULT_SHUFFLE_BUFFER = 10_000
+_READ_BYTES = 1 << 22
+_VERIFIED: dict[tuple[str, int, int], int] = {}  # (path, size, mtime_ns) -> record count, files read whole
+
+
+def _scan_gzip_tfrecords(path: str) -> int:
+    """Records of a gzip TFRecord file; raises ``ValueError`` unless every gzip member and record is whole."""
+    count, pending, members, in_member = 0, b"", 0, False
+    inflate = zlib.decompressobj(wbits=31)
+    with tf.io.gfile.GFile(path, "rb") as f:
+        while chunk := f.read(_READ_BYTES):
+            while chunk:
+                pending += inflate.decompress(chunk)
+                in_member, chunk = True, b""
+                if inflate.eof:  # a member ended, its CRC checked; another may follow
+                    members, in_member, chunk = members + 1, False, inflate.unused_data
+                    inflate = zlib.decompressobj(wbits=31)
+            pos = 0  # TFRecord framing: length (u64), length CRC, data, data CRC
+            while len(pending) - pos >= 12:
+                end = pos + 16 + struct.unpack_from("<Q", pending, pos)[0]
+                if end > len(pending):
+                    break
+                count, pos = count + 1, end
+            pending = pending[pos:]
+    if in_member or not members:
+        raise ValueError("the gzip stream ends early" if in_member else "empty file, not a gzip stream")
+    if pending:
+        raise ValueError(f"record {count + 1} is cut short ({len(pending)} bytes)")
+    return count
+
+
+def count_records(path: str) -> int:
+    """Records of one gzip TFRecord file, read to the end; ``DataLossError`` naming ``path`` if it is damaged."""
+    stat = tf.io.gfile.stat(path)
+    key = (path, stat.length, stat.mtime_nsec)
+    if key not in _VERIFIED:
+        try:
+            _VERIFIED[key] = _scan_gzip_tfrecords(path)
+        except (ValueError, zlib.error) as e:
+            message = f"{path}: truncated or corrupt TFRecord file ({e}); rebuild the data"
+            raise tf.errors.DataLossError(None, None, message) from e
+    return _VERIFIED[key]
+
+
+def verify_tfrecords(data_dir: str, split: str, files: list[str]) -> int:
+    """Check every file of a split reads to the end and, with ``metadata.json``, the split's count; returns it."""
+    total = sum(count_records(path) for path in files)
+    metadata = os.path.join(data_dir, schema.METADATA_FILE)
+    expected = load_metadata(data_dir).get("counts", {}).get(split) if tf.io.gfile.exists(metadata) else None
+    if expected is not None and total != expected:
+        raise tf.errors.DataLossError(
+            None,
+            None,
+            f"split '{split}' of {data_dir}: {total} records in {len(files)} files, but {metadata} says {expected} "
+            "(a shard is missing or was replaced); rebuild the data",
+        )
+    return total
 
 
 def parse_examples(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -31,11 +96,14 @@ def make_dataset(
     """Batches of parsed examples of one split.
 
     Without ``shuffle`` the order is deterministic (files sorted, interleave deterministic);
-    with it, files and examples are shuffled (seeded) and parallel reads may reorder.
+    with it, files and examples are shuffled (seeded) and parallel reads may reorder. The
+    split's files are verified first (:func:`verify_tfrecords`).
     """
     pattern = schema.tfrecord_pattern(data_dir, split)
-    if not tf.io.gfile.glob(pattern):
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
         raise FileNotFoundError(f"no TFRecords for split '{split}' at {pattern}")
+    verify_tfrecords(data_dir, split, files)
     files = tf.data.Dataset.list_files(pattern, shuffle=shuffle, seed=seed if shuffle else None)
     ds = files.interleave(
         lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),

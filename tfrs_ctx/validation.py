@@ -11,6 +11,7 @@ Two entry points over the same rules:
 The rules, per column (``schema.Table``): present; not null unless nullable; of the
 column's kind (an integer-valued float counts as an integer, a bool does not); list
 columns hold lists; ``confidences`` lie in [0, 1] and have one entry per category;
+``event_type`` is one of ``schema.EVENT_TYPES`` (:data:`ALLOWED_VALUES`);
 timestamps lie in ``[MIN_TIMESTAMP, MAX_TIMESTAMP)``; the table key is unique; ids listed
 in :data:`REFERENCES` exist in the referenced table.
 
@@ -38,6 +39,8 @@ REFERENCES: dict[tuple[str, str], str] = {
     (schema.REQUESTS.name, schema.ITEM_ID): schema.ITEMS.name,
     (schema.REQUESTS.name, schema.SUBJECT_ITEM_ID): schema.SUBJECT_ITEMS.name,
 }
+# Closed sets of string values: column -> the values allowed (anything else is a bad row).
+ALLOWED_VALUES: dict[str, frozenset[str]] = {schema.EVENT_TYPE: frozenset(schema.EVENT_TYPES)}
 LIST_PAIRS = ((schema.CATEGORIES, schema.CONFIDENCES),)  # (a, b): b has one entry per entry of a
 MAX_ROWS_SHOWN = 5
 INT64_MIN, INT64_END = -(2**63), 2**63  # int64 range: [INT64_MIN, INT64_END)
@@ -101,6 +104,8 @@ def value_problem(column: Column, value: Any) -> str | None:
         return f"expected a finite number, got {type(value).__name__} {_show(value)}"
     if kind == "string" and not isinstance(value, str):
         return f"expected a string, got {type(value).__name__} {_show(value)}"
+    if column.name in ALLOWED_VALUES and value not in ALLOWED_VALUES[column.name]:
+        return f"unknown value {_show(value)} (expected one of {sorted(ALLOWED_VALUES[column.name])})"
     if kind.startswith("list_"):
         items = _as_list(value)
         if items is None:
@@ -157,7 +162,10 @@ def _bad_values(column: Column, series: pd.Series) -> np.ndarray:
         return np.zeros(len(series), dtype=bool)
     if column.kind == "string" and pd.api.types.infer_dtype(series, skipna=True) in ("string", "empty"):
         nulls = series.isna().to_numpy(dtype=bool)
-        return np.zeros(len(series), dtype=bool) if column.nullable else nulls
+        bad = np.zeros(len(series), dtype=bool) if column.nullable else nulls
+        if column.name in ALLOWED_VALUES:
+            bad = bad | (~nulls & ~series.isin(ALLOWED_VALUES[column.name]).to_numpy(dtype=bool))
+        return bad
     return series.map(lambda v: value_problem(column, v) is not None).to_numpy(dtype=bool)
 
 
