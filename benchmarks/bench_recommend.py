@@ -5,13 +5,14 @@
 Uses a finished demo work directory (``tfrs-ctx demo --workdir DIR``: models, store, raw),
 starts the model server on its models, and measures one request at a time (p50/p99) and
 requests/s from concurrent clients, with the SQLite online store and with a private Redis
-server materialized from the same store.
+server materialized from the same store (``benchmarks.redis_store``: from a copy of the store's
+sources, so a second run does not find the Redis registry already materialized and leave the
+fresh server empty).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import sys
 import threading
@@ -93,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
+    from benchmarks.redis_store import redis_online_store
     from serving.features import FeastFeatureReader
     from serving.launcher import start_server
-    from tfrs_ctx import feature_store as fs
 
     store = os.path.join(args.workdir, "store")
     requests = _requests(args.workdir, args.requests)
@@ -105,13 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         target = f"127.0.0.1:{server.port}"
         result["server"] = server.kind
         result["sqlite"] = measure(target, lambda: FeastFeatureReader.open(store), requests, args.threads, args.seconds)
-        redis_yaml = str(fs.repo_yaml(online="redis"))
-        with fs.local_redis_server() as address:
-            os.environ["REDIS_CONNECTION_STRING"] = address
-            fs.materialize(fs.apply(store, fs_yaml=redis_yaml), dt.datetime.now(dt.UTC))
-            result["redis"] = measure(
-                target, lambda: FeastFeatureReader.open(store, fs_yaml=redis_yaml), requests, args.threads, args.seconds
-            )
+        with redis_online_store(store) as redis:
+            result["redis"] = measure(target, redis.reader, requests, args.threads, args.seconds)
     emit(result, args.json)
     return 0
 

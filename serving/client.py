@@ -15,8 +15,9 @@ Defined behaviour for the odd cases (each logged, and reported on the result):
   serves the no-history path on the latest head (never a silent mix);
 * unknown subject item -> no-context path (context weights all zero);
 * model server down or slow -> per-call deadline, bounded retries with backoff, then
-  :class:`ModelServerUnavailable`;
-* feature store unreachable -> :class:`FeatureStoreUnavailable`.
+  :class:`ModelServerUnavailable`; the channel reconnects at most 1 s after the server is back;
+* feature store unreachable -> bounded retries with backoff (``store_retries``), then
+  :class:`FeatureStoreUnavailable`.
 
 Requests of one batch are grouped by the stored vector's model version: each group is one
 Predict call pinned to that version (``model_spec.version``), so a vector only ever meets
@@ -41,6 +42,14 @@ from tfrs_ctx import schema
 log = logging.getLogger("tfrs_ctx.client")
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    # gRPC's default reconnect backoff grows to 120 s: after a server restart, a channel that saw it
+    # down would keep failing fast for seconds after the server is back. Reconnect within ~1 s.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 class ClientError(RuntimeError):
@@ -140,6 +149,7 @@ class CandidateClient:
         backoff_s: float = 0.05,
         version_policy: str = "refuse",
         channel: grpc.Channel | None = None,
+        store_retries: int = 1,
     ):
         if version_policy not in ("refuse", "cold_start"):
             raise ValueError(f"version_policy must be 'refuse' or 'cold_start', got {version_policy!r}")
@@ -150,9 +160,8 @@ class CandidateClient:
             backoff_s,
             version_policy,
         )
-        self.channel = channel or grpc.insecure_channel(
-            target, options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-        )
+        self.store_retries = store_retries
+        self.channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
 
     @property
@@ -221,17 +230,27 @@ class CandidateClient:
 
     # -- steps
     def _read_features(self, requests: Sequence[AdRequest]):
-        try:
-            users = self.features.users(sorted({r.user_id for r in requests}))
-            wanted = sorted(
-                {r.subject_item_id for r in requests if r.subject_item_id is not None and r.context_categories is None}
-            )
-            subjects = self.features.subject_items(wanted) if wanted else {}
-        except ClientError:
-            raise
-        except Exception as e:  # the store's own errors (connection refused, timeouts, ...)
-            raise FeatureStoreUnavailable(f"online feature store read failed: {type(e).__name__}: {e}") from e
-        return users, subjects
+        """User and subject-item features; a failed read is retried ``store_retries`` times with backoff."""
+        user_ids = sorted({r.user_id for r in requests})
+        wanted = sorted(
+            {r.subject_item_id for r in requests if r.subject_item_id is not None and r.context_categories is None}
+        )
+        last: Exception | None = None
+        for attempt in range(self.store_retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * (2 ** (attempt - 1)))
+            try:
+                return self.features.users(user_ids), self.features.subject_items(wanted) if wanted else {}
+            except ClientError:
+                raise
+            except Exception as e:  # the store's own errors (connection refused, timeouts, ...)
+                last = e
+                log.warning(
+                    "feature store read attempt %d/%d: %s: %s", attempt + 1, self.store_retries + 1, type(e).__name__, e
+                )
+        raise FeatureStoreUnavailable(
+            f"online feature store read failed after {self.store_retries + 1} attempts: {type(last).__name__}: {last}"
+        ) from last
 
     def _row(self, request: AdRequest, user: UserState | None, subjects: Mapping, notes: list[str]) -> dict:
         c = schema.MAX_CATEGORIES
@@ -311,7 +330,8 @@ class CandidateClient:
                     raise ClientError(f"Predict failed: {code.name}: {e.details()}") from e
                 last = e
                 log.warning("Predict attempt %d/%d: %s", attempt + 1, self.retries + 1, code.name)
-                time.sleep(self.backoff_s * (2**attempt))
+                if attempt < self.retries:  # no pointless sleep before giving up
+                    time.sleep(self.backoff_s * (2**attempt))
         raise ModelServerUnavailable(
             f"model server did not answer within {self.deadline_s}s after {self.retries + 1} attempts: "
             f"{last.code().name if last else 'unknown'}"

@@ -1,7 +1,16 @@
-"""The client's online feature reads, backed by the Feast online store (SQLite or Redis)."""
+"""The client's online feature reads, backed by the Feast online store (SQLite or Redis).
+
+With Redis, the reader bounds how long one read may take: redis-py's default retry policy
+(3 retries, jittered exponential backoff with a 1 s base and a 10 s cap) can hold a read for
+about 14 s while Redis is down, and without socket timeouts a Redis that accepts connections
+but never answers holds it forever. The reader sets ``redis_retries`` quick retries (enough to
+replace a pooled connection a Redis restart broke) and socket timeouts where the connection
+string sets none; the client retries whole reads on top (``CandidateClient(store_retries=...)``).
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,17 +18,22 @@ from serving.client import UserState
 from tfrs_ctx import feature_store as fs
 from tfrs_ctx import schema
 
+log = logging.getLogger("tfrs_ctx.features")
+
 
 class FeastFeatureReader:
     """:class:`serving.client.FeatureReader` over a Feast ``FeatureStore``."""
 
-    def __init__(self, store: Any):
+    def __init__(self, store: Any, *, redis_retries: int = 1, redis_timeout_s: float = 1.0):
         self.store = store
+        bound_redis_client(store, redis_retries, redis_timeout_s)
 
     @classmethod
-    def open(cls, store_dir: str, repo: str | None = None, fs_yaml: str | None = None) -> FeastFeatureReader:
-        """Open the store of ``store_dir`` (``fs_yaml``: e.g. the repo's Redis yaml)."""
-        return cls(fs.open_store(store_dir, repo, fs_yaml))
+    def open(
+        cls, store_dir: str, repo: str | None = None, fs_yaml: str | None = None, **bounds: Any
+    ) -> FeastFeatureReader:
+        """Open the store of ``store_dir`` (``fs_yaml``: e.g. the repo's Redis yaml; ``bounds``: see ``__init__``)."""
+        return cls(fs.open_store(store_dir, repo, fs_yaml), **bounds)
 
     def users(self, user_ids: Sequence[int]) -> dict[int, UserState]:
         out = {}
@@ -41,3 +55,37 @@ class FeastFeatureReader:
             int(i): None if row is None else (list(row[schema.CATEGORIES]), list(row[schema.CONFIDENCES]))
             for i, row in zip(item_ids, rows, strict=True)
         }
+
+
+def bound_redis_client(store: Any, retries: int, timeout_s: float) -> bool:
+    """Bound the Redis client of a Feast store with a Redis online store: ``retries`` retries with a
+    short backoff, and ``timeout_s`` socket timeouts unless the connection string sets them.
+
+    Applies to the connections the client opens from now on. Returns whether a Redis client was
+    bounded (``False`` for other online stores).
+    """
+    from feast.infra.online_stores.redis import RedisOnlineStoreConfig
+
+    config = getattr(getattr(store, "config", None), "online_store", None)
+    if not isinstance(config, RedisOnlineStoreConfig) or config.redis_type != "redis":
+        return False
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from redis.retry import Retry
+
+    try:  # Feast builds the client lazily and exposes no option for this
+        client = store._get_provider().online_store._get_client(config)
+    except AttributeError as e:
+        log.warning("cannot bound the Feast Redis client (Feast internals changed?): %s", e)
+        return False
+    kwargs = client.connection_pool.connection_kwargs
+    for key in ("socket_timeout", "socket_connect_timeout"):
+        if kwargs.get(key) is None:
+            kwargs[key] = timeout_s
+    client.set_retry(
+        Retry(
+            ExponentialBackoff(cap=0.2, base=0.05), retries, supported_errors=(RedisConnectionError, RedisTimeoutError)
+        )
+    )
+    return True
