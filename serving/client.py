@@ -9,11 +9,15 @@ It cannot tell TF Serving from the protocol-compatible server, and does not need
 
 Defined behaviour for the odd cases (each logged, and reported on the result):
 
-* user with no stored vector -> cold start: the no-history path the model was trained for;
+* user with no stored vector, or one with NaN/inf or of the wrong length -> cold start: the
+  no-history path the model was trained for;
 * stored vector of another model version than any served head -> ``version_policy``:
   ``"refuse"`` raises :class:`ModelVersionMismatch`; ``"cold_start"`` drops the vector and
   serves the no-history path on the latest head (never a silent mix);
-* unknown subject item -> no-context path (context weights all zero);
+* unknown subject item, or a NaN/inf explicit context weight -> no-context path (context
+  weights all zero);
+* explicit context category the vocabulary does not know (only with ``known_categories``) ->
+  sent as is (the model maps it to the OOV id), logged and noted;
 * model server down or slow -> per-call deadline, bounded retries with backoff, then
   :class:`ModelServerUnavailable`; the channel reconnects at most 1 s after the server is back;
 * feature store unreachable -> bounded retries with backoff (``store_retries``), then
@@ -29,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
 import grpc
@@ -135,7 +139,12 @@ def ndarray(proto: tensor_pb2.TensorProto) -> np.ndarray:
 
 # ---- the client ------------------------------------------------------------------------
 class CandidateClient:
-    """Joins stored user state and live context in one Predict call per model version."""
+    """Joins stored user state and live context in one Predict call per model version.
+
+    ``known_categories``: the raw category ids the model knows, e.g. the training data's category
+    vocabulary (``tfrs_ctx.vocab.load_vocab(data_dir, schema.VOCAB_CATEGORY)``, as ints). With it,
+    an unknown id in explicit context is logged and noted; without it the client cannot tell.
+    """
 
     def __init__(
         self,
@@ -150,6 +159,7 @@ class CandidateClient:
         version_policy: str = "refuse",
         channel: grpc.Channel | None = None,
         store_retries: int = 1,
+        known_categories: Collection[int] | None = None,
     ):
         if version_policy not in ("refuse", "cold_start"):
             raise ValueError(f"version_policy must be 'refuse' or 'cold_start', got {version_policy!r}")
@@ -161,6 +171,7 @@ class CandidateClient:
             version_policy,
         )
         self.store_retries = store_retries
+        self.known_categories = None if known_categories is None else frozenset(int(c) for c in known_categories)
         self.channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
 
@@ -258,7 +269,14 @@ class CandidateClient:
         if request.context_categories is not None:
             values = list(request.context_categories)[:c]
             w = list(request.context_weights or [1.0] * len(values))[:c]
-            cats[: len(values)], weights[: len(w)] = values, w
+            if not np.all(np.isfinite(np.asarray(w, np.float64))):
+                log.warning(
+                    "user %s: explicit context weights %s are not all finite: no-context path", request.user_id, w
+                )
+                notes.append("context weight is not finite: no context")
+            else:
+                cats[: len(values)], weights[: len(w)] = values, w
+                self._note_unknown_categories(cats[weights != 0], notes)  # weight 0 is padding
         elif request.subject_item_id is not None:
             subject = subjects.get(request.subject_item_id)
             if subject is None:
@@ -273,7 +291,16 @@ class CandidateClient:
             for column, feature in schema.DEMOGRAPHIC_FEATURE_OF_COLUMN.items()
         }
         vector, length, version = user.encoded_history, int(user.history_length), user.model_version
-        if vector is None or length <= 0 or not np.all(np.isfinite(vector)):
+        if vector is not None and np.size(vector) != self.embedding_dim:
+            log.warning(
+                "user %s: stored vector has length %d, the model expects %d: cold start",
+                request.user_id,
+                np.size(vector),
+                self.embedding_dim,
+            )
+            notes.append(f"stored vector has length {np.size(vector)}, not {self.embedding_dim}: cold start")
+            vector, length, version = None, 0, None
+        elif vector is None or length <= 0 or not np.all(np.isfinite(vector)):
             if vector is not None and not np.all(np.isfinite(vector)):
                 log.warning("user %s: stored vector has NaN/inf: cold start", request.user_id)
                 notes.append("stored vector is not finite: cold start")
@@ -289,6 +316,15 @@ class CandidateClient:
             "weights": weights,
             "demographics": demo,
         }
+
+    def _note_unknown_categories(self, categories: np.ndarray, notes: list[str]) -> None:
+        """Log and note each explicit context category outside ``known_categories`` (when given)."""
+        if self.known_categories is None:
+            return
+        for category in dict.fromkeys(int(c) for c in categories):
+            if category not in self.known_categories:
+                log.info("unknown context category %d: the model's OOV id", category)
+                notes.append(f"unknown context category {category}: out of vocabulary")
 
     @staticmethod
     def _cold(row: dict) -> dict:

@@ -10,7 +10,10 @@ Serves ``tensorflow.serving.PredictionService`` (Predict, GetModelMetadata),
 ``grpc.health.v1.Health`` with the messages and status codes of ``tensorflow_model_server``, so
 one client works against either. It is not TF Serving: no REST API, no Classify/Regress/
 MultiInference (UNIMPLEMENTED), only the ops of the installed TensorFlow. Binds 127.0.0.1 unless
-``--host`` says otherwise. SIGTERM/SIGINT: stop accepting, finish in-flight requests, exit 0.
+``--host`` says otherwise. As ``tensorflow_model_server``, it binds its port only after the
+initial model load (until then connections are refused: UNAVAILABLE, retryable), so a version on
+disk is never NOT_FOUND just after a start. SIGTERM/SIGINT: stop accepting, finish in-flight
+requests, exit 0.
 
 Without ``--enable_batching`` a Predict request may hold at most :data:`MAX_BATCH_SIZE` rows
 (TF Serving's batching default; with batching, ``max_batch_size`` applies): larger ones are
@@ -248,6 +251,15 @@ def serve(args: argparse.Namespace) -> int:
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(store, scheduler), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(store, args.models_dir), server)
     add_health_servicer(health, server)
+
+    # Initial load, synchronous, before the port is even bound (as tensorflow_model_server): meanwhile a
+    # client's connection is refused (UNAVAILABLE, retryable), never NOT_FOUND for a version that is on
+    # disk but not loaded yet, which a client takes for a version mismatch.
+    store.poll_once()
+    missing = [name for name in store.model_names() if not store.is_available(name)]
+    if missing:
+        log.warning("models %s have no loadable version yet; each is served once one appears", missing)
+    health.set_all(SERVING)
     port = _bind(server, args.host, args.port)
     if not port:
         return 1
@@ -255,12 +267,6 @@ def serve(args: argparse.Namespace) -> int:
     log.info("%s listening on %s:%d (gRPC)", SERVER_NAME, args.host, port)
     if args.port_file:
         _write_port_file(args.port_file, port)
-
-    store.poll_once()  # initial load, synchronous
-    missing = [name for name in store.model_names() if not store.is_available(name)]
-    if missing:
-        log.warning("models %s have no loadable version yet; each is served once one appears", missing)
-    health.set_all(SERVING)
     log.info("serving %s", {name: sorted(store.loaded_versions(name)) for name in store.model_names()})
     store.start_polling(args.file_system_poll_wait_seconds)
     if args.model_config_file and args.model_config_file_poll_wait_seconds > 0:

@@ -4,7 +4,7 @@ The index of bad-input handling (GitHub issue 8): each case, then the tests that
 name is in this file). Everything runs on real components: the real Beam pipelines on broken raw
 files, real TFRecords cut mid-record, the product's exported SavedModels (an untrained tiny
 model: the signatures, lookups and warm-up are the product's) in the real model server on
-loopback, and a real Feast store holding broken vectors. ``xfail``: a client fix still owed.
+loopback, and a real Feast store holding broken vectors.
 
 1. Malformed raw rows -> dead letters with the reason and counts; every good row still there
    * every kind of bad value, in a whole table and in one row (what a dead letter says)
@@ -51,9 +51,9 @@ loopback, and a real Feast store holding broken vectors. ``xfail``: a client fix
 5. Broken stored user vectors -> cold start, logged, noted; never NaN to Predict or in scores
    * NaN, inf, -inf in the feature store
        test_non_finite_stored_vector_is_a_cold_start
-   * the wrong length (xfail: client)
+   * the wrong length
        test_wrong_length_stored_vector_is_a_cold_start
-   * a NaN context weight from the caller (xfail: client)
+   * a NaN context weight from the caller: the no-context path, noted
        test_non_finite_context_weight_never_reaches_predict
    * a vector of a model version the server does not serve
        test_client.py::test_version_mismatch_refuses_or_cold_starts
@@ -64,7 +64,7 @@ loopback, and a real Feast store holding broken vectors. ``xfail``: a client fix
        test_client.py::test_unknown_subject_item_gets_the_no_context_path
    * unknown category ids and demographic strings sent to the exported head: the OOV id
        test_unknown_vocabulary_values_map_to_the_oov_id
-   * unknown category in explicit context: the OOV id; noted by the client (xfail: client)
+   * unknown category in explicit context: the OOV id; noted by the client given the category vocabulary
        test_unknown_context_category_maps_to_the_oov_id
        test_unknown_context_category_is_noted
 """
@@ -99,7 +99,7 @@ from tensorflow_serving.apis import (
 from beam_pipelines import build_training_data as btd
 from beam_pipelines import encode_users
 from serving import health
-from serving.client import AdRequest, CandidateClient, ClientError
+from serving.client import AdRequest, CandidateClient
 from serving.features import FeastFeatureReader
 from serving.launcher import start_server
 from serving.model_server import MAX_BATCH_SIZE
@@ -596,12 +596,6 @@ def test_non_finite_stored_vector_is_a_cold_start(client, store, caplog):
     assert recs[3].history_used and _finite(recs[3]) and recs[3].model_version == VERSION
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(ClientError, ValueError),
-    reason="serving/client.py does not check a stored vector's length: np.stack fails (ValueError) for the whole "
-    "batch, or Predict answers INVALID_ARGUMENT (ClientError); it should be a cold start, logged and noted",
-)
 def test_wrong_length_stored_vector_is_a_cold_start(client, store):
     user, healthy = store["broken"][3], store["users"][5]
     rec, other = client.recommend([AdRequest(user, None), AdRequest(healthy, None)])
@@ -610,16 +604,11 @@ def test_wrong_length_stored_vector_is_a_cold_start(client, store):
     assert other.history_used and _finite(other)  # the rest of the batch is unaffected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="serving/client.py passes non-finite explicit context weights to Predict, which returns NaN scores",
-)
 def test_non_finite_context_weight_never_reaches_predict(client, store, categories):
     user = store["users"][5]
     rec = client.recommend([AdRequest(user, None, categories[:2], [math.nan, 0.5])])[0]
     assert _finite(rec), rec.scores[:5]
-    assert any("context" in n for n in rec.notes), rec.notes
+    assert not rec.context_used and any("context" in n for n in rec.notes), rec.notes
 
 
 # --------------------------------------------------------------------------------------
@@ -662,12 +651,6 @@ def test_unknown_context_category_maps_to_the_oov_id(client, store, categories):
     assert first.scores == pytest.approx(second.scores, abs=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="serving/client.py cannot tell an unknown category id in explicit context (no category vocabulary): "
-    "nothing is logged or noted",
-)
 def test_unknown_context_category_is_noted(store, served, categories, caplog):
     reader = FeastFeatureReader.open(str(store["root"]))
     request = AdRequest(store["users"][5], None, [categories[0], UNKNOWN_ID], [0.9, 0.5])
@@ -678,4 +661,5 @@ def test_unknown_context_category_is_noted(store, served, categories, caplog):
         rec = client.recommend([request])[0]
     assert _finite(rec)
     assert any(f"unknown context category {UNKNOWN_ID}" in n for n in rec.notes), rec.notes
+    assert not any(f"unknown context category {categories[0]}" in n for n in rec.notes), rec.notes
     assert f"unknown context category {UNKNOWN_ID}" in caplog.text

@@ -143,19 +143,23 @@ def test_slow_server_hits_the_deadline_then_retries(reader, known):
         threading.Thread(target=server.stop, args=(0,)).start()
 
 
-def test_online_store_unreachable(demo_work, demo_server, known, monkeypatch):
+def test_online_store_unreachable(demo_work, demo_server, known, monkeypatch, tmp_path):
     """Materialized into a real Redis that then stops: a clear FeatureStoreUnavailable, no hang."""
     import datetime as dt
-    import shutil
+
+    from benchmarks.redis_store import copy_store_sources
 
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server not installed (Debian package redis-server; .ci/run installs it)")
     yaml = str(fs.repo_yaml(online="redis"))
+    # A private copy of the sources: a Redis registry left in the demo's store (a rerun, another test)
+    # would make materialize incremental, leaving this fresh Redis empty.
+    store_dir = copy_store_sources(str(demo_work / "store"), str(tmp_path / "store"))
     with fs.local_redis_server() as address:
         monkeypatch.setenv("REDIS_CONNECTION_STRING", address)
-        store = fs.apply(str(demo_work / "store"), fs_yaml=yaml)
-        fs.materialize(store, dt.datetime.now(dt.UTC))
-        reader = FeastFeatureReader.open(str(demo_work / "store"), fs_yaml=yaml)
+        store = fs.apply(store_dir, fs_yaml=yaml)
+        assert set(fs.materialize(store, dt.datetime.now(dt.UTC)).values()) == {"full"}
+        reader = FeastFeatureReader.open(store_dir, fs_yaml=yaml)
         with CandidateClient(f"127.0.0.1:{demo_server.port}", reader) as client:
             assert client.recommend([AdRequest(known[0][0], known[1][0])])[0].history_used
     start = time.monotonic()

@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -38,7 +39,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving import health
 from serving.batching import BatchingOptions
-from serving.launcher import DEFAULT_BATCHING_PARAMETERS, DEFAULT_CONFIG, start_server
+from serving.launcher import DEFAULT_BATCHING_PARAMETERS, DEFAULT_CONFIG, free_port, start_server
 from serving.model_store import VersionPolicy, version_dirs
 from serving.server_config import read_model_server_config, resolve_base_path
 
@@ -463,6 +464,50 @@ def test_hot_swap_under_load_has_zero_failures(plain, models):
     req.model_spec.name = "hot"
     states = {s.version: s.state for s in model_service.GetModelStatus(req, timeout=10).model_version_status}
     assert states == {1: END, 2: AVAILABLE, 3: END}
+
+
+def test_no_not_found_for_a_version_on_disk_right_after_start(models, tmp_path):
+    """A pinned Predict sent as soon as the port accepts connections never gets NOT_FOUND for a version on disk.
+
+    As ``tensorflow_model_server``, the server loads its models before it serves: an early request is
+    UNAVAILABLE (retryable) or waits, never NOT_FOUND, which a client takes for a version mismatch.
+    """
+    names = [f"m{i}" for i in range(4)]  # several models, the pinned one loaded last: a long initial load
+    for name in names:
+        for v in (1, 2):
+            shutil.copytree(models / "templates" / str(v), tmp_path / name / str(v))
+    entries = "".join(
+        f'config {{ name: "{n}" base_path: "{n}" model_platform: "tensorflow" model_version_policy {{ all {{}} }} }}\n'
+        for n in names
+    )
+    config = tmp_path / "models.config"
+    config.write_text(f"model_config_list {{\n{entries}}}\n")
+    port = free_port()
+    with start_server(tmp_path, port=port, config=config, server="python") as handle:
+        deadline = time.monotonic() + 120
+        while True:  # poll until the port accepts connections
+            assert handle.process.poll() is None, handle.logs()[-4000:]
+            assert time.monotonic() < deadline, "the server never accepted connections"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        codes = []
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            predict = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            while True:
+                req, inputs = request(names[-1], version=1)
+                try:
+                    response = predict.Predict(req, timeout=60)
+                    break
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
+                    assert time.monotonic() < deadline, codes
+                    time.sleep(0.05)
+        assert response.model_spec.version.value == 1, codes
+        np.testing.assert_array_equal(outputs(response)["y"], inputs["x"] @ W + 1)
 
 
 def test_batching_gives_the_same_results_as_no_batching(plain, batched):

@@ -2,12 +2,14 @@
 
     tfrs-ctx recommend --user 42 --subject-item 10000123 [-k 10] [--json]
         [--server 127.0.0.1:8500] [--store STORE_DIR] [--online sqlite|redis] [--raw RAW_DIR]
-    tfrs-ctx recommend --user 42 --categories 3001:0.9,3000:0.4      # explicit context
+    tfrs-ctx recommend --user 42 --categories 3001:0.9,3000:0.4 [--data DATA_DIR]  # explicit context
 
 Reads the user's stored encoding and demographics and the subject item's categories from
 the Feast online store, calls ``context_head`` over gRPC (TF Serving or the compatible
 server), prints rank, ad, advertiser, categories and score (``--raw`` adds ad details from
-the raw ``items`` table), or JSON with ``--json``.
+the raw ``items`` table), or JSON with ``--json``. With ``--data`` (the ``build-data`` output the
+model was trained on) the client knows the category vocabulary and notes ``--categories`` ids
+the model does not know (they still count, as its out-of-vocabulary id).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", help="Feast repo directory (default: the bundled feature_repo)")
     parser.add_argument("--online", choices=("sqlite", "redis"), default="sqlite")
     parser.add_argument("--raw", help="raw-table directory, for ad details")
+    parser.add_argument("--data", help="training data directory: its category vocabulary, to note unknown --categories")
     parser.add_argument("--deadline", type=float, default=1.0, help="seconds per Predict attempt")
     parser.add_argument("--version-policy", choices=("refuse", "cold_start"), default="refuse")
     parser.add_argument("--json", action="store_true")
@@ -81,14 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     from serving.client import AdRequest, CandidateClient, ClientError
     from serving.features import FeastFeatureReader
     from tfrs_ctx import feature_store as fs
+    from tfrs_ctx.vocab import load_vocab
 
     store_dir = args.store or fs.store_dir_from_env()
     reader = FeastFeatureReader.open(store_dir, args.repo, str(fs.repo_yaml(args.repo, args.online)))
     cats = parse_categories(args.categories) if args.categories else (None, None)
     request = AdRequest(args.user, args.subject_item, cats[0], cats[1])
+    known = None
+    if args.data and args.categories:
+        known = [int(c) for c in load_vocab(args.data, schema.VOCAB_CATEGORY)]
     try:
         with CandidateClient(
-            args.server, reader, deadline_s=args.deadline, version_policy=args.version_policy
+            args.server, reader, deadline_s=args.deadline, version_policy=args.version_policy, known_categories=known
         ) as client:
             rec = client.recommend([request])[0]
     except ClientError as e:
