@@ -184,18 +184,11 @@ def publish(staging: str, models_dir: str, version: int) -> None:
 
 def version_available(address: str, version: int, name: str = schema.MODEL_CONTEXT_HEAD) -> bool:
     import grpc
-    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
-    request = get_model_status_pb2.GetModelStatusRequest()
-    request.model_spec.name = name
-    request.model_spec.version.value = version
+    from serving.launcher import model_available
+
     with grpc.insecure_channel(address) as channel:
-        try:
-            response = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(request, timeout=2)
-        except grpc.RpcError:
-            return False
-    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-    return any(s.state == available for s in response.model_version_status)
+        return model_available(channel, name, version)
 
 
 # ---- the faults --------------------------------------------------------------------------

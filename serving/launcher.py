@@ -173,7 +173,7 @@ class ServerHandle:
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNIMPLEMENTED:
                     return False
-            return all(_model_available(channel, name) for name in self.model_names)
+            return all(model_available(channel, name) for name in self.model_names)
 
     def wait_ready(self, timeout: float = 120.0) -> ServerHandle:
         """Block until the server serves; raises (with its log) if it dies or times out."""
@@ -216,11 +216,14 @@ class ServerHandle:
         self.close()
 
 
-def _model_available(channel: grpc.Channel, name: str) -> bool:
+def model_available(channel: grpc.Channel, name: str, version: int | None = None) -> bool:
+    """Whether the server reports ``name`` (``version``, else any version) AVAILABLE."""
     from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
     request = get_model_status_pb2.GetModelStatusRequest()
     request.model_spec.name = name
+    if version is not None:
+        request.model_spec.version.value = version
     try:
         response = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(request, timeout=2)
     except grpc.RpcError:
