@@ -20,12 +20,12 @@ import datetime as dt
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 
+from serving.launcher import free_port
 from tfrs_ctx import schema
 
 # Per-socket-operation bounds for the Feast Redis client (Feast json-decodes ``key=value`` extras
@@ -37,12 +37,6 @@ SOCKET_TIMEOUTS = "socket_timeout=1.0,socket_connect_timeout=1.0"
 def redis_binary() -> str | None:
     """Path of ``redis-server``, or ``None`` when it is not installed."""
     return shutil.which("redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

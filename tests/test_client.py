@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 from concurrent import futures
@@ -20,6 +19,7 @@ from serving.client import (
     ModelVersionMismatch,
 )
 from serving.features import FeastFeatureReader
+from serving.launcher import free_port
 from tfrs_ctx import feature_store as fs
 from tfrs_ctx import schema
 
@@ -103,14 +103,8 @@ def test_version_mismatch_refuses_or_cold_starts(other_version_server, reader, k
     assert any("not served" in n for n in rec.notes)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_server_down_fails_fast_with_a_clear_error(reader, known):
-    client = CandidateClient(f"127.0.0.1:{_free_port()}", reader, embedding_dim=16, deadline_s=0.3, retries=2)
+    client = CandidateClient(f"127.0.0.1:{free_port()}", reader, embedding_dim=16, deadline_s=0.3, retries=2)
     start = time.monotonic()
     with pytest.raises(ModelServerUnavailable, match="3 attempts"):
         client.recommend([AdRequest(known[0][0], known[1][0])])
