@@ -189,7 +189,7 @@ def train(cfg: Config, run_dir: str, verbose: int = 1) -> dict:
     )
     seconds = time.perf_counter() - started
     epochs_run = len(history.epoch)
-    calibration = calibrate(model, cfg, validation)
+    calibration = calibrate(model, cfg, meta["counts"], validation)
     tf.train.Checkpoint(model=model).write(os.path.join(run_dir, FINAL_DIR, FINAL_WEIGHTS))
     summary = {
         "epochs_run": epochs_run,
@@ -210,12 +210,11 @@ def train(cfg: Config, run_dir: str, verbose: int = 1) -> dict:
 CALIBRATION_MAX_PASSES = 4  # one scalar: a few passes over the requests are plenty
 
 
-def calibration_dataset(cfg: Config, skip: int) -> tuple[tf.data.Dataset, int] | None:
+def calibration_dataset(cfg: Config, counts: dict[str, int], skip: int) -> tuple[tf.data.Dataset, int] | None:
     """``train_requests`` after the first ``skip`` (the validation examples), shuffled, repeated;
     and the number of steps to run (``train.calibration_steps``, at most a few passes)."""
     t = cfg.train
-    meta = dataset.load_metadata(t.data_dir)
-    available = meta["counts"].get(schema.SPLIT_TRAIN_REQUESTS, 0) - skip
+    available = counts.get(schema.SPLIT_TRAIN_REQUESTS, 0) - skip
     if available < t.batch_size:
         return None
     examples = dataset.make_dataset(t.data_dir, schema.SPLIT_TRAIN_REQUESTS, 1024).unbatch().skip(skip)
@@ -223,12 +222,14 @@ def calibration_dataset(cfg: Config, skip: int) -> tuple[tf.data.Dataset, int] |
     return batches, min(t.calibration_steps, -(-CALIBRATION_MAX_PASSES * available // t.batch_size))
 
 
-def calibrate(model: ContextualTwoTower, cfg: Config, validation: list[dict[str, tf.Tensor]]) -> dict | None:
+def calibrate(
+    model: ContextualTwoTower, cfg: Config, counts: dict[str, int], validation: list[dict[str, tf.Tensor]]
+) -> dict | None:
     """Fit the context trust on real request context (``None`` when off or not applicable)."""
     t = cfg.train
     if not cfg.model.use_context or t.calibration_steps <= 0 or t.context_source != "synthetic":
         return None
-    calibration = calibration_dataset(cfg, t.validation_examples if validation else 0)
+    calibration = calibration_dataset(cfg, counts, t.validation_examples if validation else 0)
     if calibration is None:
         print("context calibration skipped: too few train_requests beyond the validation examples")
         return None
