@@ -107,30 +107,39 @@ def test_context_trust_zero_gives_exactly_the_no_context_embedding(corpus):
     np.testing.assert_allclose(m(x).numpy(), m(without_context(x)).numpy(), atol=1e-6)
 
 
-def test_calibration_distrusts_context_that_carries_no_signal(corpus):
-    """Trained where context = the label's categories, calibrated where context is random."""
+def test_calibration_trusts_context_only_where_it_carries_signal(corpus):
+    """Trained where history and context both point at the label; the trust is then chosen on
+    requests whose context is random (-> low trust) or whose history is random (-> high)."""
     import tf_keras as keras
 
+    from tfrs_ctx.calibrate import TRUST_GRID, choose_trust
+
+    keras.utils.set_random_seed(0)
     cfg = ModelConfig(embedding_dim=16, ff_dim=32, mlp_hidden=[32], dropout=0.0, no_context_loss_weight=0.0)
     m = ContextualTwoTower(cfg, VOCAB, corpus)
     m.compile(optimizer=keras.optimizers.Adam(5e-3))
 
-    def informative(seed: int) -> dict[str, tf.Tensor]:
+    def requests(seed: int, history: bool, context: bool) -> dict[str, tf.Tensor]:
         x = batch(seed)
-        rows = x[schema.LABEL_ITEM] - schema.NUM_RESERVED_IDS
-        x[schema.CONTEXT_CATEGORIES] = tf.gather(tf.constant(corpus[schema.LABEL_CATEGORIES]), rows)
+        if history:  # the label's own item, viewed before
+            x[schema.HISTORY_ITEM] = tf.tile(x[schema.LABEL_ITEM][:, None], [1, schema.MAX_HISTORY])
+            x[schema.HISTORY_LENGTH] = tf.fill([B], tf.constant(schema.MAX_HISTORY, tf.int64))
+        if context:  # the label's categories
+            rows = x[schema.LABEL_ITEM] - schema.NUM_RESERVED_IDS
+            x[schema.CONTEXT_CATEGORIES] = tf.gather(tf.constant(corpus[schema.LABEL_CATEGORIES]), rows)
         return x
 
-    train = [informative(seed) for seed in range(10, 26)]  # random histories: only the context informs
-    ds = tf.data.Dataset.from_tensors(train[0])
-    for x in train[1:]:
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(x))
-    m.fit(ds.repeat(8), verbose=0)
+    train = [requests(s, history=s % 3 != 0, context=s % 3 != 1) for s in range(10, 40)]
+    ds = tf.data.Dataset.from_tensor_slices({k: tf.concat([x[k] for x in train], 0) for k in train[0]})
+    m.fit(ds.batch(B).repeat(10), verbose=0)
     assert float(m.context_layer.trust.numpy()) == 1.0  # not trained by fit: non-trainable
-    random_context = tf.data.Dataset.from_tensors(batch(5)).repeat()
-    trajectory = m.calibrate_context(random_context, steps=60, learning_rate=0.05)
-    assert trajectory[-1] < 0.5
-    assert 0.0 <= trajectory[-1] <= 1.0
-    informative_context = ds.repeat()
-    m.context_layer.trust.assign(0.5)
-    assert m.calibrate_context(informative_context, steps=60, learning_rate=0.05)[-1] > 0.6  # rises
+
+    random_context = [requests(s, history=True, context=False) for s in range(100, 116)]
+    trust, recalls = choose_trust(m, random_context, k=10)
+    assert set(recalls) == set(TRUST_GRID) and float(m.context_layer.trust.numpy()) == pytest.approx(trust)
+    assert trust < 1.0 and recalls[trust] == max(recalls.values()) > recalls[4.0]
+
+    random_history = [requests(s, history=False, context=True) for s in range(200, 216)]
+    trust, recalls = choose_trust(m, random_history, k=10)
+    assert trust >= 1.0 and recalls[trust] == max(recalls.values()) > recalls[0.0] + 0.1
+

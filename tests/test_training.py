@@ -28,7 +28,10 @@ def test_training_lowers_the_loss_and_writes_its_summary(tiny_runs, small_data):
         if trained.context_layer is None:
             assert summary["calibration"] is None
         else:  # the calibrated trust is what the final weights hold
-            assert 0.0 <= summary["calibration"]["trust"] <= 1.0 and summary["calibration"]["steps"] > 0
+            calibration = summary["calibration"]
+            assert calibration["examples"] > 0 and calibration["source"]
+            best = max(calibration["recall_by_trust"].values())
+            assert calibration["recall_by_trust"][f"{calibration['trust']:g}"] == best
             assert float(trained.context_layer.trust.numpy()) == pytest.approx(summary["calibration"]["trust"])
 
 
@@ -106,3 +109,26 @@ def test_evaluation_report_has_every_row_and_figure(small_data, tiny_runs, tmp_p
 def test_evaluate_refuses_a_baseline_as_the_contextual_run(small_data, tiny_runs):
     with pytest.raises(ValueError, match="use_context=false"):
         evaluate.evaluate_runs(str(small_data), str(tiny_runs["baseline"]), str(tiny_runs["baseline"]), None, 10)
+
+
+def test_calibrate_command_rechooses_the_trust_of_a_trained_run(tiny_runs, small_data, tmp_path, capsys):
+    import shutil
+
+    from tfrs_ctx import calibrate
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs["contextual"], run)
+    summary = json.loads((run / train.SUMMARY_FILE).read_text())
+    trained, _ = train.load_trained(str(run), str(small_data))
+    trained.context_layer.trust.assign(0.0)  # a run whose trust was lost or set by hand
+    train.save_final(trained, str(run))
+
+    assert calibrate.main(["--run", str(run), "--data", str(small_data)]) == 0
+    after = json.loads((run / train.SUMMARY_FILE).read_text())
+    assert after["calibration"]["trust"] == summary["calibration"]["trust"]  # same requests, same choice
+    assert after["history"] == summary["history"]  # the rest of the summary is kept
+    reloaded, _ = train.load_trained(str(run), str(small_data))
+    assert float(reloaded.context_layer.trust.numpy()) == pytest.approx(after["calibration"]["trust"])
+
+    assert calibrate.main(["--run", str(tiny_runs["baseline"]), "--data", str(small_data)]) == 1
+    assert "nothing to calibrate" in capsys.readouterr().err

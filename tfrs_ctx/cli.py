@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("tfrs_ctx.validation", "validate every raw table of a directory"),
     "build-data": ("beam_pipelines.build_training_data", "Beam: raw tables -> TFRecords + vocabularies"),
     "train": ("tfrs_ctx.train", "train the contextual sequential two-tower model"),
+    "calibrate": ("tfrs_ctx.calibrate", "re-choose a trained run's context trust on real request context"),
     "evaluate": ("tfrs_ctx.evaluate", "full-ranking evaluation report on held-out requests"),
     "export": ("tfrs_ctx.export", "hybrid export: encoder, context_head, full SavedModels"),
     "study": ("tfrs_ctx.studies", "lift over context strength; context-dropout / synthetic-context ablation"),

@@ -48,8 +48,7 @@ class TrainConfig:
     validation_examples: int = 3000
     steps_per_epoch: int | None = None
     shuffle_buffer: int = 50_000
-    calibration_steps: int = 200  # fit the context trust on train_requests (real context); 0: off
-    calibration_learning_rate: float = 0.05
+    calibration_examples: int = 10_000  # real-context requests the context trust is chosen on; 0: off
     exclude_history: bool = False  # evaluation: drop already-converted ads from the ranking
     seed: int = 0
 

@@ -48,6 +48,15 @@ def label_ranks(query, corpus, labels, exclude=None) -> np.ndarray:
     return ranks_from_scores(scores, labels, exclude)
 
 
+def recall_at_k(model, batches: list, k: int) -> float | None:
+    """Full-ranking Recall@``k`` of ``model`` on a list of batches (``None`` if there are none)."""
+    if not batches:
+        return None
+    corpus = model.corpus_embeddings()
+    ranks = [label_ranks(model.query_embedding(b), corpus, b[schema.LABEL_ITEM]) for b in batches]
+    return float(np.mean(np.concatenate(ranks) < k))
+
+
 def ranks_from_scores(scores: np.ndarray, labels, exclude=None) -> np.ndarray:
     scores = np.array(scores, dtype=np.float32, copy=True)
     rows = np.asarray(labels, dtype=np.int64) - schema.NUM_RESERVED_IDS

@@ -157,9 +157,9 @@ class ContextLayer(keras.layers.Layer):
     weights, then a dense layer with a high dropout rate. In training, the whole context of
     an example is dropped with probability ``drop_context``, so the model also learns the
     no-context case. Output: the vector and a has-context flag, ``[B, dim + 1]``, both scaled
-    by ``trust`` in [0, 1]: a non-trainable scalar (1 while training on synthetic context) that
-    ``ContextualTwoTower.calibrate_context`` fits on real request context; at 0 the output is
-    exactly the no-context output.
+    by ``trust``: a non-trainable scalar, 1 while training on synthetic context, chosen on real
+    request context after training (``tfrs_ctx.calibrate``); at 0 the output is exactly the
+    no-context output.
     """
 
     def __init__(self, dim: int, dropout: float = 0.5, drop_context: float = 0.3, seed: int | None = None, **kwargs):

@@ -22,9 +22,9 @@ examples with their context cleared: one history encoding, two heads. That keeps
 context-missing path (most requests in production) as good as the sequence-only baseline,
 which dropping a share of contexts at random does not (see the ablation).
 
-``calibrate_context``: after training on synthetic context, only the context layer's
-``trust`` scalar is fitted on logged requests with their real context, so the model learns
-how far real context can be believed (at context strength 0: not at all -> lift ~1x).
+The context layer's ``trust`` (the scale of its output, 1 in training) is chosen after
+training on logged requests with their real context (``tfrs_ctx.calibrate``): how far real
+context can be believed (at context strength 0: not at all -> lift ~1x).
 """
 
 from __future__ import annotations
@@ -174,29 +174,3 @@ class ContextualTwoTower(tfrs.models.Model):
             )
             for q in queries
         ]
-
-    def calibrate_context(self, batches: tf.data.Dataset, steps: int, learning_rate: float = 0.05) -> list[float]:
-        """Fit only the context layer's ``trust`` on real-context examples; returns its trajectory.
-
-        Everything else stays frozen and dropout is off, so the context semantics learned from
-        synthetic context are kept and only their weight against history and demographics moves.
-        """
-        if self.context_layer is None:
-            raise ValueError("calibrate_context needs the contextual model (model.use_context=true)")
-        trust = self.context_layer.trust
-        optimizer = keras.optimizers.Adam(learning_rate)
-        trajectory = []
-
-        @tf.function
-        def step(batch: dict[str, tf.Tensor]) -> None:
-            with tf.GradientTape() as tape:
-                tape.watch(trust)
-                (loss,) = self.retrieval_losses([self.query_embedding(batch)], batch)
-            optimizer.apply_gradients([(tape.gradient(loss, trust), trust)])
-            trust.assign(tf.clip_by_value(trust, 0.0, 1.0))
-
-        for i, batch in enumerate(batches.take(steps)):
-            step(batch)
-            if i % 10 == 0 or i == steps - 1:
-                trajectory.append(float(trust.numpy()))
-        return trajectory

@@ -35,7 +35,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
             "model.context_drop_prob=0.5",
             "model.no_context_loss_weight=0",
             "train.context_noise=0.0",
-            "train.calibration_steps=0",
+            "train.calibration_examples=0",
         ],
     ),
     "no_synthetic_context": (

@@ -6,8 +6,8 @@ ad corpus), checkpoints with resume, TensorBoard logs, a progress bar, seeds.
 
 Validation uses the ``train_requests`` split (related-items requests *before* the time
 cutoff, with their real context), so the held-out ``eval`` requests are never looked at.
-After training on synthetic context, the contextual model's context trust is calibrated on
-the other ``train_requests`` (``train.calibration_steps``; see ``ContextualTwoTower.calibrate_context``).
+After training on synthetic context, the contextual model's context trust is chosen on the
+other ``train_requests`` (``train.calibration_examples``; see ``tfrs_ctx.calibrate``).
 
 A run directory holds ``config.yaml``, ``checkpoints/`` (resume), ``final/`` (the weights
 evaluation and export load), ``logs/`` (TensorBoard) and ``train_summary.json``.
@@ -24,12 +24,13 @@ import time
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
 from tfrs_ctx import dataset, schema
+from tfrs_ctx.calibrate import calibrate
 from tfrs_ctx.config import Config, load_config, save_config
+from tfrs_ctx.evaluate import recall_at_k
 from tfrs_ctx.model import ContextualTwoTower, without_context
 
 FINAL_DIR = "final"
@@ -121,7 +122,7 @@ class ValidationRecall(keras.callbacks.Callback):
         self.batches, self.k = batches, k
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        recall = _recall(self.model, self.batches, self.k)
+        recall = recall_at_k(self.model, self.batches, self.k)
         if logs is not None:
             logs["val_recall"] = recall
         print(f"\nepoch {epoch + 1}: validation Recall@{self.k} = {recall:.4f}")
@@ -168,10 +169,7 @@ def train(cfg: Config, run_dir: str, verbose: int = 1) -> dict:
     initial_epoch = int(epoch.numpy())
 
     callbacks: list[keras.callbacks.Callback] = []
-    validation = []
-    if meta["counts"].get(schema.SPLIT_TRAIN_REQUESTS):
-        val = dataset.make_dataset(t.data_dir, schema.SPLIT_TRAIN_REQUESTS, 1024)
-        validation = list(val.unbatch().take(t.validation_examples).batch(1024))
+    validation = validation_batches(cfg, meta["counts"])
     if validation:
         callbacks.append(ValidationRecall(validation, t.early_stopping_k))
         callbacks.append(
@@ -190,7 +188,7 @@ def train(cfg: Config, run_dir: str, verbose: int = 1) -> dict:
     seconds = time.perf_counter() - started
     epochs_run = len(history.epoch)
     calibration = calibrate(model, cfg, meta["counts"], validation)
-    tf.train.Checkpoint(model=model).write(os.path.join(run_dir, FINAL_DIR, FINAL_WEIGHTS))
+    save_final(model, run_dir)
     summary = {
         "epochs_run": epochs_run,
         "steps_per_epoch": steps,
@@ -207,57 +205,17 @@ def train(cfg: Config, run_dir: str, verbose: int = 1) -> dict:
     return summary
 
 
-CALIBRATION_MAX_PASSES = 4  # one scalar: a few passes over the requests are plenty
+def validation_batches(cfg: Config, counts: dict[str, int]) -> list[dict[str, tf.Tensor]]:
+    """The first ``train.validation_examples`` of ``train_requests`` (none if the data has none)."""
+    if not counts.get(schema.SPLIT_TRAIN_REQUESTS):
+        return []
+    examples = dataset.make_dataset(cfg.train.data_dir, schema.SPLIT_TRAIN_REQUESTS, 1024).unbatch()
+    return list(examples.take(cfg.train.validation_examples).batch(1024))
 
 
-def calibration_dataset(cfg: Config, counts: dict[str, int], skip: int) -> tuple[tf.data.Dataset, int] | None:
-    """``train_requests`` after the first ``skip`` (the validation examples), shuffled, repeated;
-    and the number of steps to run (``train.calibration_steps``, at most a few passes)."""
-    t = cfg.train
-    available = counts.get(schema.SPLIT_TRAIN_REQUESTS, 0) - skip
-    if available < t.batch_size:
-        return None
-    examples = dataset.make_dataset(t.data_dir, schema.SPLIT_TRAIN_REQUESTS, 1024).unbatch().skip(skip)
-    batches = examples.shuffle(min(available, t.shuffle_buffer), seed=t.seed).repeat().batch(t.batch_size)
-    return batches, min(t.calibration_steps, -(-CALIBRATION_MAX_PASSES * available // t.batch_size))
-
-
-def calibrate(
-    model: ContextualTwoTower, cfg: Config, counts: dict[str, int], validation: list[dict[str, tf.Tensor]]
-) -> dict | None:
-    """Fit the context trust on real request context (``None`` when off or not applicable)."""
-    t = cfg.train
-    if not cfg.model.use_context or t.calibration_steps <= 0 or t.context_source != "synthetic":
-        return None
-    calibration = calibration_dataset(cfg, counts, t.validation_examples if validation else 0)
-    if calibration is None:
-        print("context calibration skipped: too few train_requests beyond the validation examples")
-        return None
-    batches, steps = calibration
-    before = _recall(model, validation, t.early_stopping_k)
-    trajectory = model.calibrate_context(batches, steps, t.calibration_learning_rate)
-    after = _recall(model, validation, t.early_stopping_k)
-    print(
-        f"context trust calibrated on real request context: {trajectory[-1]:.3f}; "
-        f"validation Recall@{t.early_stopping_k} {before:.4f} -> {after:.4f}"
-    )
-    return {
-        "trust": trajectory[-1],
-        "steps": steps,
-        "trajectory": trajectory,
-        "val_recall_before": before,
-        "val_recall_after": after,
-    }
-
-
-def _recall(model: ContextualTwoTower, batches: list[dict[str, tf.Tensor]], k: int) -> float | None:
-    from tfrs_ctx.evaluate import label_ranks
-
-    if not batches:
-        return None
-    corpus = model.corpus_embeddings()
-    ranks = np.concatenate([label_ranks(model.query_embedding(b), corpus, b[schema.LABEL_ITEM]) for b in batches])
-    return float(np.mean(ranks < k))
+def save_final(model: ContextualTwoTower, run_dir: str) -> None:
+    """The weights evaluation and export load (``final/``)."""
+    tf.train.Checkpoint(model=model).write(os.path.join(run_dir, FINAL_DIR, FINAL_WEIGHTS))
 
 
 def main(argv: list[str] | None = None) -> int:
