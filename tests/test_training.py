@@ -132,3 +132,16 @@ def test_calibrate_command_rechooses_the_trust_of_a_trained_run(tiny_runs, small
 
     assert calibrate.main(["--run", str(tiny_runs["baseline"]), "--data", str(small_data)]) == 1
     assert "nothing to calibrate" in capsys.readouterr().err
+
+
+def test_configs_of_older_runs_load_with_the_retired_calibration_keys(tmp_path, caplog):
+    from tfrs_ctx.config import TrainConfig
+
+    old = tmp_path / "config.yaml"
+    for steps, expected in ((200, TrainConfig.calibration_examples), (0, 0)):
+        old.write_text(f"train:\n  calibration_steps: {steps}\n  calibration_learning_rate: 0.05\n")
+        assert load_config(str(old)).train.calibration_examples == expected
+    assert "calibration_steps is retired" in caplog.text
+    old.write_text("train:\n  calibration_stepz: 5\n")
+    with pytest.raises(ValueError, match="calibration_stepz"):  # other unknown keys still fail
+        load_config(str(old))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -10,6 +11,7 @@ import yaml
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 CONTEXT_SOURCES = ("synthetic", "real", "none")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -67,10 +69,23 @@ class Config:
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         model = _build(ModelConfig, d.get("model", {}))
-        train = _build(TrainConfig, d.get("train", {}))
+        train = _build(TrainConfig, _retired_train_keys(d.get("train", {})))
         if train.context_source not in CONTEXT_SOURCES:
             raise ValueError(f"train.context_source must be one of {CONTEXT_SOURCES}, got {train.context_source!r}")
         return cls(model, train)
+
+
+def _retired_train_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """Translate the loss-fitted calibration's keys of older run directories, with a warning."""
+    values = dict(values)
+    if "calibration_steps" in values:
+        steps = values.pop("calibration_steps")
+        values.pop("calibration_learning_rate", None)
+        values.setdefault("calibration_examples", TrainConfig.calibration_examples if steps else 0)
+        log.warning(
+            "train.calibration_steps is retired: read as train.calibration_examples=%s", values["calibration_examples"]
+        )
+    return values
 
 
 def _build(kind: type, values: dict[str, Any]):

@@ -24,20 +24,22 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # slug (run directory) -> (what it is, overrides relative to the bundled config)
+PUBLISHED = [
+    "model.context_dropout=0.5",
+    "model.context_drop_prob=0.5",
+    "model.no_context_loss_weight=0",
+    "train.context_noise=0.0",
+]
 ABLATIONS: dict[str, tuple[str, list[str]]] = {
-    "default": ("default: synthetic context (noise 0.2), no-context loss, trust calibrated on requests", []),
+    "default": ("default: synthetic context (noise 0.2), no-context loss, trust chosen on requests", []),
+    "uncalibrated": ("the default, trust left at 1 (not chosen on requests)", ["train.calibration_examples=0"]),
     "no_context_loss": ("without the no-context loss", ["model.no_context_loss_weight=0"]),
     "aux1": ("no-context loss weight 1 instead of 0.3", ["model.no_context_loss_weight=1.0"]),
     "published": (
         "the published recipe: high context dropout (0.5, whole-context drop 0.5), no noise, no extra loss",
-        [
-            "model.context_dropout=0.5",
-            "model.context_drop_prob=0.5",
-            "model.no_context_loss_weight=0",
-            "train.context_noise=0.0",
-            "train.calibration_examples=0",
-        ],
+        [*PUBLISHED, "train.calibration_examples=0"],
     ),
+    "published_calibrated": ("the published recipe, trust chosen on requests", PUBLISHED),
     "no_synthetic_context": (
         "no synthetic context (the context layer never sees context in training)",
         ["train.context_source=none"],
