@@ -89,6 +89,7 @@ DEAD = "dead"
 STATS = "stats"
 DUP = "dup"
 
+
 class BuildDataOptions(PipelineOptions):
     """The pipeline's own flags."""
 
@@ -474,8 +475,12 @@ def assemble_user(item: tuple[int, Mapping[str, Sequence]]) -> Iterator[T.UserDa
         Metrics.counter(NAMESPACE, "users_without_users_row").inc()
     Metrics.counter(NAMESPACE, "users").inc()
     conversions, requests = [T.unpack_block(b) for b in conversions], [T.unpack_block(b) for b in requests]
-    yield T.UserData(int(user_id), T.UserEvents.from_blocks(conversions), T.UserRequests.from_blocks(requests),
-                     dict(rows[0]) if rows else None)
+    yield T.UserData(
+        int(user_id),
+        T.UserEvents.from_blocks(conversions),
+        T.UserRequests.from_blocks(requests),
+        dict(rows[0]) if rows else None,
+    )
 
 
 def block_target_counts(block: tuple[int, tuple], cutoff: int) -> Counter:
@@ -577,10 +582,12 @@ def corpus_parquet(lookups: T.Lookups) -> bytes:
     import pyarrow.parquet as pq
 
     columns = lookups.corpus_columns()
-    table = pa.table({
-        name: pa.array(values.tolist() if values.ndim > 1 else values, type=_arrow_type(name))
-        for name, values in columns.items()
-    })
+    table = pa.table(
+        {
+            name: pa.array(values.tolist() if values.ndim > 1 else values, type=_arrow_type(name))
+            for name, values in columns.items()
+        }
+    )
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
@@ -652,9 +659,15 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig) -> None:
 
     item_ids = items | "ItemIds" >> beam.Map(lambda r: int(r[S.ITEM_ID]))
     subject_ids = subjects | "SubjectIds" >> beam.Map(lambda r: int(r[S.ITEM_ID]))
-    known = p | "KnownSeed" >> beam.Create([None]) | "KnownIds" >> beam.Map(
-        lambda _, a, b: KnownIds.of({S.ITEMS.name: a, S.SUBJECT_ITEMS.name: b}),
-        beam.pvalue.AsList(item_ids), beam.pvalue.AsList(subject_ids),
+    known = (
+        p
+        | "KnownSeed" >> beam.Create([None])
+        | "KnownIds"
+        >> beam.Map(
+            lambda _, a, b: KnownIds.of({S.ITEMS.name: a, S.SUBJECT_ITEMS.name: b}),
+            beam.pvalue.AsList(item_ids),
+            beam.pvalue.AsList(subject_ids),
+        )
     )
 
     events = {}
@@ -684,20 +697,31 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig) -> None:
         | "DemographicValues" >> beam.Map(demographic_counts)
         | "DemographicCounts" >> beam.CombineGlobally(MergeDemographics())
     )
-    lookups = p | "LookupSeed" >> beam.Create([None]) | "Lookups" >> beam.Map(
-        build_lookups,
-        beam.pvalue.AsList(items), beam.pvalue.AsList(subjects), beam.pvalue.AsSingleton(counts),
-        beam.pvalue.AsSingleton(stats), beam.pvalue.AsSingleton(demographics),
+    lookups = (
+        p
+        | "LookupSeed" >> beam.Create([None])
+        | "Lookups"
+        >> beam.Map(
+            build_lookups,
+            beam.pvalue.AsList(items),
+            beam.pvalue.AsList(subjects),
+            beam.pvalue.AsSingleton(counts),
+            beam.pvalue.AsSingleton(stats),
+            beam.pvalue.AsSingleton(demographics),
+        )
     )
     _ = lookups | "WriteArtifacts" >> beam.Map(
         write_artifacts, out, beam.pvalue.AsSingleton(cutoff), beam.pvalue.AsSingleton(counts), config
     )
 
-    examples = per_user | "BatchUsers" >> beam.BatchElements(
-        min_batch_size=USER_BATCH, max_batch_size=USER_BATCH
-    ) | "BuildExamples" >> beam.ParDo(
-        BuildExamples(config), lookups=beam.pvalue.AsSingleton(lookups), cutoff=beam.pvalue.AsSingleton(cutoff)
-    ).with_outputs(*S.SPLITS)
+    examples = (
+        per_user
+        | "BatchUsers" >> beam.BatchElements(min_batch_size=USER_BATCH, max_batch_size=USER_BATCH)
+        | "BuildExamples"
+        >> beam.ParDo(
+            BuildExamples(config), lookups=beam.pvalue.AsSingleton(lookups), cutoff=beam.pvalue.AsSingleton(cutoff)
+        ).with_outputs(*S.SPLITS)
+    )
     write_examples(examples, out, config.num_shards)
     write_dead_letters(dead, out)
 
@@ -720,9 +744,8 @@ def write_dead_letters(dead: Mapping[str, list], out: str) -> None:
             pcolls
             | f"FlattenDead{name}" >> beam.Flatten()
             | f"CountDead{name}" >> beam.Map(_count_dead_letter, name)
-            | f"WriteDead{name}" >> beam.io.WriteToText(
-                os.path.join(out, DEAD_LETTER_DIR, name), file_name_suffix=".jsonl"
-            )
+            | f"WriteDead{name}"
+            >> beam.io.WriteToText(os.path.join(out, DEAD_LETTER_DIR, name), file_name_suffix=".jsonl")
         )
 
 

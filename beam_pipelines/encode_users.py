@@ -390,34 +390,40 @@ def _timestamp_type() -> Any:
 def encoding_schema() -> Any:
     import pyarrow as pa
 
-    return pa.schema([
-        (S.USER_ID, pa.int64()),
-        (S.EVENT_TIMESTAMP, _timestamp_type()),
-        (S.ENCODED_HISTORY, pa.list_(pa.float32())),
-        (S.HISTORY_LENGTH, pa.int64()),
-        (S.MODEL_VERSION, pa.int64()),
-    ])
+    return pa.schema(
+        [
+            (S.USER_ID, pa.int64()),
+            (S.EVENT_TIMESTAMP, _timestamp_type()),
+            (S.ENCODED_HISTORY, pa.list_(pa.float32())),
+            (S.HISTORY_LENGTH, pa.int64()),
+            (S.MODEL_VERSION, pa.int64()),
+        ]
+    )
 
 
 def demographics_schema() -> Any:
     import pyarrow as pa
 
-    return pa.schema([
-        (S.USER_ID, pa.int64()),
-        *((c, pa.string()) for c in S.DEMOGRAPHIC_COLUMNS),
-        (S.EVENT_TIMESTAMP, _timestamp_type()),
-    ])
+    return pa.schema(
+        [
+            (S.USER_ID, pa.int64()),
+            *((c, pa.string()) for c in S.DEMOGRAPHIC_COLUMNS),
+            (S.EVENT_TIMESTAMP, _timestamp_type()),
+        ]
+    )
 
 
 def subject_items_schema() -> Any:
     import pyarrow as pa
 
-    return pa.schema([
-        (S.SUBJECT_ITEM_ID, pa.int64()),
-        (S.CATEGORIES, pa.list_(pa.int64())),
-        (S.CONFIDENCES, pa.list_(pa.float32())),
-        (S.EVENT_TIMESTAMP, _timestamp_type()),
-    ])
+    return pa.schema(
+        [
+            (S.SUBJECT_ITEM_ID, pa.int64()),
+            (S.CATEGORIES, pa.list_(pa.int64())),
+            (S.CONFIDENCES, pa.list_(pa.float32())),
+            (S.EVENT_TIMESTAMP, _timestamp_type()),
+        ]
+    )
 
 
 def encoding_row(keyed: tuple[int, PredictionResult], event_us: int) -> dict[str, Any]:
@@ -500,8 +506,10 @@ def build_pipeline(p: beam.Pipeline, config: EncodeConfig, model: EncoderModel, 
     """Wire the user-encoding pipeline into ``p``."""
     items, dead_items = B.small_table(p, config.raw, S.ITEMS)
     item_ids = items | "ItemIds" >> beam.Map(lambda r: int(r[S.ITEM_ID]))
-    known = p | "KnownSeed" >> beam.Create([None]) | "KnownIds" >> beam.Map(
-        lambda _, ids: B.KnownIds.of({S.ITEMS.name: ids}), beam.pvalue.AsList(item_ids)
+    known = (
+        p
+        | "KnownSeed" >> beam.Create([None])
+        | "KnownIds" >> beam.Map(lambda _, ids: B.KnownIds.of({S.ITEMS.name: ids}), beam.pvalue.AsList(item_ids))
     )
     checked = B.read_table(p, config.raw, S.CONVERSIONS, True) | "ValidateConversions" >> beam.ParDo(
         B.ValidateEvents(S.CONVERSIONS), known=beam.pvalue.AsSingleton(known)

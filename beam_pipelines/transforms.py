@@ -328,7 +328,10 @@ def window_positions(ends: np.ndarray, starts: np.ndarray | int = 0, max_len: in
 
 
 def positions_before(
-    events: EncodedEvents, target_ts: int, exclude_item: int | None = None, max_len: int = S.MAX_HISTORY,
+    events: EncodedEvents,
+    target_ts: int,
+    exclude_item: int | None = None,
+    max_len: int = S.MAX_HISTORY,
     user_rank: int = 0,
 ) -> np.ndarray:
     """Left-padded positions of a user's last events strictly before ``target_ts``, skipping ``exclude_item``."""
@@ -362,7 +365,10 @@ def gather_history(events: EncodedEvents, positions: np.ndarray, target_ts: np.n
 
 
 def history_at(
-    events: UserEvents, vocabularies: Mapping[str, Vocabulary], target_ts: int, exclude_item: int | None = None,
+    events: UserEvents,
+    vocabularies: Mapping[str, Vocabulary],
+    target_ts: int,
+    exclude_item: int | None = None,
     max_len: int = S.MAX_HISTORY,
 ) -> dict[str, np.ndarray]:
     """One user's history features at ``target_ts`` (events strictly before it), unbatched.
@@ -474,8 +480,9 @@ def training_targets(
     return targets[keep], int((~keep).sum())
 
 
-def _common(user_ids: np.ndarray, timestamps: np.ndarray, demographics: np.ndarray, label_index: np.ndarray,
-            lookups: Lookups) -> Columns:
+def _common(
+    user_ids: np.ndarray, timestamps: np.ndarray, demographics: np.ndarray, label_index: np.ndarray, lookups: Lookups
+) -> Columns:
     """Identity, demographic and label features (``demographics``: [N, 3] in DEMOGRAPHIC_FEATURES order)."""
     columns: Columns = {
         S.EX_USER_ID: np.asarray(user_ids, dtype=np.int64),
@@ -503,8 +510,11 @@ def training_examples(
     columns.update(gather_history(encoded, positions, ts))
     keys = stable_keys(options.seed, user_ids[rank], ts, encoded.item[targets])
     columns[S.CONTEXT_CATEGORIES], columns[S.CONTEXT_WEIGHTS] = synthetic_context(
-        columns[S.LABEL_CATEGORIES], columns[S.LABEL_CONFIDENCES], keys,
-        options.context_drop_prob, options.context_weight_jitter,
+        columns[S.LABEL_CATEGORIES],
+        columns[S.LABEL_CONFIDENCES],
+        keys,
+        options.context_drop_prob,
+        options.context_weight_jitter,
     )
     columns[S.EX_REQUEST_ID] = np.full(len(targets), -1, dtype=np.int64)
     columns[S.SUBJECT_ITEM] = np.full(len(targets), S.PAD_ID, dtype=np.int64)
@@ -512,7 +522,11 @@ def training_examples(
 
 
 def request_examples(
-    encoded: EncodedEvents, requests: UserRequests, rank: np.ndarray, user_ids: np.ndarray, demographics: np.ndarray,
+    encoded: EncodedEvents,
+    requests: UserRequests,
+    rank: np.ndarray,
+    user_ids: np.ndarray,
+    demographics: np.ndarray,
     lookups: Lookups,
 ) -> Columns:
     """One example per request (``rank``: its user's position): real context, label = the request's ad.
@@ -526,10 +540,12 @@ def request_examples(
     for i in np.flatnonzero(subject_ad != S.OOV_ID):
         window = positions[i][positions[i] >= 0]
         if (encoded.item[window] == requests.subject_item[i]).any():  # else the window already excludes it
-            positions[i] = positions_before(encoded, int(requests.timestamp[i]), int(requests.subject_item[i]),
-                                            user_rank=int(rank[i]))
-    columns = _common(user_ids[rank], requests.timestamp, demographics[rank], item_vocab.int_indices(requests.item),
-                      lookups)
+            positions[i] = positions_before(
+                encoded, int(requests.timestamp[i]), int(requests.subject_item[i]), user_rank=int(rank[i])
+            )
+    columns = _common(
+        user_ids[rank], requests.timestamp, demographics[rank], item_vocab.int_indices(requests.item), lookups
+    )
     columns.update(gather_history(encoded, positions, requests.timestamp))
     rows = lookups.subject_rows(requests.subject_item)
     columns[S.CONTEXT_CATEGORIES] = lookups.subject_categories[rows]
@@ -546,8 +562,12 @@ def batch_examples(users: Sequence[UserData], lookups: Lookups, options: Example
     demographics = np.asarray(
         [[d[f] for f in S.DEMOGRAPHIC_FEATURES] for d in (lookups.demographics(u.row) for u in users)], dtype=np.int64
     ).reshape(len(users), len(S.DEMOGRAPHIC_FEATURES))
-    requests = UserRequests(*(np.concatenate([getattr(u.requests, f.name) for u in users] or [np.zeros(0, np.int64)])
-                              for f in dataclasses.fields(UserRequests)))
+    requests = UserRequests(
+        *(
+            np.concatenate([getattr(u.requests, f.name) for u in users] or [np.zeros(0, np.int64)])
+            for f in dataclasses.fields(UserRequests)
+        )
+    )
     rank = np.repeat(np.arange(len(users)), [len(u.requests) for u in users]).astype(np.int64)
     by_request = request_examples(encoded, requests, rank, user_ids, demographics, lookups)
     before = requests.timestamp < options.cutoff
@@ -652,8 +672,9 @@ def _payloads(columns: Columns, layout: _Layout, n: int, base: int) -> tuple[lis
         parts = [np.asarray(columns[layout.names[c]]).reshape(n, -1) for c in cols]
         for c, part in zip(cols, parts, strict=True):
             if part.shape[1] != layout.widths[c]:
-                raise ValueError(f"feature '{layout.names[c]}': {part.shape[1]} values per example, schema says "
-                                 f"{layout.widths[c]}")
+                raise ValueError(
+                    f"feature '{layout.names[c]}': {part.shape[1]} values per example, schema says {layout.widths[c]}"
+                )
         matrix = np.concatenate(parts, axis=1)
         col_start = np.cumsum(layout.widths[cols]) - layout.widths[cols]
         if want_int:
@@ -698,9 +719,19 @@ def serialize_examples(columns: Columns) -> list[bytes]:
     src = np.empty((n, f, 9), dtype=np.int64)
     seg = np.empty((n, f, 9), dtype=np.int64)
     tag = np.where(layout.is_int, 1, 2)
-    for k, (s, ln) in enumerate(((0, 1), (head_src[..., 0], head_nb[..., 0]), (layout.head_offset, layout.head_len),
-                                 (head_src[..., 1], head_nb[..., 1]), (tag, 1), (head_src[..., 2], head_nb[..., 2]),
-                                 (0, 1), (head_src[..., 3], head_nb[..., 3]), (payload_src, payload_len))):
+    for k, (s, ln) in enumerate(
+        (
+            (0, 1),
+            (head_src[..., 0], head_nb[..., 0]),
+            (layout.head_offset, layout.head_len),
+            (head_src[..., 1], head_nb[..., 1]),
+            (tag, 1),
+            (head_src[..., 2], head_nb[..., 2]),
+            (0, 1),
+            (head_src[..., 3], head_nb[..., 3]),
+            (payload_src, payload_len),
+        )
+    ):
         src[..., k], seg[..., k] = s, ln
     src = np.concatenate([np.zeros((n, 1), dtype=np.int64), total_src[:, None], src.reshape(n, -1)], axis=1).ravel()
     seg = np.concatenate([np.ones((n, 1), dtype=np.int64), total_nb[:, None], seg.reshape(n, -1)], axis=1).ravel()

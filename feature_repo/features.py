@@ -23,9 +23,7 @@ from tfrs_ctx.feature_store import store_dir_from_env, store_paths
 
 PATHS = store_paths(store_dir_from_env())
 
-user = Entity(
-    name=S.FS_USER, join_keys=[S.USER_ID], value_type=ValueType.INT64, description="a user (raw user id)"
-)
+user = Entity(name=S.FS_USER, join_keys=[S.USER_ID], value_type=ValueType.INT64, description="a user (raw user id)")
 subject_item = Entity(
     name=S.FS_SUBJECT_ITEM,
     join_keys=[S.SUBJECT_ITEM_ID],

@@ -250,8 +250,9 @@ def test_drop_all_gives_empty_context_and_max_targets_keeps_the_last(small_raw, 
     counts = pd.read_csv(tmp_path / S.ITEM_COUNTS_FILE, sep="\t", header=None)[1]
     assert counts.sum() == len(train[S.EX_USER_ID]) == metadata["train_targets"]
     # The same requests (their item indices and sampling probabilities follow the new counts).
-    np.testing.assert_array_equal(np.sort(parsed(tmp_path, S.SPLIT_EVAL)[S.EX_REQUEST_ID]),
-                                  np.sort(examples[S.SPLIT_EVAL][S.EX_REQUEST_ID]))
+    np.testing.assert_array_equal(
+        np.sort(parsed(tmp_path, S.SPLIT_EVAL)[S.EX_REQUEST_ID]), np.sort(examples[S.SPLIT_EVAL][S.EX_REQUEST_ID])
+    )
 
 
 def test_multi_process_run_gives_the_same_examples(small_raw, tmp_path, built):
@@ -280,19 +281,36 @@ CUTOFF = T0 + 60 * 1000 + 1
 def write_tiny_raw(raw: pathlib.Path) -> None:
     """User 1: 2 events; user 2: 70 events; user 3: a tie in timestamps; user 4: no events."""
     conversions = [(1, T0, 103, 8, "checkout"), (1, T0 + 100, 101, 7, "signup")]
-    conversions += [(2, T0 + 1000 * i, LONG[i % len(LONG)], ADS[LONG[i % len(LONG)]][0], "add_to_cart")
-                    for i in range(70)]
+    conversions += [
+        (2, T0 + 1000 * i, LONG[i % len(LONG)], ADS[LONG[i % len(LONG)]][0], "add_to_cart") for i in range(70)
+    ]
     conversions += [(3, T0, 105, 9, "lead"), (3, T0 + 50, 103, 8, "lead"), (3, T0 + 50, 102, 7, "lead")]
     rawio.write_table(str(raw), S.CONVERSIONS, pd.DataFrame(conversions, columns=list(S.CONVERSIONS.column_names)))
-    rawio.write_table(str(raw), S.ITEMS, pd.DataFrame(
-        [(i, a, c, w) for i, (a, c, w) in ADS.items()], columns=list(S.ITEMS.column_names)))
-    rawio.write_table(str(raw), S.SUBJECT_ITEMS, pd.DataFrame(
-        [(i, c, w) for i, (c, w) in SUBJECTS.items()], columns=list(S.SUBJECT_ITEMS.column_names)))
-    rawio.write_table(str(raw), S.USERS, pd.DataFrame(
-        [(1, "25-34", "US", None), (2, "35-44", "FR", "female"), (4, "18-24", "US", "male")],
-        columns=list(S.USERS.column_names)))
-    rawio.write_table(str(raw), S.REQUESTS, pd.DataFrame(
-        [(1, 2, T0 + 65 * 1000 + 500, 101, 102), (2, 1, T0 + 200, 900, 105)], columns=list(S.REQUESTS.column_names)))
+    rawio.write_table(
+        str(raw),
+        S.ITEMS,
+        pd.DataFrame([(i, a, c, w) for i, (a, c, w) in ADS.items()], columns=list(S.ITEMS.column_names)),
+    )
+    rawio.write_table(
+        str(raw),
+        S.SUBJECT_ITEMS,
+        pd.DataFrame([(i, c, w) for i, (c, w) in SUBJECTS.items()], columns=list(S.SUBJECT_ITEMS.column_names)),
+    )
+    rawio.write_table(
+        str(raw),
+        S.USERS,
+        pd.DataFrame(
+            [(1, "25-34", "US", None), (2, "35-44", "FR", "female"), (4, "18-24", "US", "male")],
+            columns=list(S.USERS.column_names),
+        ),
+    )
+    rawio.write_table(
+        str(raw),
+        S.REQUESTS,
+        pd.DataFrame(
+            [(1, 2, T0 + 65 * 1000 + 500, 101, 102), (2, 1, T0 + 200, 900, 105)], columns=list(S.REQUESTS.column_names)
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -376,8 +394,9 @@ def test_eval_request_uses_the_subject_and_holds_its_conversions_out(tiny):
     assert ex[S.SPLIT_EVAL][S.EX_REQUEST_ID].tolist() == [1]
     row = _row(ex[S.SPLIT_EVAL], 2, T0 + 65 * 1000 + 500)
     assert row[S.SUBJECT_ITEM] == items.index(101) and row[S.LABEL_ITEM] == items.index(102)
-    np.testing.assert_array_equal(row[S.CONTEXT_CATEGORIES], S.pad_right([categories.index(20), categories.index(21)],
-                                                                         S.MAX_CATEGORIES))
+    np.testing.assert_array_equal(
+        row[S.CONTEXT_CATEGORIES], S.pad_right([categories.index(20), categories.index(21)], S.MAX_CATEGORIES)
+    )
     np.testing.assert_allclose(row[S.CONTEXT_WEIGHTS], [0.6, 0.3, 0, 0, 0])
     kept = [i for i in range(66) if LONG[i % len(LONG)] != 101][-S.MAX_HISTORY :]  # events 0..65, minus item 101
     np.testing.assert_array_equal(row[S.HISTORY_ITEM], [items.index(LONG[i % len(LONG)]) for i in kept])
@@ -418,19 +437,34 @@ def test_malformed_rows_reach_the_dead_letter_output(tmp_path):
     ]
     _jsonl(raw / S.CONVERSIONS.name, good[:3] + bad + good[3:])
     item = {S.ITEM_ID: 101, S.ADVERTISER_ID: 7, S.CATEGORIES: [10, 11], S.CONFIDENCES: [0.9, 0.4]}
-    _jsonl(raw / S.ITEMS.name, [
-        item, dict(item, **{S.ITEM_ID: 102}), dict(item, **{S.ITEM_ID: 103, S.CONFIDENCES: [0.9]}),
-        dict(item, **{S.ITEM_ID: 104, S.CONFIDENCES: [0.9, 1.5]}), dict(item, **{S.ADVERTISER_ID: 8}),
-    ])
+    _jsonl(
+        raw / S.ITEMS.name,
+        [
+            item,
+            dict(item, **{S.ITEM_ID: 102}),
+            dict(item, **{S.ITEM_ID: 103, S.CONFIDENCES: [0.9]}),
+            dict(item, **{S.ITEM_ID: 104, S.CONFIDENCES: [0.9, 1.5]}),
+            dict(item, **{S.ADVERTISER_ID: 8}),
+        ],
+    )
     _jsonl(raw / S.SUBJECT_ITEMS.name, [{S.ITEM_ID: 900, S.CATEGORIES: [10], S.CONFIDENCES: [0.5]}])
-    _jsonl(raw / S.USERS.name, [{S.USER_ID: 1, S.AGE_BUCKET: "25-34", S.COUNTRY: None, S.GENDER: "male"},
-                                {S.USER_ID: 2, S.AGE_BUCKET: 34, S.COUNTRY: "US", S.GENDER: "male"}])
+    _jsonl(
+        raw / S.USERS.name,
+        [
+            {S.USER_ID: 1, S.AGE_BUCKET: "25-34", S.COUNTRY: None, S.GENDER: "male"},
+            {S.USER_ID: 2, S.AGE_BUCKET: 34, S.COUNTRY: "US", S.GENDER: "male"},
+        ],
+    )
     request = {S.REQUEST_ID: 1, S.USER_ID: 1, S.TIMESTAMP: T0 + 1000, S.SUBJECT_ITEM_ID: 900, S.ITEM_ID: 102}
     _jsonl(raw / S.REQUESTS.name, [request, dict(request, **{S.REQUEST_ID: 2, S.SUBJECT_ITEM_ID: 5})])
 
     metadata = build(raw, out, f"--cutoff={T0 + 500}")
     assert metadata["dead_letter"] == {
-        S.CONVERSIONS.name: 5, S.ITEMS.name: 3, S.USERS.name: 1, S.SUBJECT_ITEMS.name: 0, S.REQUESTS.name: 1
+        S.CONVERSIONS.name: 5,
+        S.ITEMS.name: 3,
+        S.USERS.name: 1,
+        S.SUBJECT_ITEMS.name: 0,
+        S.REQUESTS.name: 1,
     }
     assert metadata["counts"] == {S.SPLIT_TRAIN: 6, S.SPLIT_TRAIN_REQUESTS: 0, S.SPLIT_EVAL: 1}
     letters = {}
@@ -469,10 +503,16 @@ def test_typed_parquet_fast_path_matches_row_by_row_validation():
     items[9], items[11] = 999, None
     etypes = rng.choice(list(S.EVENT_TYPES), n).tolist()
     etypes[13] = None
-    batch = pa.RecordBatch.from_pydict({
-        S.USER_ID: users, S.TIMESTAMP: ts, S.ITEM_ID: items, S.ADVERTISER_ID: rng.integers(1, 9, n).tolist(),
-        S.EVENT_TYPE: etypes,
-    }, schema=schema)
+    batch = pa.RecordBatch.from_pydict(
+        {
+            S.USER_ID: users,
+            S.TIMESTAMP: ts,
+            S.ITEM_ID: items,
+            S.ADVERTISER_ID: rng.integers(1, 9, n).tolist(),
+            S.EVENT_TYPE: etypes,
+        },
+        schema=schema,
+    )
     known = btd.KnownIds.of({S.ITEMS.name: [101, 102, 103], S.SUBJECT_ITEMS.name: [900]})
     assert btd.typed_suspects(S.CONVERSIONS, batch, known) is not None
     fast_blocks, fast_dead, _ = btd.validate_event_chunk(S.CONVERSIONS, batch, known)
@@ -530,8 +570,9 @@ def test_stable_keys_are_deterministic_and_distinct():
 def test_history_at_for_user_encoding(tiny):
     out, _ = tiny
     vocabularies = load_vocabularies(str(out))
-    events = T.UserEvents(np.asarray([T0, T0 + 100]), np.asarray([103, 101]), np.asarray([8, 7]),
-                          np.asarray(["checkout", "signup"]))
+    events = T.UserEvents(
+        np.asarray([T0, T0 + 100]), np.asarray([103, 101]), np.asarray([8, 7]), np.asarray(["checkout", "signup"])
+    )
     history = T.history_at(events, vocabularies, T0 + 3700)
     assert history[S.HISTORY_LENGTH] == 2
     items = vocabularies[S.VOCAB_ITEM]
@@ -541,5 +582,7 @@ def test_history_at_for_user_encoding(tiny):
     excluded = T.history_at(events, vocabularies, T0 + 3700, exclude_item=101)
     assert excluded[S.HISTORY_LENGTH] == 1 and excluded[S.HISTORY_ITEM][-1] == items.index(103)
     assert T.encode_demographics(vocabularies, {S.COUNTRY: "US", S.GENDER: "nope"}) == {
-        S.USER_AGE_BUCKET: S.PAD_ID, S.USER_COUNTRY: vocabularies[S.VOCAB_COUNTRY].index("US"), S.USER_GENDER: S.OOV_ID
+        S.USER_AGE_BUCKET: S.PAD_ID,
+        S.USER_COUNTRY: vocabularies[S.VOCAB_COUNTRY].index("US"),
+        S.USER_GENDER: S.OOV_ID,
     }

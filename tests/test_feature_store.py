@@ -92,15 +92,17 @@ def raw(small_raw, tmp_path_factory):
 
 
 def encode(raw_dir, models_dir, store, *extra: str) -> dict:
-    return encode_users.run(["--raw", str(raw_dir), "--model", str(models_dir / "encoder"), "--output", str(store),
-                             *extra])
+    return encode_users.run(
+        ["--raw", str(raw_dir), "--model", str(models_dir / "encoder"), "--output", str(store), *extra]
+    )
 
 
 def feast_cli(store, *args: str) -> str:
     feast = os.path.join(os.path.dirname(sys.executable), "feast")
     env = {**os.environ, S.STORE_DIR_ENV: str(store)}
-    proc = subprocess.run([feast, "-c", str(F.default_repo_dir()), *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [feast, "-c", str(F.default_repo_dir()), *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -134,15 +136,19 @@ def incremental(first, raw, models):
     active = first["users"][:: len(first["users"]) // ACTIVE_USERS][:ACTIVE_USERS]
     t0 = int(conv[S.TIMESTAMP].max())
     sample = conv.iloc[: len(active)]
-    new = pd.DataFrame({
-        S.USER_ID: active,
-        S.TIMESTAMP: [t0 + 3600 * (k + 1) for k in range(len(active))],
-        S.ITEM_ID: sample[S.ITEM_ID].tolist(),
-        S.ADVERTISER_ID: sample[S.ADVERTISER_ID].tolist(),
-        S.EVENT_TYPE: sample[S.EVENT_TYPE].tolist(),
-    })
-    pq.write_table(pa.Table.from_pandas(new, schema=S.CONVERSIONS.arrow_schema(), preserve_index=False),
-                   raw / S.CONVERSIONS.name / "part-new.parquet")
+    new = pd.DataFrame(
+        {
+            S.USER_ID: active,
+            S.TIMESTAMP: [t0 + 3600 * (k + 1) for k in range(len(active))],
+            S.ITEM_ID: sample[S.ITEM_ID].tolist(),
+            S.ADVERTISER_ID: sample[S.ADVERTISER_ID].tolist(),
+            S.EVENT_TYPE: sample[S.EVENT_TYPE].tolist(),
+        }
+    )
+    pq.write_table(
+        pa.Table.from_pandas(new, schema=S.CONVERSIONS.arrow_schema(), preserve_index=False),
+        raw / S.CONVERSIONS.name / "part-new.parquet",
+    )
     summary = encode(raw, models[0], first["store"])
     store = F.open_store(first["store"])
     F.materialize(store)
@@ -281,8 +287,15 @@ def test_daily_command_on_redis(incremental, raw, models, redis_server, tmp_path
 
 def test_multi_process_encode_equals_in_process(first, raw, models, tmp_path):
     store_dir = tmp_path / "store"
-    summary = encode(raw, models[0], store_dir, "--direct_running_mode=multi_processing", "--direct_num_workers=2",
-                     "--as_of", str(first["summary"]["as_of"]))
+    summary = encode(
+        raw,
+        models[0],
+        store_dir,
+        "--direct_running_mode=multi_processing",
+        "--direct_num_workers=2",
+        "--as_of",
+        str(first["summary"]["as_of"]),
+    )
     multi = pd.concat(pd.read_parquet(p) for p in summary["files"] if S.USER_ENCODINGS_DIR in p)
     single = pd.concat(pd.read_parquet(p) for p in first["files"])
     multi, single = (f.sort_values(S.USER_ID).reset_index(drop=True) for f in (multi, single))
@@ -308,14 +321,23 @@ def test_raw_histories_window_padding_and_gaps():
 
 def test_model_version_change_forces_a_full_run(first, models, raw):
     config = encode_users.EncodeConfig(
-        raw=str(raw), model="", output=str(first["store"]), full=False, as_of=None, event_timestamp=None,
-        min_batch_size=1, max_batch_size=1, output_shards=0, xla=False,
+        raw=str(raw),
+        model="",
+        output=str(first["store"]),
+        full=False,
+        as_of=None,
+        event_timestamp=None,
+        min_batch_size=1,
+        max_batch_size=1,
+        output_shards=0,
+        xla=False,
     )
     state = encode_users.EncodeState.load(F.store_paths(first["store"]).state)
     same = encode_users.plan_run(config, encode_users.EncoderModel("", VERSION), state, F.store_paths(first["store"]))
     assert not same.full and same.watermark == state.watermark
-    other = encode_users.plan_run(config, encode_users.EncoderModel("", VERSION + 1), state,
-                                  F.store_paths(first["store"]))
+    other = encode_users.plan_run(
+        config, encode_users.EncoderModel("", VERSION + 1), state, F.store_paths(first["store"])
+    )
     assert other.full and other.watermark is None and "model version" in other.reason
     assert other.event_timestamp > state.event_timestamp
     assert encode_users.resolve_model(str(models[0] / "encoder")).version == VERSION

@@ -142,4 +142,3 @@ def test_calibration_trusts_context_only_where_it_carries_signal(corpus):
     random_history = [requests(s, history=False, context=True) for s in range(200, 216)]
     trust, recalls = choose_trust(m, random_history, k=10)
     assert trust >= 1.0 and recalls[trust] == max(recalls.values()) > recalls[0.0] + 0.1
-
