@@ -55,7 +55,8 @@ def test_resume_continues_from_the_last_epoch(small_data, tmp_path):
 
 @pytest.mark.parametrize("source", ["synthetic", "none", "real"])
 def test_context_sources(small_data, source):
-    cfg = load_config("synthetic", [f"train.context_source={source}", "train.batch_size=256", "train.context_noise=0"])
+    overrides = [f"train.context_source={source}", "train.batch_size=256", "train.context_noise=0"]
+    cfg = load_config("synthetic", [*overrides, "train.validation_examples=40"])
     cfg.train.data_dir = str(small_data)
     meta = dataset.load_metadata(str(small_data))
     ds, per_epoch = train.training_dataset(cfg, meta["counts"])
@@ -68,7 +69,13 @@ def test_context_sources(small_data, source):
         assert has_ctx == 0.0
     else:  # organic conversions lose their context; logged requests keep their real one
         assert 0.0 < has_ctx < 1.0
-        assert per_epoch == meta["counts"][schema.SPLIT_TRAIN] + meta["counts"][schema.SPLIT_TRAIN_REQUESTS]
+        validation = cfg.train.validation_examples
+        requests = meta["counts"][schema.SPLIT_TRAIN_REQUESTS]
+        assert per_epoch == meta["counts"][schema.SPLIT_TRAIN] + requests - validation
+        held_out = {int(r) for b in ds.take(200) for r in b[schema.EX_REQUEST_ID].numpy() if r >= 0}
+        validating = {int(r) for b in train.validation_batches(cfg, meta["counts"]) for r in b[schema.EX_REQUEST_ID]}
+        assert len(validating) == validation and len(held_out) == requests - validation  # every one, once seen
+        assert not held_out & validating  # early stopping never scores examples it trained on
 
 
 def test_context_noise_swaps_contexts_within_the_batch(small_data):

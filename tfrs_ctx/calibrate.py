@@ -55,12 +55,12 @@ def choose_trust(
 
 def calibration_requests(cfg: Config, counts: dict[str, int], validation: list) -> tuple[list, str] | None:
     """The batches to choose the trust on and where they come from (``None``: no requests)."""
+    from tfrs_ctx.train import held_out_requests
+
     t = cfg.train
-    skip = t.validation_examples if validation else 0
-    held_out = min(counts.get(schema.SPLIT_TRAIN_REQUESTS, 0) - skip, t.calibration_examples)
+    held_out = min(counts.get(schema.SPLIT_TRAIN_REQUESTS, 0) - t.validation_examples, t.calibration_examples)
     if held_out >= MIN_HELD_OUT:
-        examples = dataset.make_dataset(t.data_dir, schema.SPLIT_TRAIN_REQUESTS, 1024).unbatch()
-        return list(examples.skip(skip).take(held_out).batch(1024)), "held-out train_requests"
+        return list(held_out_requests(cfg).take(held_out).batch(1024)), "held-out train_requests"
     if validation:
         return validation, "validation examples (in-sample: too few train_requests to hold more out)"
     return None

@@ -75,13 +75,23 @@ def training_dataset(cfg: Config, counts: dict[str, int]) -> tuple[tf.data.Datas
     train = train.map(without_context, num_parallel_calls=tf.data.AUTOTUNE)
     if t.context_source == "none" or not counts.get(schema.SPLIT_TRAIN_REQUESTS):
         return train, counts[schema.SPLIT_TRAIN]
-    # "real": organic conversions carry no request context; logged requests carry their own.
-    requests = dataset.make_dataset(
-        t.data_dir, schema.SPLIT_TRAIN_REQUESTS, t.batch_size, shuffle=True, repeat=True, seed=t.seed + 1
-    )
-    total = counts[schema.SPLIT_TRAIN] + counts[schema.SPLIT_TRAIN_REQUESTS]
-    weights = [counts[schema.SPLIT_TRAIN] / total, counts[schema.SPLIT_TRAIN_REQUESTS] / total]
+    # "real": organic conversions carry no request context; logged requests carry their own,
+    # all but the validation examples (early stopping must not score examples it trained on).
+    available = counts[schema.SPLIT_TRAIN_REQUESTS] - t.validation_examples
+    if available <= 0:
+        print(f"context_source=real: all {counts[schema.SPLIT_TRAIN_REQUESTS]} train_requests are validation examples")
+        return train, counts[schema.SPLIT_TRAIN]
+    requests = held_out_requests(cfg).shuffle(min(available, t.shuffle_buffer), seed=t.seed + 1)
+    requests = requests.repeat().batch(t.batch_size)
+    total = counts[schema.SPLIT_TRAIN] + available
+    weights = [counts[schema.SPLIT_TRAIN] / total, available / total]
     return tf.data.Dataset.sample_from_datasets([train, requests], weights, seed=t.seed), total
+
+
+def held_out_requests(cfg: Config) -> tf.data.Dataset:
+    """``train_requests`` after the validation examples, unbatched, in file order."""
+    examples = dataset.make_dataset(cfg.train.data_dir, schema.SPLIT_TRAIN_REQUESTS, 1024).unbatch()
+    return examples.skip(cfg.train.validation_examples)
 
 
 def build_model(cfg: Config) -> ContextualTwoTower:
