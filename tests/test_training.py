@@ -108,6 +108,9 @@ def test_evaluation_report_has_every_row_and_figure(small_data, tiny_runs, tmp_p
             figures[f"recall@{k}"]["mean"] for k in evaluate.KS
         )
     assert set(report["lift"]) == {f"recall@{k}" for k in evaluate.KS} | {"ndcg@10"}
+    summary = json.loads((tiny_runs["contextual"] / train.SUMMARY_FILE).read_text())
+    assert report["context_trust"] == pytest.approx(summary["calibration"]["trust"])
+    assert f"Context trust of the contextual model: {report['context_trust']:g}" in (tmp_path / "report.md").read_text()
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(report["rows"]))
     assert (tmp_path / "recall_at_k.png").exists() and "| popularity |" in (tmp_path / "report.md").read_text()

@@ -277,9 +277,26 @@ def evaluate_runs(
     report = build_report(ranks, bootstrap)
     report["data_dir"], report["exclude_history"] = os.path.abspath(data_dir), exclude
     report["runs"] = {"contextual": os.path.abspath(contextual_run), "baseline": os.path.abspath(baseline_run)}
+    report["context_trust"] = trust = float(contextual.context_layer.trust.numpy())
+    calibration = _calibration(contextual_run)
+    chosen = "not calibrated"
+    if calibration:  # summaries of older runs lack the source
+        chosen = f"chosen on {calibration.get('examples', '?')} {calibration.get('source', 'requests')}"
+    note = f"Context trust of the contextual model: {trust:g} (1 = as trained, 0 = context ignored); {chosen}."
+    report.setdefault("notes", []).append(note)
     if out_dir:
         write_report(report, out_dir)
     return report
+
+
+def _calibration(run_dir: str) -> dict | None:
+    from tfrs_ctx.train import SUMMARY_FILE
+
+    path = os.path.join(run_dir, SUMMARY_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("calibration")
 
 
 def main(argv: list[str] | None = None) -> int:
