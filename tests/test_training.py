@@ -73,7 +73,11 @@ def test_context_sources(small_data, source):
         requests = meta["counts"][schema.SPLIT_TRAIN_REQUESTS]
         assert per_epoch == meta["counts"][schema.SPLIT_TRAIN] + requests - validation
         held_out = {int(r) for b in ds.take(200) for r in b[schema.EX_REQUEST_ID].numpy() if r >= 0}
-        validating = {int(r) for b in train.validation_batches(cfg, meta["counts"]) for r in b[schema.EX_REQUEST_ID]}
+        validating = {
+            int(r)
+            for b in dataset.validation_requests(str(small_data), meta["counts"], validation)
+            for r in b[schema.EX_REQUEST_ID]
+        }
         assert len(validating) == validation and len(held_out) == requests - validation  # every one, once seen
         assert not held_out & validating  # early stopping never scores examples it trained on
 

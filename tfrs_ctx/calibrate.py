@@ -55,12 +55,11 @@ def choose_trust(
 
 def calibration_requests(cfg: Config, counts: dict[str, int], validation: list) -> tuple[list, str] | None:
     """The batches to choose the trust on and where they come from (``None``: no requests)."""
-    from tfrs_ctx.train import held_out_requests
-
     t = cfg.train
     held_out = min(counts.get(schema.SPLIT_TRAIN_REQUESTS, 0) - t.validation_examples, t.calibration_examples)
     if held_out >= MIN_HELD_OUT:
-        return list(held_out_requests(cfg).take(held_out).batch(1024)), "held-out train_requests"
+        requests = dataset.requests_after_validation(t.data_dir, t.validation_examples)
+        return list(requests.take(held_out).batch(1024)), "held-out train_requests"
     if validation:
         return validation, "validation examples (in-sample: too few train_requests to hold more out)"
     return None
@@ -104,19 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model, cfg = train.load_trained(args.run, args.data)
     counts = dataset.load_metadata(cfg.train.data_dir)["counts"]
-    result = calibrate(model, cfg, counts, train.validation_batches(cfg, counts))
+    validation = dataset.validation_requests(cfg.train.data_dir, counts, cfg.train.validation_examples)
+    result = calibrate(model, cfg, counts, validation)
     if result is None:
         print("nothing to calibrate: a baseline, a real-context run, or calibration switched off", file=sys.stderr)
         return 1
     train.save_final(model, args.run)
-    summary_path = os.path.join(args.run, train.SUMMARY_FILE)
-    summary = {}
-    if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            summary = json.load(f)
-    summary["calibration"] = result
-    with open(summary_path, "w") as f:
-        json.dump(summary, f, indent=2)
+    train.write_summary(args.run, {**train.read_summary(args.run), "calibration": result})
     print(json.dumps({k: v for k, v in result.items() if k != "recall_by_trust"}, indent=2))
     return 0
 

@@ -126,6 +126,22 @@ def history_mask(history_length: tf.Tensor, max_len: int = schema.MAX_HISTORY) -
     return tf.range(max_len, dtype=tf.int32)[tf.newaxis, :] >= max_len - length
 
 
+def validation_requests(data_dir: str, counts: dict[str, int], n: int) -> list[dict[str, tf.Tensor]]:
+    """The first ``n`` ``train_requests`` in file order, in batches (none if the data has none)."""
+    if not counts.get(schema.SPLIT_TRAIN_REQUESTS):
+        return []
+    return list(_requests_in_order(data_dir).take(n).batch(1024))
+
+
+def requests_after_validation(data_dir: str, n: int) -> tf.data.Dataset:
+    """``train_requests`` after the first ``n`` (:func:`validation_requests`), unbatched, in file order."""
+    return _requests_in_order(data_dir).skip(n)
+
+
+def _requests_in_order(data_dir: str) -> tf.data.Dataset:
+    return make_dataset(data_dir, schema.SPLIT_TRAIN_REQUESTS, 1024).unbatch()
+
+
 def load_metadata(data_dir: str) -> dict:
     """The dataset metadata written by the training-data pipeline."""
     with tf.io.gfile.GFile(os.path.join(data_dir, schema.METADATA_FILE)) as f:

@@ -266,7 +266,7 @@ def evaluate_runs(
     max_requests: int | None = None,
 ) -> dict:
     """Load both trained runs, score every row on the same requests, write the report."""
-    from tfrs_ctx.train import load_trained
+    from tfrs_ctx.train import load_trained, read_summary
 
     contextual, cfg = load_trained(contextual_run, data_dir)
     baseline, _ = load_trained(baseline_run, data_dir)
@@ -278,7 +278,7 @@ def evaluate_runs(
     report["data_dir"], report["exclude_history"] = os.path.abspath(data_dir), exclude
     report["runs"] = {"contextual": os.path.abspath(contextual_run), "baseline": os.path.abspath(baseline_run)}
     report["context_trust"] = trust = float(contextual.context_layer.trust.numpy())
-    calibration = _calibration(contextual_run)
+    calibration = read_summary(contextual_run).get("calibration")
     chosen = "not calibrated"
     if calibration:  # summaries of older runs lack the source
         chosen = f"chosen on {calibration.get('examples', '?')} {calibration.get('source', 'requests')}"
@@ -287,16 +287,6 @@ def evaluate_runs(
     if out_dir:
         write_report(report, out_dir)
     return report
-
-
-def _calibration(run_dir: str) -> dict | None:
-    from tfrs_ctx.train import SUMMARY_FILE
-
-    path = os.path.join(run_dir, SUMMARY_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("calibration")
 
 
 def main(argv: list[str] | None = None) -> int:

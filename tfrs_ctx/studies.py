@@ -118,7 +118,7 @@ def lift_curve(args: argparse.Namespace) -> dict:
 
 
 def ablation(args: argparse.Namespace) -> dict:
-    from tfrs_ctx import evaluate
+    from tfrs_ctx import evaluate, train
 
     root = os.path.join(args.out, f"strength_{args.strength:g}")
     data = prepare_data(root, args.users, args.strength, args.max_targets_per_user, args.seed)
@@ -127,7 +127,7 @@ def ablation(args: argparse.Namespace) -> dict:
     for slug, (name, overrides) in ABLATIONS.items():
         run_dir = os.path.join(root, slug)
         chosen = not args.only or slug in args.only.split(",")
-        if not chosen and not os.path.exists(os.path.join(run_dir, "train_summary.json")):
+        if not chosen and not train.read_summary(run_dir):
             continue  # not asked for and not trained before
         print(f"\n=== ablation: {name}", flush=True)
         run = train_once(args.config, data, run_dir, [*args.set, *overrides])
@@ -165,8 +165,9 @@ def ablation(args: argparse.Namespace) -> dict:
 
 def _trust(run_dir: str) -> float | None:
     """The calibrated context trust of a run (``None``: not calibrated)."""
-    with open(os.path.join(run_dir, "train_summary.json")) as f:
-        calibration = json.load(f).get("calibration")
+    from tfrs_ctx import train
+
+    calibration = train.read_summary(run_dir).get("calibration")
     return calibration["trust"] if calibration else None
 
 

@@ -81,17 +81,12 @@ def training_dataset(cfg: Config, counts: dict[str, int]) -> tuple[tf.data.Datas
     if available <= 0:
         print(f"context_source=real: all {counts[schema.SPLIT_TRAIN_REQUESTS]} train_requests are validation examples")
         return train, counts[schema.SPLIT_TRAIN]
-    requests = held_out_requests(cfg).shuffle(min(available, t.shuffle_buffer), seed=t.seed + 1)
+    requests = dataset.requests_after_validation(t.data_dir, t.validation_examples)
+    requests = requests.shuffle(min(available, t.shuffle_buffer), seed=t.seed + 1)
     requests = requests.repeat().batch(t.batch_size)
     total = counts[schema.SPLIT_TRAIN] + available
     weights = [counts[schema.SPLIT_TRAIN] / total, available / total]
     return tf.data.Dataset.sample_from_datasets([train, requests], weights, seed=t.seed), total
-
-
-def held_out_requests(cfg: Config) -> tf.data.Dataset:
-    """``train_requests`` after the validation examples, unbatched, in file order."""
-    examples = dataset.make_dataset(cfg.train.data_dir, schema.SPLIT_TRAIN_REQUESTS, 1024).unbatch()
-    return examples.skip(cfg.train.validation_examples)
 
 
 def build_model(cfg: Config) -> ContextualTwoTower:
@@ -179,7 +174,7 @@ def train(cfg: Config, run_dir: str, verbose: int = 1) -> dict:
     initial_epoch = int(epoch.numpy())
 
     callbacks: list[keras.callbacks.Callback] = []
-    validation = validation_batches(cfg, meta["counts"])
+    validation = dataset.validation_requests(t.data_dir, meta["counts"], t.validation_examples)
     if validation:
         callbacks.append(ValidationRecall(validation, t.early_stopping_k))
         callbacks.append(
@@ -210,17 +205,22 @@ def train(cfg: Config, run_dir: str, verbose: int = 1) -> dict:
         "full_softmax": bool(model.full_softmax),
         "calibration": calibration,
     }
-    with open(os.path.join(run_dir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_summary(run_dir, summary)
     return summary
 
 
-def validation_batches(cfg: Config, counts: dict[str, int]) -> list[dict[str, tf.Tensor]]:
-    """The first ``train.validation_examples`` of ``train_requests`` (none if the data has none)."""
-    if not counts.get(schema.SPLIT_TRAIN_REQUESTS):
-        return []
-    examples = dataset.make_dataset(cfg.train.data_dir, schema.SPLIT_TRAIN_REQUESTS, 1024).unbatch()
-    return list(examples.take(cfg.train.validation_examples).batch(1024))
+def read_summary(run_dir: str) -> dict:
+    """A run's ``train_summary.json`` (empty if it has none yet)."""
+    path = os.path.join(run_dir, SUMMARY_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_summary(run_dir: str, summary: dict) -> None:
+    with open(os.path.join(run_dir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
 
 
 def save_final(model: ContextualTwoTower, run_dir: str) -> None:
