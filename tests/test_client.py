@@ -20,7 +20,6 @@ from serving.client import (
 )
 from serving.features import FeastFeatureReader
 from serving.launcher import free_port
-from tfrs_ctx import feature_store as fs
 from tfrs_ctx import schema
 
 pytestmark = pytest.mark.slow
@@ -137,26 +136,20 @@ def test_slow_server_hits_the_deadline_then_retries(reader, known):
         threading.Thread(target=server.stop, args=(0,)).start()
 
 
-def test_online_store_unreachable(demo_work, demo_server, known, monkeypatch, tmp_path):
-    """Materialized into a real Redis that then stops: a clear FeatureStoreUnavailable, no hang."""
-    import datetime as dt
-
-    from benchmarks.redis_store import copy_store_sources
+@pytest.mark.redis
+def test_online_store_unreachable(demo_work, demo_server, known):
+    """Materialized into a real Redis that then dies: a clear FeatureStoreUnavailable, no hang."""
+    from benchmarks.redis_store import redis_online_store
 
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server not installed (Debian package redis-server; .ci/run installs it)")
-    yaml = str(fs.repo_yaml(online="redis"))
-    # A private copy of the sources: a Redis registry left in the demo's store (a rerun, another test)
-    # would make materialize incremental, leaving this fresh Redis empty.
-    store_dir = copy_store_sources(str(demo_work / "store"), str(tmp_path / "store"))
-    with fs.local_redis_server() as address:
-        monkeypatch.setenv("REDIS_CONNECTION_STRING", address)
-        store = fs.apply(store_dir, fs_yaml=yaml)
-        assert set(fs.materialize(store, dt.datetime.now(dt.UTC)).values()) == {"full"}
-        reader = FeastFeatureReader.open(store_dir, fs_yaml=yaml)
+    with redis_online_store(str(demo_work / "store")) as redis:
+        reader = redis.reader()
         with CandidateClient(f"127.0.0.1:{demo_server.port}", reader) as client:
             assert client.recommend([AdRequest(known[0][0], known[1][0])])[0].history_used
-    start = time.monotonic()
-    with CandidateClient(f"127.0.0.1:{demo_server.port}", reader) as client, pytest.raises(FeatureStoreUnavailable):
-        client.recommend([AdRequest(known[0][0], known[1][0])])
-    assert time.monotonic() - start < 30
+        redis.server.crash()
+        start = time.monotonic()
+        client = CandidateClient(f"127.0.0.1:{demo_server.port}", reader)
+        with client, pytest.raises(FeatureStoreUnavailable):
+            client.recommend([AdRequest(known[0][0], known[1][0])])
+        assert time.monotonic() - start < 30
