@@ -97,6 +97,15 @@ class _Queue:
         self.size = 0
 
 
+def check_batch_size(size: int, max_batch_size: int) -> None:
+    """TF Serving's refusal of a request with more than ``max_batch_size`` rows."""
+    if size > max_batch_size:
+        raise ServingError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"Task size {size} is larger than maximum input batch size {max_batch_size}",
+        )
+
+
 class BatchScheduler:
     """Merges concurrent requests into batches and runs them on ``num_batch_threads`` threads."""
 
@@ -116,11 +125,7 @@ class BatchScheduler:
     def run(self, servable: Servable, request: PreparedRequest) -> dict[str, np.ndarray]:
         """Run one request as part of a batch; blocks until its rows are back."""
         size = batch_size_of(request.inputs)
-        if size > self.options.max_batch_size:
-            raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"Task size {size} is larger than maximum input batch size {self.options.max_batch_size}",
-            )
+        check_batch_size(size, self.options.max_batch_size)
         sig = request.signature
         if size == 0:
             return servable.run(sig, request.inputs, request.outputs)

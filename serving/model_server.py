@@ -50,7 +50,7 @@ from tensorflow_serving.apis import (
 )
 
 from serving import server_config
-from serving.batching import BatchingOptions, BatchScheduler
+from serving.batching import BatchingOptions, BatchScheduler, check_batch_size
 from serving.health import NOT_SERVING, SERVING, HealthServicer, add_health_servicer
 from serving.model_store import ModelConfig, ModelStore, configs_from_proto, single_model_config
 from serving.servable import Servable, ServingError, session_config
@@ -85,23 +85,11 @@ def _require_name(spec: model_pb2.ModelSpec) -> None:
         raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec name")
 
 
-def _check_batch_size(inputs: dict, max_batch_size: int) -> None:
-    """Refuse a request whose inputs hold more than ``max_batch_size`` rows (0th dimension)."""
-    size = max((array.shape[0] for array in inputs.values() if array.ndim), default=0)
-    if size > max_batch_size:
-        raise ServingError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"Task size {size} is larger than maximum input batch size {max_batch_size}",
-        )
-
-
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """Predict and GetModelMetadata (Classify/Regress/MultiInference stay UNIMPLEMENTED)."""
 
-    def __init__(
-        self, store: ModelStore, scheduler: BatchScheduler | None = None, max_batch_size: int = MAX_BATCH_SIZE
-    ):
-        self.store, self.scheduler, self.max_batch_size = store, scheduler, max_batch_size
+    def __init__(self, store: ModelStore, scheduler: BatchScheduler | None = None):
+        self.store, self.scheduler = store, scheduler
 
     @_grpc_errors
     def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
@@ -111,7 +99,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         if self.scheduler is not None:
             outputs = self.scheduler.run(servable, prepared)
         else:
-            _check_batch_size(prepared.inputs, self.max_batch_size)
+            rows = max((array.shape[0] for array in prepared.inputs.values() if array.ndim), default=0)
+            check_batch_size(rows, MAX_BATCH_SIZE)  # scalars have no rows: batch_size_of refuses them
             outputs = servable.run(prepared.signature, prepared.inputs, prepared.outputs)
         response = predict_pb2.PredictResponse()
         response.model_spec.name = servable.name
