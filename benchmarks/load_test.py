@@ -39,7 +39,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -112,29 +111,28 @@ class Outcome:
     message: str = ""  # the error's message
 
 
-_CODE = re.compile(r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|NOT_FOUND|INTERNAL|UNKNOWN|CANCELLED)\b")
-
-
 def classify(error: BaseException) -> str:
-    """A short error class: the client's exception type and its gRPC code or the store's error type.
+    """A short error class: the client's exception type and its cause's (a gRPC code, the store's error type).
 
     Anything that is not one of the client's typed errors with a message is ``unclassified: ...``.
     """
-    from serving.client import ClientError, FeatureStoreUnavailable
+    import grpc
+
+    from serving.client import ClientError
 
     if not isinstance(error, ClientError) or not str(error):
         return f"unclassified: {type(error).__name__}: {str(error)[:120]}"
-    name = type(error).__name__
-    if isinstance(error, FeatureStoreUnavailable):
-        cause = error.__cause__
-        return f"{name}/{type(cause).__name__}" if cause is not None else name
-    code = _CODE.search(str(error))
-    return f"{name}/{code.group(1)}" if code else name
+    name, cause = type(error).__name__, error.__cause__
+    if cause is None:
+        return name
+    return f"{name}/{cause.code().name if isinstance(cause, grpc.RpcError) else type(cause).__name__}"
 
 
 # ---- the new model version ---------------------------------------------------------------
 def served_versions(models_dir: str, name: str = schema.MODEL_CONTEXT_HEAD) -> list[int]:
-    return sorted(int(d) for d in os.listdir(os.path.join(models_dir, name)) if d.isdigit())
+    from serving.model_store import version_dirs
+
+    return sorted(version_dirs(os.path.join(models_dir, name)))
 
 
 def stage_new_version(workdir: str, models_dir: str, staging: str, seed: int = 0) -> tuple[int, str]:

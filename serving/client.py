@@ -371,4 +371,4 @@ class CandidateClient:
         raise ModelServerUnavailable(
             f"model server did not answer within {self.deadline_s}s after {self.retries + 1} attempts: "
             f"{last.code().name if last else 'unknown'}"
-        )
+        ) from last

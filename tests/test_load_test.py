@@ -50,7 +50,7 @@ def test_all_three_faults_happened(result):
     assert phases["server_restart"]["predict_retries"] > 0
     # no version mismatch anywhere: a restarted server binds only after loading its versions, and after
     # the hot swap it keeps two head versions, so stored vectors stay on theirs (wrong == 0)
-    assert all("ModelVersionMismatch" not in ph["errors"] for ph in phases.values()), phases
+    assert not [e for ph in phases.values() for e in ph["errors"] if e.startswith("ModelVersionMismatch")], phases
     # the hot swap: cold-start users move to the new version
     new = f"unknown users, v{result['versions']['new']}"
     assert result["served"].get(new, 0) > 0
