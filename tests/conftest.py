@@ -15,6 +15,26 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 ML100K = pathlib.Path(os.environ.get("TFRS_CTX_ML100K", REPO.parent / "shared" / "datasets" / "ml-100k"))
 
 
+def predict_request(model: str, inputs: dict, *, version: int | None = None, label: str | None = None, signature=""):
+    """A PredictRequest from numpy arrays or ready TensorProtos; an input set to ``None`` is left out."""
+    import tensorflow as tf
+    from tensorflow.core.framework import tensor_pb2
+    from tensorflow_serving.apis import predict_pb2
+
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = model
+    req.model_spec.signature_name = signature
+    if version is not None:
+        req.model_spec.version.value = version
+    if label is not None:
+        req.model_spec.version_label = label
+    for name, value in inputs.items():
+        if value is not None:
+            proto = value if isinstance(value, tensor_pb2.TensorProto) else tf.make_tensor_proto(value)
+            req.inputs[name].CopyFrom(proto)
+    return req
+
+
 @pytest.fixture(scope="session")
 def ml100k_dir() -> pathlib.Path:
     """MovieLens-100k (read in place; its licence forbids copying it into the repo)."""

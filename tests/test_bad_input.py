@@ -88,11 +88,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
+from conftest import predict_request
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_service_pb2_grpc,
-    predict_pb2,
     prediction_service_pb2_grpc,
 )
 
@@ -113,6 +113,7 @@ from tfrs_ctx.vocab import load_vocab
 
 VERSION = 5  # the exported model version; the corrupt versions come after it
 HEAD = S.MODEL_CONTEXT_HEAD
+DIM = 16  # encoded_history width of TINY_MODEL (model.embedding_dim)
 END = get_model_status_pb2.ModelVersionStatus.END
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 UNKNOWN_ID = 999_999_999
@@ -433,20 +434,10 @@ def _statuses(stub, name: str = HEAD) -> dict:
     return {s.version: s for s in stub.GetModelStatus(req, timeout=10).model_version_status}
 
 
-def _head_request(rows: int = 2, *, dim: int = 16, version: int | None = None, signature: str = "", **overrides):
+def _head_request(rows: int = 2, *, version: int | None = None, signature: str = "", **overrides):
     """A Predict request for the product head: all-padding inputs (no history, no context)."""
-    inputs = export.example_inputs(export.head_specs(dim), rows)
-    inputs.update(overrides)
-    req = predict_pb2.PredictRequest()
-    req.model_spec.name = HEAD
-    req.model_spec.signature_name = signature
-    if version is not None:
-        req.model_spec.version.value = version
-    for name, value in inputs.items():
-        if value is not None:
-            proto = value if isinstance(value, tensor_pb2.TensorProto) else tf.make_tensor_proto(value)
-            req.inputs[name].CopyFrom(proto)
-    return req
+    inputs = {**export.example_inputs(export.head_specs(DIM), rows), **overrides}
+    return predict_request(HEAD, inputs, version=version, signature=signature)
 
 
 def _assert_serves(served) -> None:
@@ -502,15 +493,19 @@ def test_loading_a_corrupt_version_directly_is_a_clear_error(models, tmp_path, k
 def test_bad_predict_requests_on_the_product_head(served):
     invalid, not_found = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
     bad_content = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_content=b"\x00" * 10)
-    for size in (2, 16):
+    for size in (2, DIM):
         bad_content.tensor_shape.dim.add(size=size)
     unknown_model = _head_request()
     unknown_model.model_spec.name = "nope"
     cases = [
-        (_head_request(encoded_history=np.zeros((2, 16), np.float64)), invalid, "expects DT_FLOAT but DT_DOUBLE"),
+        (_head_request(encoded_history=np.zeros((2, DIM), np.float64)), invalid, "expects DT_FLOAT but DT_DOUBLE"),
         (_head_request(history_length=np.zeros(2, np.int32)), invalid, "expects DT_INT64 but DT_INT32"),
         (_head_request(user_country=np.zeros(2, np.int64)), invalid, "expects DT_STRING but DT_INT64"),
-        (_head_request(encoded_history=np.zeros((2, 17), np.float32)), invalid, "shape [2, 17] is incompatible"),
+        (
+            _head_request(encoded_history=np.zeros((2, DIM + 1), np.float32)),
+            invalid,
+            f"shape [2, {DIM + 1}] is incompatible",
+        ),
         (_head_request(encoded_history=np.zeros(2, np.float32)), invalid, "shape [2] is incompatible"),
         (_head_request(context_categories=np.zeros((2, 6), np.int64)), invalid, "shape [2, 6] is incompatible"),
         (_head_request(encoded_history=bad_content), invalid, "tensor_content has 10 bytes"),
@@ -565,7 +560,7 @@ def store(bad_raw, models, tmp_path_factory) -> dict:
     pq.write_table(rows, F.store_paths(root).encodings + "/broken-vectors.parquet")
     feast_store = F.apply(root)
     F.materialize(feast_store)
-    return {"root": root, "summary": summary, "users": users, "broken": list(broken), "dim": dim}
+    return {"root": root, "summary": summary, "users": users, "broken": list(broken)}
 
 
 @pytest.fixture(scope="module")
@@ -638,17 +633,19 @@ def test_unknown_vocabulary_values_map_to_the_oov_id(served):
 def test_unknown_context_category_maps_to_the_oov_id(client, store, categories):
     user = store["users"][5]
     known = [categories[0], categories[1]]
-    first, second, real = client.recommend(
+    first, second, real, none = client.recommend(
         [
             AdRequest(user, None, [UNKNOWN_ID], [0.9]),
             AdRequest(user, None, [UNKNOWN_ID + 7], [0.9]),
             AdRequest(user, None, known, [0.9, 0.4]),
+            AdRequest(user, None),
         ]
     )
-    for rec in (first, second, real):
+    for rec in (first, second, real, none):
         assert rec.history_used and _finite(rec)
     assert first.item_ids == second.item_ids  # any unknown category is the one OOV id
     assert first.scores == pytest.approx(second.scores, abs=1e-6)
+    assert first.scores != pytest.approx(none.scores, abs=1e-6)  # the OOV id is a context, not dropped
 
 
 def test_unknown_context_category_is_noted(store, served, categories, caplog):

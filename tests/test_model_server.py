@@ -25,6 +25,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import predict_request
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -203,19 +204,7 @@ def request(model: str = "linear", rows: int = 2, *, version=None, label=None, s
         "tag": np.array([f"r{seed}-{i}".encode() for i in range(rows)], object),
     }
     inputs.update(overrides)
-    req = predict_pb2.PredictRequest()
-    req.model_spec.name = model
-    req.model_spec.signature_name = signature
-    if version is not None:
-        req.model_spec.version.value = version
-    if label is not None:
-        req.model_spec.version_label = label
-    for name, value in inputs.items():
-        if value is not None:
-            req.inputs[name].CopyFrom(
-                value if isinstance(value, tensor_pb2.TensorProto) else tf.make_tensor_proto(value)
-            )
-    return req, inputs
+    return predict_request(model, inputs, version=version, label=label, signature=signature), inputs
 
 
 def outputs(response) -> dict[str, np.ndarray]:
@@ -581,9 +570,7 @@ def test_single_model_form_message_limit_and_graceful_shutdown(servers):
     expect_code(predict.Predict, big, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
     def slow(n: int) -> float:
-        req = predict_pb2.PredictRequest()
-        req.model_spec.name, req.model_spec.signature_name = "solo", "slow"
-        req.inputs["n"].CopyFrom(tf.make_tensor_proto(np.array([n], np.int64)))
+        req = predict_request("solo", {"n": np.array([n], np.int64)}, signature="slow")
         start = time.perf_counter()
         assert tf.make_ndarray(predict.Predict(req, timeout=60).outputs["trace"]).tolist() == [256.0]
         return time.perf_counter() - start

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     request = AdRequest(args.user, args.subject_item, cats[0], cats[1])
     known = None
     if args.data and args.categories:
-        known = [int(c) for c in load_vocab(args.data, schema.VOCAB_CATEGORY)]
+        known = load_vocab(args.data, schema.VOCAB_CATEGORY)
     try:
         with CandidateClient(
             args.server, reader, deadline_s=args.deadline, version_policy=args.version_policy, known_categories=known
