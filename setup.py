@@ -44,5 +44,5 @@ setup(
     ],
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
-    entry_points={"console_scripts": ["tfrs-ctx = tfrs_ctx.cli:main"]},
+    entry_points={"console_scripts": ["tfrs-ctx = tfrs_ctx.apps.cli:main"]},
 )

@@ -25,7 +25,7 @@ cutoff, and no history holds an event at or after its own target.
 
 Validation
 ----------
-Every raw row is checked against :func:`tfrs_ctx.validation.row_problem` (references
+Every raw row is checked against :func:`tfrs_ctx.data.validation.row_problem` (references
 against the valid ``items`` / ``subject_items``; duplicate keys of the small tables and
 duplicate request ids keep one row, the first in a canonical order). For column-typed
 Parquet batches of the event tables the same rules run vectorised first
@@ -75,9 +75,10 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 from beam_pipelines import cli_main
 from beam_pipelines import transforms as T
-from tfrs_ctx import rawio, schema
-from tfrs_ctx.validation import ALLOWED_VALUES, REFERENCES, row_problem
-from tfrs_ctx.vocab import is_missing, vocab_text
+from tfrs_ctx import schema
+from tfrs_ctx.data import rawio
+from tfrs_ctx.data.validation import ALLOWED_VALUES, REFERENCES, row_problem
+from tfrs_ctx.data.vocab import is_missing, vocab_text
 
 S = schema
 NAMESPACE = "tfrs_ctx"

@@ -74,9 +74,9 @@ from beam_pipelines import build_training_data as B
 from beam_pipelines import cli_main
 from beam_pipelines import transforms as T
 from tfrs_ctx import feature_store as F
-from tfrs_ctx import rawio
 from tfrs_ctx import schema as S
-from tfrs_ctx.vocab import is_missing
+from tfrs_ctx.data import rawio
+from tfrs_ctx.data.vocab import is_missing
 
 NAMESPACE = B.NAMESPACE
 USER_BATCH = B.USER_BATCH  # users whose histories are built together

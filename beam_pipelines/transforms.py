@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from tfrs_ctx import schema
-from tfrs_ctx.vocab import Vocabulary
+from tfrs_ctx.data.vocab import Vocabulary
 
 S = schema
 Block = dict[str, np.ndarray]  # one user's rows of a table, column-wise
@@ -373,7 +373,7 @@ def history_at(
 ) -> dict[str, np.ndarray]:
     """One user's history features at ``target_ts`` (events strictly before it), unbatched.
 
-    ``vocabularies``: e.g. :func:`tfrs_ctx.vocab.load_vocabularies` of a data directory.
+    ``vocabularies``: e.g. :func:`tfrs_ctx.data.vocab.load_vocabularies` of a data directory.
     """
     encoded = EncodedEvents.encode(events, vocabularies)
     positions = positions_before(encoded, target_ts, exclude_item, max_len)[None, :]

@@ -22,7 +22,7 @@ import time
 from beam_pipelines import build_training_data
 from benchmarks import emit
 from tfrs_ctx import schema
-from tfrs_ctx.synthetic import SyntheticConfig, generate
+from tfrs_ctx.sources.synthetic import SyntheticConfig, generate
 
 EVENTS_PER_USER = 30  # synthetic conversions per user, requests' conversions included
 INPUT_FILES = 8  # conversions part files, so reading spreads over workers

@@ -44,9 +44,9 @@ import pyarrow.parquet as pq
 
 from beam_pipelines import build_training_data, encode_users
 from tfrs_ctx import feature_store as F
-from tfrs_ctx import rawio
 from tfrs_ctx import schema as S
-from tfrs_ctx.synthetic import SyntheticConfig, generate
+from tfrs_ctx.data import rawio
+from tfrs_ctx.sources.synthetic import SyntheticConfig, generate
 
 VERSION = 1
 SEED = 3
@@ -58,8 +58,9 @@ def world(users: int, events_per_user: float) -> SyntheticConfig:
 
 def export_encoder(workdir: str) -> str:
     """An untrained production-size model, exported; returns the models directory."""
-    from tfrs_ctx import export, train
+    from tfrs_ctx import export
     from tfrs_ctx.config import load_config
+    from tfrs_ctx.training import train
 
     raw, data, models = (os.path.join(workdir, d) for d in ("vocab_raw", "vocab_data", "models"))
     generate(raw, world(500, 10.0), progress=False)

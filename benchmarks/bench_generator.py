@@ -1,6 +1,6 @@
 """Synthetic-generator throughput and memory: ``python -m benchmarks.bench_generator --users 1000000``.
 
-Runs ``tfrs_ctx.synthetic`` in a child process writing into a temporary directory, then
+Runs ``tfrs_ctx.sources.synthetic`` in a child process writing into a temporary directory, then
 prints one JSON line: conversion events written per second (the generator's own clock, and
 wall clock including interpreter start-up) and the child's peak resident set size
 (``ru_maxrss`` of the waited-for child, so the benchmark's own memory is not counted).
@@ -30,7 +30,7 @@ def _dir_bytes(path: str) -> int:
 def run(users: int, seed: int = 0, extra: list[str] | None = None, keep: str | None = None) -> dict:
     """Generate ``users`` users in a child process; returns the measurements."""
     out = keep or tempfile.mkdtemp(prefix="bench_generator_")
-    cmd = [sys.executable, "-m", "tfrs_ctx.synthetic", "--out", out, "--users", str(users), "--seed", str(seed)]
+    cmd = [sys.executable, "-m", "tfrs_ctx.sources.synthetic", "--out", out, "--users", str(users), "--seed", str(seed)]
     cmd += [*(extra or []), "--quiet"]
     try:
         t0 = time.perf_counter()

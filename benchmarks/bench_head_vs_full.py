@@ -25,7 +25,8 @@ import numpy as np
 
 def batch1_inputs(data_dir: str, dim: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """Raw inputs for each model: a full-length history, a 5-category context, demographics."""
-    from tfrs_ctx import schema, vocab
+    from tfrs_ctx import schema
+    from tfrs_ctx.data import vocab
 
     rng = np.random.default_rng(seed)
     items = [int(v) for v in vocab.load_vocab(data_dir, schema.VOCAB_ITEM)]
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.bench_serving import compare_models, measure_compute
     from tfrs_ctx import export, schema
-    from tfrs_ctx.train import load_trained
+    from tfrs_ctx.training.train import load_trained
 
     model, cfg = load_trained(args.run, args.data)
     names = (schema.MODEL_CONTEXT_HEAD, schema.MODEL_FULL)

@@ -25,7 +25,7 @@ from benchmarks import emit
 
 
 def _requests(workdir: str, n: int, seed: int = 0):
-    from serving.client import AdRequest
+    from serving.client.candidates import AdRequest
     from tfrs_ctx import schema
 
     users = pd.read_parquet(os.path.join(workdir, "raw", schema.USERS.name))[schema.USER_ID].to_numpy()
@@ -77,7 +77,7 @@ def _throughput(make_client, requests, threads: int, seconds: float) -> dict:
 
 
 def measure(target: str, reader_factory, requests, threads: int, seconds: float) -> dict:
-    from serving.client import CandidateClient
+    from serving.client.candidates import CandidateClient
 
     with CandidateClient(target, reader_factory()) as client:
         latency = _latency(client, requests)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from benchmarks.redis_store import redis_online_store
-    from serving.features import FeastFeatureReader
+    from serving.client.features import FeastFeatureReader
     from serving.launcher import start_server
 
     store = os.path.join(args.workdir, "store")

@@ -231,7 +231,7 @@ def measure_throughput(call: Callable, requests: Sequence, threads: int, seconds
 
 def measure_compute(model_path: str | Path, request, requests: int) -> dict:
     """The model alone: the signature run in this process (session runtime, one intra-op thread)."""
-    from serving.servable import Servable, session_config
+    from serving.model_server.servable import Servable, session_config
 
     servable = Servable("bench", 1, str(model_path), session_config=session_config(intra_op_threads=1))
     prepared = servable.prepare("", request.inputs)

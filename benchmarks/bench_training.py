@@ -46,8 +46,9 @@ class StepTimer:
 def measure(data_dir: str, overrides: list[str], steps: int, warmup: int) -> dict:
     import tf_keras as keras
 
-    from tfrs_ctx import dataset, train
     from tfrs_ctx.config import load_config
+    from tfrs_ctx.data import dataset
+    from tfrs_ctx.training import train
 
     cfg = load_config("synthetic", overrides)
     cfg.train.data_dir = data_dir
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     from beam_pipelines import build_training_data
-    from tfrs_ctx.synthetic import SyntheticConfig, generate
+    from tfrs_ctx.sources.synthetic import SyntheticConfig, generate
 
     with tempfile.TemporaryDirectory() as tmp:
         raw, data = os.path.join(tmp, "raw"), os.path.join(tmp, "data")

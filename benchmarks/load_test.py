@@ -118,7 +118,7 @@ def classify(error: BaseException) -> str:
     """
     import grpc
 
-    from serving.client import ClientError
+    from serving.client.candidates import ClientError
 
     if not isinstance(error, ClientError) or not str(error):
         return f"unclassified: {type(error).__name__}: {str(error)[:120]}"
@@ -130,7 +130,7 @@ def classify(error: BaseException) -> str:
 
 # ---- the new model version ---------------------------------------------------------------
 def served_versions(models_dir: str, name: str = schema.MODEL_CONTEXT_HEAD) -> list[int]:
-    from serving.model_store import version_dirs
+    from serving.model_server.model_store import version_dirs
 
     return sorted(version_dirs(os.path.join(models_dir, name)))
 
@@ -149,7 +149,7 @@ def stage_new_version(workdir: str, models_dir: str, staging: str, seed: int = 0
     if os.path.isdir(run) and os.path.isdir(data):
         import tensorflow as tf
 
-        from tfrs_ctx.train import load_trained
+        from tfrs_ctx.training.train import load_trained
 
         model, _ = load_trained(run, data)
         rng = np.random.default_rng(seed)
@@ -296,7 +296,7 @@ def run_load(
     clients: list, planned: list[Planned], rate: float, time_limit: float, faults: Faults
 ) -> tuple[list[Outcome], int, float, float]:
     """Paced requests from one thread per client; returns (outcomes, requests still in flight, wall, start)."""
-    from serving.client import AdRequest
+    from serving.client.candidates import AdRequest
 
     counter, lock = itertools.count(), threading.Lock()
     issued, outcomes, inflight = [0], [], {}
@@ -504,7 +504,7 @@ def run_load_test(
 ) -> dict:
     """Run the load with the three faults; returns the summary (see the module docstring)."""
     from benchmarks.redis_store import redis_online_store
-    from serving.client import CandidateClient
+    from serving.client.candidates import CandidateClient
     from serving.launcher import start_server
 
     began = time.monotonic()

@@ -31,8 +31,8 @@ class RedisOnlineStore:
     keys: int  # keys materialized (and snapshotted)
 
     def reader(self):
-        """A fresh :class:`serving.features.FeastFeatureReader` on this Redis (one per client thread)."""
-        from serving.features import FeastFeatureReader
+        """A fresh :class:`serving.client.features.FeastFeatureReader` on this Redis (one per client thread)."""
+        from serving.client.features import FeastFeatureReader
 
         return FeastFeatureReader.open(self.store_dir, fs_yaml=self.fs_yaml)
 

@@ -142,7 +142,7 @@ def bench_command(name: str, args: Sequence[str], json_path: Path, demo: Path | 
 
 
 def demo_command(workdir: Path, args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "tfrs_ctx.demo", "--workdir", str(workdir), *args]
+    return [sys.executable, "-m", "tfrs_ctx.apps.demo", "--workdir", str(workdir), *args]
 
 
 def store_row_bytes(store: Path) -> dict[str, Any] | None:

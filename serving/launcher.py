@@ -33,7 +33,7 @@ from pathlib import Path
 
 import grpc
 
-from serving import health, server_config
+from serving.model_server import health, server_config
 
 BINARY = "tensorflow_model_server"
 SERVING_DIR = Path(__file__).resolve().parent

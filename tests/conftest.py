@@ -46,7 +46,7 @@ def ml100k_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def small_raw(tmp_path_factory) -> pathlib.Path:
     """A small synthetic raw-table directory (300 users), generated once per session."""
-    from tfrs_ctx.synthetic import SyntheticConfig, generate
+    from tfrs_ctx.sources.synthetic import SyntheticConfig, generate
 
     out = tmp_path_factory.mktemp("raw")
     generate(str(out), SyntheticConfig(users=300, items=600, subject_items=800, advertisers=60, seed=7), progress=False)
@@ -77,8 +77,8 @@ TINY_MODEL = [
 
 
 def train_tiny(data_dir: pathlib.Path, run_dir: pathlib.Path, *overrides: str) -> pathlib.Path:
-    from tfrs_ctx import train
     from tfrs_ctx.config import load_config
+    from tfrs_ctx.training import train
 
     cfg = load_config("synthetic", [*TINY_MODEL, *overrides])
     cfg.train.data_dir = str(data_dir)
@@ -99,7 +99,7 @@ def tiny_runs(small_data, tmp_path_factory) -> dict[str, pathlib.Path]:
 @pytest.fixture(scope="session")
 def demo_work(tmp_path_factory) -> pathlib.Path:
     """The end-to-end demo at small scale: every stage, a tiny model; returns its workdir."""
-    from tfrs_ctx import demo
+    from tfrs_ctx.apps import demo
 
     work = tmp_path_factory.mktemp("demo")
     tiny = [f"--set={o}" for o in TINY_MODEL if not o.startswith("train.epochs")]

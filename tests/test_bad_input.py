@@ -98,18 +98,21 @@ from tensorflow_serving.apis import (
 
 from beam_pipelines import build_training_data as btd
 from beam_pipelines import encode_users
-from serving import health
-from serving.client import AdRequest, CandidateClient
-from serving.features import FeastFeatureReader
+from serving.client.candidates import AdRequest, CandidateClient
+from serving.client.features import FeastFeatureReader
 from serving.launcher import start_server
-from serving.model_server import MAX_BATCH_SIZE
-from serving.servable import Servable
-from tfrs_ctx import dataset, evaluate, export, rawio, train
+from serving.model_server import health
+from serving.model_server.servable import Servable
+from serving.model_server.server import MAX_BATCH_SIZE
+from tfrs_ctx import export
 from tfrs_ctx import feature_store as F
 from tfrs_ctx import schema as S
 from tfrs_ctx.config import load_config
-from tfrs_ctx.validation import RawTableError, check_table, row_problem
-from tfrs_ctx.vocab import load_vocab
+from tfrs_ctx.data import dataset, rawio
+from tfrs_ctx.data.validation import RawTableError, check_table, row_problem
+from tfrs_ctx.data.vocab import load_vocab
+from tfrs_ctx.evaluation import evaluate
+from tfrs_ctx.training import train
 
 VERSION = 5  # the exported model version; the corrupt versions come after it
 HEAD = S.MODEL_CONTEXT_HEAD

@@ -15,9 +15,9 @@ import pytest
 
 from beam_pipelines import build_training_data as btd
 from beam_pipelines import transforms as T
-from tfrs_ctx import dataset, rawio
 from tfrs_ctx import schema as S
-from tfrs_ctx.vocab import Vocabulary, load_vocab, load_vocabularies
+from tfrs_ctx.data import dataset, rawio
+from tfrs_ctx.data.vocab import Vocabulary, load_vocab, load_vocabularies
 
 T0 = 1_710_000_000
 DAY = 86_400

@@ -11,14 +11,14 @@ import grpc
 import pandas as pd
 import pytest
 
-from serving.client import (
+from serving.client.candidates import (
     AdRequest,
     CandidateClient,
     FeatureStoreUnavailable,
     ModelServerUnavailable,
     ModelVersionMismatch,
 )
-from serving.features import FeastFeatureReader
+from serving.client.features import FeastFeatureReader
 from serving.launcher import free_port
 from tfrs_ctx import schema
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfrs_ctx import dataset
 from tfrs_ctx import schema as S
-from tfrs_ctx.vocab import Vocabulary, load_vocab, vocab_sizes, write_vocab
+from tfrs_ctx.data import dataset
+from tfrs_ctx.data.vocab import Vocabulary, load_vocab, vocab_sizes, write_vocab
 
 
 @pytest.fixture(scope="module")

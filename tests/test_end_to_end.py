@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from serving.client import AdRequest, CandidateClient
-from serving.features import FeastFeatureReader
-from tfrs_ctx import evaluate, schema
+from serving.client.candidates import AdRequest, CandidateClient
+from serving.client.features import FeastFeatureReader
+from tfrs_ctx import schema
+from tfrs_ctx.evaluation import evaluate
 
 pytestmark = pytest.mark.slow
 

@@ -24,9 +24,11 @@ import pytest
 import tensorflow as tf
 
 from beam_pipelines import encode_users
-from tfrs_ctx import daily, export, rawio
+from tfrs_ctx import export
 from tfrs_ctx import feature_store as F
 from tfrs_ctx import schema as S
+from tfrs_ctx.apps import daily
+from tfrs_ctx.data import rawio
 
 VERSION = 11
 NO_HISTORY_USER = 999_000_001  # in the users table, without conversions
@@ -73,7 +75,7 @@ def online_vectors(store, user_ids) -> dict[int, dict]:
 # --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def models(tiny_runs, small_data, tmp_path_factory):
-    from tfrs_ctx.train import load_trained
+    from tfrs_ctx.training.train import load_trained
 
     model, _ = load_trained(str(tiny_runs["contextual"]), str(small_data))
     out = tmp_path_factory.mktemp("fs_models")

@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from tfrs_ctx import layers, schema
+from tfrs_ctx import schema
+from tfrs_ctx.models import layers
 
 L, D = schema.MAX_HISTORY, 16
 

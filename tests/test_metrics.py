@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tfrs_ctx import evaluate, schema
+from tfrs_ctx import schema
+from tfrs_ctx.evaluation import evaluate
 
 R = schema.NUM_RESERVED_IDS
 

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from tfrs_ctx import schema
 from tfrs_ctx.config import ModelConfig
-from tfrs_ctx.model import ContextualTwoTower
+from tfrs_ctx.models.two_tower import ContextualTwoTower
 
 N, B = 200, 32
 
@@ -83,7 +83,7 @@ def test_loss_decreases(corpus, full_softmax):
 
 
 def test_no_context_loss_is_the_same_examples_loss_with_context_cleared(corpus):
-    from tfrs_ctx.model import without_context
+    from tfrs_ctx.models.two_tower import without_context
 
     x = batch(2)
     plain = ContextualTwoTower(ModelConfig(dropout=0.0, no_context_loss_weight=0.0), VOCAB, corpus)
@@ -97,7 +97,7 @@ def test_no_context_loss_is_the_same_examples_loss_with_context_cleared(corpus):
 
 
 def test_context_trust_zero_gives_exactly_the_no_context_embedding(corpus):
-    from tfrs_ctx.model import without_context
+    from tfrs_ctx.models.two_tower import without_context
 
     m = ContextualTwoTower(ModelConfig(dropout=0.0), VOCAB, corpus)
     x = batch(3)
@@ -112,7 +112,7 @@ def test_calibration_trusts_context_only_where_it_carries_signal(corpus):
     requests whose context is random (-> low trust) or whose history is random (-> high)."""
     import tf_keras as keras
 
-    from tfrs_ctx.calibrate import TRUST_GRID, choose_trust
+    from tfrs_ctx.training.calibrate import TRUST_GRID, choose_trust
 
     keras.utils.set_random_seed(0)
     cfg = ModelConfig(embedding_dim=16, ff_dim=32, mlp_hidden=[32], dropout=0.0, no_context_loss_weight=0.0)

@@ -10,8 +10,10 @@ from collections import defaultdict
 import pandas as pd
 import pytest
 
-from tfrs_ctx import cli, schema
-from tfrs_ctx.movielens import (
+from tfrs_ctx import schema
+from tfrs_ctx.apps import cli
+from tfrs_ctx.data.validation import check_raw_dir
+from tfrs_ctx.sources.movielens import (
     EVENT_TYPE_OF_RATING,
     HISTORY_EXCLUDES_SUBJECT_EVENT,
     NON_US,
@@ -21,8 +23,7 @@ from tfrs_ctx.movielens import (
     import_movielens,
     zip_region,
 )
-from tfrs_ctx.synthetic import AGE_BUCKETS, GENDERS
-from tfrs_ctx.validation import check_raw_dir
+from tfrs_ctx.sources.synthetic import AGE_BUCKETS, GENDERS
 
 N_USERS, N_MOVIES, N_RATINGS = 943, 1682, 100_000
 

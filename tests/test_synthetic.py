@@ -9,10 +9,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tfrs_ctx import cli, schema
-from tfrs_ctx.rawio import read_table, table_files
-from tfrs_ctx.synthetic import SyntheticConfig, generate
-from tfrs_ctx.validation import check_raw_dir
+from tfrs_ctx import schema
+from tfrs_ctx.apps import cli
+from tfrs_ctx.data.rawio import read_table, table_files
+from tfrs_ctx.data.validation import check_raw_dir
+from tfrs_ctx.sources.synthetic import SyntheticConfig, generate
 
 SMALL = {"users": 300, "items": 600, "subject_items": 800, "advertisers": 60}
 

@@ -7,8 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from tfrs_ctx import dataset, evaluate, schema, train
+from tfrs_ctx import schema
 from tfrs_ctx.config import load_config
+from tfrs_ctx.data import dataset
+from tfrs_ctx.evaluation import evaluate
+from tfrs_ctx.training import train
 
 
 def test_training_lowers_the_loss_and_writes_its_summary(tiny_runs, small_data):
@@ -128,7 +131,7 @@ def test_evaluate_refuses_a_baseline_as_the_contextual_run(small_data, tiny_runs
 def test_calibrate_command_rechooses_the_trust_of_a_trained_run(tiny_runs, small_data, tmp_path, capsys):
     import shutil
 
-    from tfrs_ctx import calibrate
+    from tfrs_ctx.training import calibrate
 
     run = tmp_path / "run"
     shutil.copytree(tiny_runs["contextual"], run)

@@ -21,10 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tfrs_ctx import cli, schema
-from tfrs_ctx.rawio import iter_rows, read_table, table_files
+from tfrs_ctx import schema
+from tfrs_ctx.apps import cli
+from tfrs_ctx.data.rawio import iter_rows, read_table, table_files
+from tfrs_ctx.data.validation import MAX_ROWS_SHOWN, RawTableError, check_raw_dir, check_table, row_problem
 from tfrs_ctx.schema import Table
-from tfrs_ctx.validation import MAX_ROWS_SHOWN, RawTableError, check_raw_dir, check_table, row_problem
 
 ALL = "all"  # every row is bad
 UNKNOWN_ID = 10**9

@@ -38,8 +38,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 
-from tfrs_ctx import schema, vocab
-from tfrs_ctx.model import ContextualTwoTower
+from tfrs_ctx import schema
+from tfrs_ctx.data import vocab
+from tfrs_ctx.models.two_tower import ContextualTwoTower
 
 MODEL_NAMES = (schema.MODEL_ENCODER, schema.MODEL_CONTEXT_HEAD, schema.MODEL_FULL)
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", type=int, help="integer model version (default: unix time now)")
     parser.add_argument("--top-k", type=int, default=100)
     args = parser.parse_args(argv)
-    from tfrs_ctx.train import load_trained
+    from tfrs_ctx.training.train import load_trained
 
     model, cfg = load_trained(args.run, args.data)
     result = export_all(model, cfg.train.data_dir, args.out, args.version, args.top_k)

@@ -21,8 +21,8 @@ import grpc
 import numpy as np
 from google.protobuf import text_format
 
-from serving.protos import BatchingParameters
-from serving.servable import PreparedRequest, Servable, ServingError, Signature
+from serving.model_server.protos import BatchingParameters
+from serving.model_server.servable import PreparedRequest, Servable, ServingError, Signature
 
 log = logging.getLogger("tfrs_ctx.serving")
 

@@ -11,18 +11,18 @@ import sys
 
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("tfrs_ctx.synthetic", "write Pinterest-shaped synthetic raw tables"),
-    "import-movielens": ("tfrs_ctx.movielens", "convert MovieLens-100k into the raw tables"),
-    "validate": ("tfrs_ctx.validation", "validate every raw table of a directory"),
+    "generate": ("tfrs_ctx.sources.synthetic", "write Pinterest-shaped synthetic raw tables"),
+    "import-movielens": ("tfrs_ctx.sources.movielens", "convert MovieLens-100k into the raw tables"),
+    "validate": ("tfrs_ctx.data.validation", "validate every raw table of a directory"),
     "build-data": ("beam_pipelines.build_training_data", "Beam: raw tables -> TFRecords + vocabularies"),
-    "train": ("tfrs_ctx.train", "train the contextual sequential two-tower model"),
-    "calibrate": ("tfrs_ctx.calibrate", "re-choose a trained run's context trust on real request context"),
-    "evaluate": ("tfrs_ctx.evaluate", "full-ranking evaluation report on held-out requests"),
+    "train": ("tfrs_ctx.training.train", "train the contextual sequential two-tower model"),
+    "calibrate": ("tfrs_ctx.training.calibrate", "re-choose a trained run's context trust on real request context"),
+    "evaluate": ("tfrs_ctx.evaluation.evaluate", "full-ranking evaluation report on held-out requests"),
     "export": ("tfrs_ctx.export", "hybrid export: encoder, context_head, full SavedModels"),
-    "study": ("tfrs_ctx.studies", "lift over context strength; context-dropout / synthetic-context ablation"),
-    "daily": ("tfrs_ctx.daily", "the daily job: Beam-encode users with new activity, materialize Feast"),
-    "recommend": ("tfrs_ctx.recommend", "candidate ads for one request via Feast + gRPC Predict"),
-    "demo": ("tfrs_ctx.demo", "the end-to-end demo on the embedded synthetic default"),
+    "study": ("tfrs_ctx.apps.studies", "lift over context strength; context-dropout / synthetic-context ablation"),
+    "daily": ("tfrs_ctx.apps.daily", "the daily job: Beam-encode users with new activity, materialize Feast"),
+    "recommend": ("tfrs_ctx.apps.recommend", "candidate ads for one request via Feast + gRPC Predict"),
+    "demo": ("tfrs_ctx.apps.demo", "the end-to-end demo on the embedded synthetic default"),
 }
 
 

@@ -27,9 +27,10 @@ import sys
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tfrs_ctx import dataset, schema
+from tfrs_ctx import schema
 from tfrs_ctx.config import Config
-from tfrs_ctx.evaluate import recall_at_k
+from tfrs_ctx.data import dataset
+from tfrs_ctx.evaluation.evaluate import recall_at_k
 
 # 1 = as trained. Above 1: real context is more reliable than the dropped, swapped synthetic
 # context the model hedged against in training.
@@ -95,7 +96,7 @@ def calibrate(model, cfg: Config, counts: dict[str, int], validation: list) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tfrs_ctx import train
+    from tfrs_ctx.training import train
 
     parser = argparse.ArgumentParser(prog="tfrs-ctx calibrate", description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="trained run directory (its final/ weights are updated)")

@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 from tfrs_ctx import schema
-from tfrs_ctx.rawio import TableWriter
+from tfrs_ctx.data.rawio import TableWriter
 
 START_TIMESTAMP = 1_704_067_200  # 2024-01-01 UTC
 SUBJECT_ID_OFFSET = 10_000_000

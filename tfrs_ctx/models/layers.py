@@ -158,7 +158,7 @@ class ContextLayer(keras.layers.Layer):
     an example is dropped with probability ``drop_context``, so the model also learns the
     no-context case. Output: the vector and a has-context flag, ``[B, dim + 1]``, both scaled
     by ``trust``: a non-trainable scalar, 1 while training on synthetic context, chosen on real
-    request context after training (``tfrs_ctx.calibrate``); at 0 the output is exactly the
+    request context after training (``tfrs_ctx.training.calibrate``); at 0 the output is exactly the
     no-context output.
     """
 

@@ -135,8 +135,8 @@ def item_popularity(data_dir: str, item_ids: np.ndarray) -> np.ndarray:
 
 def score_rows(data_dir: str, contextual, baseline, exclude_history: bool, max_requests: int | None = None) -> dict:
     """Ranks of every held-out request's label under each row; returns ``{row: ranks}``."""
-    from tfrs_ctx import dataset, vocab
-    from tfrs_ctx.model import without_context
+    from tfrs_ctx.data import dataset, vocab
+    from tfrs_ctx.models.two_tower import without_context
 
     corpus = dataset.load_corpus(data_dir)
     popularity = item_popularity(data_dir, corpus[schema.ITEM_ID])
@@ -266,7 +266,7 @@ def evaluate_runs(
     max_requests: int | None = None,
 ) -> dict:
     """Load both trained runs, score every row on the same requests, write the report."""
-    from tfrs_ctx.train import load_trained, read_summary
+    from tfrs_ctx.training.train import load_trained, read_summary
 
     contextual, cfg = load_trained(contextual_run, data_dir)
     baseline, _ = load_trained(baseline_run, data_dir)

@@ -7,7 +7,7 @@ ad corpus), checkpoints with resume, TensorBoard logs, a progress bar, seeds.
 Validation uses the ``train_requests`` split (related-items requests *before* the time
 cutoff, with their real context), so the held-out ``eval`` requests are never looked at.
 After training on synthetic context, the contextual model's context trust is chosen on the
-other ``train_requests`` (``train.calibration_examples``; see ``tfrs_ctx.calibrate``).
+other ``train_requests`` (``train.calibration_examples``; see ``tfrs_ctx.training.calibrate``).
 
 A run directory holds ``config.yaml``, ``checkpoints/`` (resume), ``final/`` (the weights
 evaluation and export load), ``logs/`` (TensorBoard) and ``train_summary.json``.
@@ -27,11 +27,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf
 import tf_keras as keras
 
-from tfrs_ctx import dataset, schema
-from tfrs_ctx.calibrate import calibrate
+from tfrs_ctx import schema
 from tfrs_ctx.config import Config, load_config, save_config
-from tfrs_ctx.evaluate import recall_at_k
-from tfrs_ctx.model import ContextualTwoTower, without_context
+from tfrs_ctx.data import dataset
+from tfrs_ctx.evaluation.evaluate import recall_at_k
+from tfrs_ctx.models.two_tower import ContextualTwoTower, without_context
+from tfrs_ctx.training.calibrate import calibrate
 
 FINAL_DIR = "final"
 FINAL_WEIGHTS = "weights"

@@ -3,10 +3,10 @@
 Query tower = ``head(encoder(history), context, demographics)``:
 
 * ``encode_history``: summed event embeddings (ad, advertiser, event type, time gap) through
-  a Transformer :class:`~tfrs_ctx.layers.SequenceEncoder`; its last valid hidden state is
+  a Transformer :class:`~tfrs_ctx.models.layers.SequenceEncoder`; its last valid hidden state is
   the vector the offline job stores in the feature store.
 * ``head``: that vector (or a learned no-history vector when the history is empty), the
-  :class:`~tfrs_ctx.layers.ContextLayer` output and demographic embeddings, concatenated,
+  :class:`~tfrs_ctx.models.layers.ContextLayer` output and demographic embeddings, concatenated,
   through the user MLP -> L2-normalised user embedding. With ``use_context=False`` the head
   has no context path at all: that is the sequence-only production baseline.
 
@@ -23,7 +23,7 @@ context-missing path (most requests in production) as good as the sequence-only 
 which dropping a share of contexts at random does not (see the ablation).
 
 The context layer's ``trust`` (the scale of its output, 1 in training) is chosen after
-training on logged requests with their real context (``tfrs_ctx.calibrate``): how far real
+training on logged requests with their real context (``tfrs_ctx.training.calibrate``): how far real
 context can be believed (at context strength 0: not at all -> lift ~1x).
 """
 
@@ -40,7 +40,7 @@ import tf_keras as keras
 
 from tfrs_ctx import schema
 from tfrs_ctx.config import ModelConfig
-from tfrs_ctx.layers import MLP, ContextLayer, SequenceEncoder, weighted_average
+from tfrs_ctx.models.layers import MLP, ContextLayer, SequenceEncoder, weighted_average
 
 
 def without_context(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:

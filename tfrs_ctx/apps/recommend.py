@@ -36,7 +36,7 @@ def parse_categories(text: str) -> tuple[list[int], list[float]]:
 def ad_details(raw_dir: str | None) -> dict[int, dict]:
     if not raw_dir:
         return {}
-    from tfrs_ctx.rawio import read_table
+    from tfrs_ctx.data.rawio import read_table
 
     items = read_table(raw_dir, schema.ITEMS, validate=False)
     return {
@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from serving.client import AdRequest, CandidateClient, ClientError
-    from serving.features import FeastFeatureReader
+    from serving.client.candidates import AdRequest, CandidateClient, ClientError
+    from serving.client.features import FeastFeatureReader
     from tfrs_ctx import feature_store as fs
-    from tfrs_ctx.vocab import load_vocab
+    from tfrs_ctx.data.vocab import load_vocab
 
     store_dir = args.store or fs.store_dir_from_env()
     reader = FeastFeatureReader.open(store_dir, args.repo, str(fs.repo_yaml(args.repo, args.online)))

@@ -69,7 +69,7 @@ def read_table(raw_dir: str, table: Table, validate: bool = True) -> pd.DataFram
             frames.append(pq.read_table(path).to_pandas())
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     if validate:
-        from tfrs_ctx.validation import check_table
+        from tfrs_ctx.data.validation import check_table
 
         check_table(table, frame)
     return frame

@@ -24,8 +24,8 @@ import grpc
 from tensorflow_serving.apis import get_model_status_pb2, model_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.servable import Servable, ServingError
-from serving.server_config import resolve_base_path
+from serving.model_server.servable import Servable, ServingError
+from serving.model_server.server_config import resolve_base_path
 
 log = logging.getLogger("tfrs_ctx.serving")
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from serving.client import UserState
+from serving.client.candidates import UserState
 from tfrs_ctx import feature_store as fs
 from tfrs_ctx import schema
 

@@ -21,7 +21,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 DEFAULT_ML100K = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "datasets", "ml-100k"
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "..", "shared", "datasets", "ml-100k"
 )
 
 
@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from beam_pipelines import build_training_data
-    from tfrs_ctx import evaluate, train
     from tfrs_ctx.config import load_config
+    from tfrs_ctx.evaluation import evaluate
+    from tfrs_ctx.training import train
 
     work = os.path.abspath(args.workdir)
     raw, data, runs, report_dir, models, store = (
@@ -71,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     stages = Stages(10)
 
     if args.data == "synthetic":
-        from tfrs_ctx.synthetic import SyntheticConfig, generate
+        from tfrs_ctx.sources.synthetic import SyntheticConfig, generate
 
         cfg_raw = SyntheticConfig(users=args.users, context_strength=args.context_strength)
         summary = stages.run(f"generate synthetic raw tables ({args.users} users)", generate, raw, cfg_raw)
     else:
-        from tfrs_ctx.movielens import import_movielens
+        from tfrs_ctx.sources.movielens import import_movielens
 
         summary = stages.run(f"import MovieLens-100k from {args.ml100k}", import_movielens, args.ml100k, raw)
     print(f"    rows: {json.dumps(summary.get('rows', summary))}")
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     lift = report["lift"]["recall@100"]
     print(f"Recall@100 lift contextual/baseline: {lift['lift']:.2f}x [{lift['lo']:.2f}, {lift['hi']:.2f}]")
 
-    from tfrs_ctx import daily, export
+    from tfrs_ctx import export
+    from tfrs_ctx.apps import daily
 
     model, _ = train.load_trained(os.path.join(runs, "contextual"), data)
     exported = stages.run("export encoder / context_head / full SavedModels", export.export_all, model, data, models)
@@ -149,10 +151,10 @@ def show_recommendations(target: str, raw: str, store: str, users: int = 3, subj
     """For a few users, the top-k ads as the subject item changes; how many follow the subject."""
     import pandas as pd
 
-    from serving.client import AdRequest, CandidateClient
-    from serving.features import FeastFeatureReader
+    from serving.client.candidates import AdRequest, CandidateClient
+    from serving.client.features import FeastFeatureReader
     from tfrs_ctx import schema
-    from tfrs_ctx.recommend import ad_details
+    from tfrs_ctx.apps.recommend import ad_details
 
     details = ad_details(raw)
     reader = FeastFeatureReader.open(store)

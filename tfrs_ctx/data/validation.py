@@ -216,7 +216,7 @@ def check_raw_dir(raw_dir: str) -> dict[str, pd.DataFrame]:
     Referenced tables (items, subject items) are checked first, so a broken id column is
     reported as such rather than as unknown ids elsewhere. Returns the frames by table name.
     """
-    from tfrs_ctx.rawio import read_table
+    from tfrs_ctx.data.rawio import read_table
 
     frames = {name: read_table(raw_dir, t, validate=False) for name, t in schema.RAW_TABLES.items()}
     referenced = sorted(set(REFERENCES.values()))

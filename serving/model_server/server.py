@@ -49,11 +49,11 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from serving import server_config
-from serving.batching import BatchingOptions, BatchScheduler, check_batch_size
-from serving.health import NOT_SERVING, SERVING, HealthServicer, add_health_servicer
-from serving.model_store import ModelConfig, ModelStore, configs_from_proto, single_model_config
-from serving.servable import Servable, ServingError, session_config
+from serving.model_server import server_config
+from serving.model_server.batching import BatchingOptions, BatchScheduler, check_batch_size
+from serving.model_server.health import NOT_SERVING, SERVING, HealthServicer, add_health_servicer
+from serving.model_server.model_store import ModelConfig, ModelStore, configs_from_proto, single_model_config
+from serving.model_server.servable import Servable, ServingError, session_config
 from serving.tensor_codec import fill_tensor_proto
 
 log = logging.getLogger("tfrs_ctx.serving")

@@ -53,7 +53,7 @@ def prepare_data(root: str, users: int, strength: float, max_targets: int, seed:
     """Generate + build (skipped when already there); returns the TFRecord directory."""
     from beam_pipelines import build_training_data
     from tfrs_ctx import schema
-    from tfrs_ctx.synthetic import SyntheticConfig, generate
+    from tfrs_ctx.sources.synthetic import SyntheticConfig, generate
 
     raw, data = os.path.join(root, "raw"), os.path.join(root, "data")
     if not os.path.exists(os.path.join(data, schema.METADATA_FILE)):
@@ -64,8 +64,8 @@ def prepare_data(root: str, users: int, strength: float, max_targets: int, seed:
 
 def train_once(config: str, data: str, run_dir: str, overrides: list[str]) -> str:
     """Train unless ``run_dir`` already holds final weights (studies resume where they stopped)."""
-    from tfrs_ctx import train
     from tfrs_ctx.config import load_config
+    from tfrs_ctx.training import train
 
     if not os.path.exists(os.path.join(run_dir, train.SUMMARY_FILE)):
         cfg = load_config(config, overrides)
@@ -75,7 +75,7 @@ def train_once(config: str, data: str, run_dir: str, overrides: list[str]) -> st
 
 
 def lift_curve(args: argparse.Namespace) -> dict:
-    from tfrs_ctx import evaluate
+    from tfrs_ctx.evaluation import evaluate
 
     rows = []
     for strength in [float(s) for s in args.strengths.split(",")]:
@@ -118,7 +118,8 @@ def lift_curve(args: argparse.Namespace) -> dict:
 
 
 def ablation(args: argparse.Namespace) -> dict:
-    from tfrs_ctx import evaluate, train
+    from tfrs_ctx.evaluation import evaluate
+    from tfrs_ctx.training import train
 
     root = os.path.join(args.out, f"strength_{args.strength:g}")
     data = prepare_data(root, args.users, args.strength, args.max_targets_per_user, args.seed)
@@ -165,7 +166,7 @@ def ablation(args: argparse.Namespace) -> dict:
 
 def _trust(run_dir: str) -> float | None:
     """The calibrated context trust of a run (``None``: not calibrated)."""
-    from tfrs_ctx import train
+    from tfrs_ctx.training import train
 
     calibration = train.read_summary(run_dir).get("calibration")
     return calibration["trust"] if calibration else None

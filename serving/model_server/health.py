@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from serving.protos import SERVING_STATUS, HealthCheckRequest, HealthCheckResponse
+from serving.model_server.protos import SERVING_STATUS, HealthCheckRequest, HealthCheckResponse
 
 SERVICE_NAME = "grpc.health.v1.Health"
 SERVING, NOT_SERVING = SERVING_STATUS["SERVING"], SERVING_STATUS["NOT_SERVING"]

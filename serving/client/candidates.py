@@ -83,7 +83,7 @@ class UserState:
 
 
 class FeatureReader(Protocol):
-    """Online feature reads the client needs (a Feast-backed one is in ``serving.features``)."""
+    """Online feature reads the client needs (a Feast-backed one is in ``serving.client.features``)."""
 
     def users(self, user_ids: Sequence[int]) -> dict[int, UserState]: ...
 
@@ -142,7 +142,7 @@ class CandidateClient:
     """Joins stored user state and live context in one Predict call per model version.
 
     ``known_categories``: the raw category ids the model knows, e.g. the training data's category
-    vocabulary (``tfrs_ctx.vocab.load_vocab(data_dir, schema.VOCAB_CATEGORY)``, as ints). With it,
+    vocabulary (``tfrs_ctx.data.vocab.load_vocab(data_dir, schema.VOCAB_CATEGORY)``, as ints). With it,
     an unknown id in explicit context is logged and noted; without it the client cannot tell.
     """
 

@@ -46,8 +46,8 @@ import numpy as np
 import pandas as pd
 
 from tfrs_ctx import schema
-from tfrs_ctx.rawio import write_table
-from tfrs_ctx.synthetic import AGE_BUCKETS
+from tfrs_ctx.data.rawio import write_table
+from tfrs_ctx.sources.synthetic import AGE_BUCKETS
 
 # Event type per star rating.
 EVENT_TYPE_OF_RATING = {

@@ -1,0 +1,1 @@
+"""The protocol-compatible model server: TF Serving's gRPC API for machines without the binary."""

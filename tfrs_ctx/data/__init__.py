@@ -1,0 +1,1 @@
+"""Raw tables, their validation, vocabularies, training examples and the tf.data reader."""

@@ -1,0 +1,1 @@
+"""The model: Keras layers and the TFRS contextual sequential two-tower model."""

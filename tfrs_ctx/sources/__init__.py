@@ -1,0 +1,1 @@
+"""Data sources: the synthetic generator (the embedded default) and MovieLens-100k."""

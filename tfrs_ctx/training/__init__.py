@@ -1,0 +1,1 @@
+"""Training: a run directory, the training loop, the context-trust calibration."""
