@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import tfrs_ctx  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+
 
 def cli_main(run: Callable[[list[str]], Any], doc: str | None, argv: Sequence[str] | None) -> int:
     """A pipeline's CLI: ``--help`` prints its module docstring, anything else goes to ``run(argv)``."""

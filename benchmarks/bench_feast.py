@@ -34,15 +34,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks import emit
-
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np
 import pyarrow.parquet as pq
 
 from beam_pipelines import build_training_data, encode_users
+from benchmarks import emit
 from tfrs_ctx import feature_store as F
 from tfrs_ctx import schema as S
 from tfrs_ctx.data import rawio
@@ -60,15 +56,15 @@ def export_encoder(workdir: str) -> str:
     """An untrained production-size model, exported; returns the models directory."""
     from tfrs_ctx import export
     from tfrs_ctx.config import load_config
-    from tfrs_ctx.training import train
+    from tfrs_ctx.training.run_dir import build_model, dummy_batch
 
     raw, data, models = (os.path.join(workdir, d) for d in ("vocab_raw", "vocab_data", "models"))
     generate(raw, world(500, 10.0), progress=False)
     build_training_data.run(["--input", raw, "--output", data], save_main_session=False)
     cfg = load_config("synthetic")
     cfg.train.data_dir = data
-    model = train.build_model(cfg)
-    model(train.dummy_batch(1), training=False)
+    model = build_model(cfg)
+    model(dummy_batch(1), training=False)
     export.export_all(model, data, models, version=VERSION, top_k=100)
     return models
 
@@ -78,7 +74,7 @@ def user_batches(raw_dir: str, batch: int, full_only: bool) -> list[list[dict]]:
 
     ``full_only``: only users whose history is full (``MAX_HISTORY`` events).
     """
-    conv = rawio.read_table(raw_dir, S.CONVERSIONS, validate=False)
+    conv = rawio.read_table(raw_dir, S.CONVERSIONS)
     as_of = int(conv[S.TIMESTAMP].max())
     events = []
     for _, g in conv.groupby(S.USER_ID):
@@ -226,7 +222,7 @@ def run_all(args: argparse.Namespace, workdir: str, report: dict[str, Any]) -> N
     store = os.path.join(workdir, "store_False")
     sqlite = F.apply(store)
     report["materialize"] = {"sqlite": bench_materialize(sqlite)}
-    users = sorted(int(u) for u in rawio.read_table(raw, S.USERS, validate=False)[S.USER_ID])
+    users = sorted(int(u) for u in rawio.read_table(raw, S.USERS)[S.USER_ID])
     report["online_read"] = {"sqlite": bench_reads(sqlite, users, args.repeats)}
     report["materialize"]["redis"] = report["online_read"]["redis"] = None
     if shutil.which("redis-server"):

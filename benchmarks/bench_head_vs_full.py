@@ -15,12 +15,9 @@ import os
 import sys
 import tempfile
 
-from benchmarks import emit
-
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np
+
+from benchmarks import emit
 
 
 def batch1_inputs(data_dir: str, dim: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
@@ -64,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.bench_serving import compare_models, measure_compute
     from tfrs_ctx import export, schema
-    from tfrs_ctx.training.train import load_trained
+    from tfrs_ctx.training.run_dir import load_trained
 
     model, cfg = load_trained(args.run, args.data)
     names = (schema.MODEL_CONTEXT_HEAD, schema.MODEL_FULL)

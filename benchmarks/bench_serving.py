@@ -31,9 +31,6 @@ from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import grpc
 import numpy as np
 

@@ -17,9 +17,6 @@ import time
 
 from benchmarks import emit
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 
 class StepTimer:
     """Keras callback: wall time of each training batch after ``warmup`` batches."""
@@ -49,12 +46,13 @@ def measure(data_dir: str, overrides: list[str], steps: int, warmup: int) -> dic
     from tfrs_ctx.config import load_config
     from tfrs_ctx.data import dataset
     from tfrs_ctx.training import train
+    from tfrs_ctx.training.run_dir import build_model
 
     cfg = load_config("synthetic", overrides)
     cfg.train.data_dir = data_dir
     meta = dataset.load_metadata(data_dir)
     ds, _ = train.training_dataset(cfg, meta["counts"])
-    model = train.build_model(cfg)
+    model = build_model(cfg)
     model.compile(optimizer=keras.optimizers.Adam(cfg.train.learning_rate))
     timer = StepTimer(warmup)
     model.fit(ds, epochs=1, steps_per_epoch=steps + warmup, callbacks=[timer.callback], verbose=0)

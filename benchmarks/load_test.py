@@ -47,9 +47,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np
 import pandas as pd
 
@@ -149,7 +146,7 @@ def stage_new_version(workdir: str, models_dir: str, staging: str, seed: int = 0
     if os.path.isdir(run) and os.path.isdir(data):
         import tensorflow as tf
 
-        from tfrs_ctx.training.train import load_trained
+        from tfrs_ctx.training.run_dir import load_trained
 
         model, _ = load_trained(run, data)
         rng = np.random.default_rng(seed)

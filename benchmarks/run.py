@@ -85,7 +85,7 @@ def log_tail(path: Path, chars: int = 3000) -> str:
 def run_step(name: str, cmd: list[str], out: Path, timeout_s: float, json_path: Path | None) -> dict[str, Any]:
     """Run one command in its own session, output to ``out/<name>.log``; its record for results.json."""
     log = out / f"{name}.log"
-    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each bench imports benchmarks, which sets TF's environment
     record: dict[str, Any] = {"command": cmd, "log": str(log), "load_average_before": _load()}
     start, cpu = time.perf_counter(), children_cpu_s()
     with open(log, "w") as f:

@@ -91,10 +91,8 @@ def build_command(args: argparse.Namespace, kind: str = "auto") -> tuple[list[st
 
 def _child_env(kind: str) -> dict[str, str]:
     env = dict(os.environ)
-    if kind == "python":  # importable from anywhere; TensorFlow's C++ INFO lines off
+    if kind == "python":  # importable from anywhere (the serving package sets TensorFlow's environment)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        env.setdefault("TF_USE_LEGACY_KERAS", "1")
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
 
 

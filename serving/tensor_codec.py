@@ -8,11 +8,7 @@ bfloat16...) goes through ``tf.make_ndarray`` / ``tf.make_tensor_proto``.
 from __future__ import annotations
 
 import math
-import os
 import sys
-
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import tensorflow as tf

@@ -113,6 +113,7 @@ from tfrs_ctx.data.validation import RawTableError, check_table, row_problem
 from tfrs_ctx.data.vocab import load_vocab
 from tfrs_ctx.evaluation import evaluate
 from tfrs_ctx.training import train
+from tfrs_ctx.training.run_dir import build_model, dummy_batch
 
 VERSION = 5  # the exported model version; the corrupt versions come after it
 HEAD = S.MODEL_CONTEXT_HEAD
@@ -385,8 +386,8 @@ def models(small_data, tmp_path_factory) -> tuple[pathlib.Path, object]:
 
     cfg = load_config("synthetic", TINY_MODEL)
     cfg.train.data_dir = str(small_data)
-    model = train.build_model(cfg)
-    model(train.dummy_batch(1), training=False)
+    model = build_model(cfg)
+    model(dummy_batch(1), training=False)
     model.corpus_embeddings()
     out = tmp_path_factory.mktemp("models")
     export.export_all(model, str(small_data), str(out), version=VERSION, top_k=10)

@@ -12,7 +12,7 @@ import tensorflow as tf
 from serving.client.candidates import AdRequest, CandidateClient
 from serving.client.features import FeastFeatureReader
 from tfrs_ctx import schema
-from tfrs_ctx.evaluation import evaluate
+from tfrs_ctx.evaluation import metrics
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def test_demo_writes_the_report_with_every_figure(demo_work):
     report = json.loads((demo_work / "report" / "report.json").read_text())
     assert report["requests"] > 0
     for row in ("popularity", "baseline", "contextual", "contextual_no_context"):
-        for k in evaluate.KS:
+        for k in metrics.KS:
             assert 0.0 <= report["rows"][row][f"recall@{k}"]["mean"] <= 1.0
     assert report["lift"]["recall@100"]["lift"] > 0
     assert (demo_work / "report" / "recall_at_k.png").stat().st_size > 10_000

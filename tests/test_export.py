@@ -17,7 +17,7 @@ from tfrs_ctx.data import dataset, vocab
 
 @pytest.fixture(scope="module")
 def models(tiny_runs, small_data, tmp_path_factory):
-    from tfrs_ctx.training.train import load_trained
+    from tfrs_ctx.training.run_dir import load_trained
 
     model, _ = load_trained(str(tiny_runs["contextual"]), str(small_data))
     out = tmp_path_factory.mktemp("models")
@@ -91,7 +91,7 @@ def test_head_of_encoder_equals_full(models, small_data, source):
 
 
 def test_full_export_matches_the_in_process_model(models, small_data, tiny_runs):
-    from tfrs_ctx.training.train import load_trained
+    from tfrs_ctx.training.run_dir import load_trained
 
     model, _ = load_trained(str(tiny_runs["contextual"]), str(small_data))
     batch = next(iter(dataset.make_dataset(str(small_data), schema.SPLIT_EVAL, 32)))

@@ -75,7 +75,7 @@ def online_vectors(store, user_ids) -> dict[int, dict]:
 # --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def models(tiny_runs, small_data, tmp_path_factory):
-    from tfrs_ctx.training.train import load_trained
+    from tfrs_ctx.training.run_dir import load_trained
 
     model, _ = load_trained(str(tiny_runs["contextual"]), str(small_data))
     out = tmp_path_factory.mktemp("fs_models")

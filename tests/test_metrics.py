@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tfrs_ctx import schema
-from tfrs_ctx.evaluation import evaluate
+from tfrs_ctx.evaluation import evaluate, metrics
 
 R = schema.NUM_RESERVED_IDS
 
@@ -15,26 +15,26 @@ def test_ranks_by_hand():
     # 4 ads (indices 2..5). Scores per request; labels are item indices.
     scores = np.array([[0.1, 0.9, 0.5, 0.3], [0.8, 0.2, 0.4, 0.6]], dtype=np.float32)
     labels = np.array([R + 2, R + 0])  # request 0: label score 0.5 -> one ad above (0.9); request 1: top
-    assert evaluate.ranks_from_scores(scores, labels).tolist() == [1, 0]
+    assert metrics.ranks_from_scores(scores, labels).tolist() == [1, 0]
     # Excluding the ad with 0.9 (index R+1) from request 0 lifts its label to rank 0.
     exclude = np.array([[R + 1, 0], [schema.PAD_ID, schema.OOV_ID]])
-    assert evaluate.ranks_from_scores(scores, labels, exclude).tolist() == [0, 0]
+    assert metrics.ranks_from_scores(scores, labels, exclude).tolist() == [0, 0]
 
 
 def test_label_is_never_excluded():
     scores = np.array([[0.1, 0.9, 0.5]], dtype=np.float32)
-    assert evaluate.ranks_from_scores(scores, [R + 0], [[R + 0]]).tolist() == [2]
+    assert metrics.ranks_from_scores(scores, [R + 0], [[R + 0]]).tolist() == [2]
 
 
 def test_label_ranks_from_embeddings():
     corpus = np.eye(3, dtype=np.float32)
     query = np.array([[0.2, 0.5, 0.9]], dtype=np.float32)
-    assert evaluate.label_ranks(query, corpus, [R + 0]).tolist() == [2]
+    assert metrics.label_ranks(query, corpus, [R + 0]).tolist() == [2]
 
 
 def test_recall_and_ndcg_by_hand():
     ranks = np.array([0, 3, 9, 10, 60, 150, 500])
-    m = evaluate.per_request(ranks)
+    m = metrics.per_request(ranks)
     assert m["recall@10"].mean() == pytest.approx(3 / 7)
     assert m["recall@50"].mean() == pytest.approx(4 / 7)
     assert m["recall@100"].mean() == pytest.approx(5 / 7)
@@ -46,15 +46,15 @@ def test_recall_and_ndcg_by_hand():
 def test_bootstrap_interval_and_paired_lift():
     a = np.array([1.0, 1.0, 0.0, 1.0] * 50)
     b = np.array([1.0, 0.0, 0.0, 0.0] * 50)
-    idx = evaluate.bootstrap_indices(len(a), 500, seed=0)
-    ci = evaluate.interval(a, idx)
+    idx = metrics.bootstrap_indices(len(a), 500, seed=0)
+    ci = metrics.interval(a, idx)
     assert ci["mean"] == pytest.approx(0.75)
     assert ci["lo"] < 0.75 < ci["hi"]
-    lift = evaluate.paired_lift(a, b, idx)
+    lift = metrics.paired_lift(a, b, idx)
     assert lift["lift"] == pytest.approx(3.0)
     assert lift["lo"] < 3.0 < lift["hi"]
     # Identical rows: the paired interval collapses to exactly 1.
-    same = evaluate.paired_lift(a, a, idx)
+    same = metrics.paired_lift(a, a, idx)
     assert same["lo"] == same["hi"] == 1.0
 
 

@@ -10,9 +10,6 @@ server merged requests).
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-
 import shutil
 import socket
 import subprocess

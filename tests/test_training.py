@@ -10,24 +10,25 @@ import pytest
 from tfrs_ctx import schema
 from tfrs_ctx.config import load_config
 from tfrs_ctx.data import dataset
-from tfrs_ctx.evaluation import evaluate
+from tfrs_ctx.evaluation import evaluate, metrics
 from tfrs_ctx.training import train
+from tfrs_ctx.training.run_dir import FINAL_DIR, SUMMARY_FILE, build_model, load_trained, save_final
 
 
 def test_training_lowers_the_loss_and_writes_its_summary(tiny_runs, small_data):
     batches = list(dataset.make_dataset(str(small_data), schema.SPLIT_TRAIN, 256).take(4))
     for run in tiny_runs.values():
-        trained, cfg = train.load_trained(str(run), str(small_data))
-        untrained = train.build_model(cfg)
+        trained, cfg = load_trained(str(run), str(small_data))
+        untrained = build_model(cfg)
         loss = {
             name: np.mean([float(m.compute_loss(b, training=False)) for b in batches])
             for name, m in (("trained", trained), ("untrained", untrained))
         }
         assert loss["trained"] < loss["untrained"] - 0.2, loss
-        summary = json.loads((run / train.SUMMARY_FILE).read_text())
+        summary = json.loads((run / SUMMARY_FILE).read_text())
         assert summary["examples_per_second"] > 0 and len(summary["history"]["loss"]) == summary["epochs_run"]
         assert 0.0 <= summary["best_val_recall"] <= 1.0
-        assert (run / train.FINAL_DIR).is_dir() and (run / "logs").is_dir()
+        assert (run / FINAL_DIR).is_dir() and (run / "logs").is_dir()
         if trained.context_layer is None:
             assert summary["calibration"] is None
         else:  # the calibrated trust is what the final weights hold
@@ -108,14 +109,14 @@ def test_evaluation_report_has_every_row_and_figure(small_data, tiny_runs, tmp_p
     # Synthetic subject items are not ads: the subject-as-history reference does not apply.
     assert set(report["rows"]) == {"popularity", "baseline", "contextual", "contextual_no_context"}
     for figures in report["rows"].values():
-        for k in evaluate.KS:
+        for k in metrics.KS:
             ci = figures[f"recall@{k}"]
             assert ci["lo"] <= ci["mean"] <= ci["hi"]
-        assert [figures[f"recall@{k}"]["mean"] for k in evaluate.KS] == sorted(
-            figures[f"recall@{k}"]["mean"] for k in evaluate.KS
+        assert [figures[f"recall@{k}"]["mean"] for k in metrics.KS] == sorted(
+            figures[f"recall@{k}"]["mean"] for k in metrics.KS
         )
-    assert set(report["lift"]) == {f"recall@{k}" for k in evaluate.KS} | {"ndcg@10"}
-    summary = json.loads((tiny_runs["contextual"] / train.SUMMARY_FILE).read_text())
+    assert set(report["lift"]) == {f"recall@{k}" for k in metrics.KS} | {"ndcg@10"}
+    summary = json.loads((tiny_runs["contextual"] / SUMMARY_FILE).read_text())
     assert report["context_trust"] == pytest.approx(summary["calibration"]["trust"])
     assert f"Context trust of the contextual model: {report['context_trust']:g}" in (tmp_path / "report.md").read_text()
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -135,16 +136,16 @@ def test_calibrate_command_rechooses_the_trust_of_a_trained_run(tiny_runs, small
 
     run = tmp_path / "run"
     shutil.copytree(tiny_runs["contextual"], run)
-    summary = json.loads((run / train.SUMMARY_FILE).read_text())
-    trained, _ = train.load_trained(str(run), str(small_data))
+    summary = json.loads((run / SUMMARY_FILE).read_text())
+    trained, _ = load_trained(str(run), str(small_data))
     trained.context_layer.trust.assign(0.0)  # a run whose trust was lost or set by hand
-    train.save_final(trained, str(run))
+    save_final(trained, str(run))
 
     assert calibrate.main(["--run", str(run), "--data", str(small_data)]) == 0
-    after = json.loads((run / train.SUMMARY_FILE).read_text())
+    after = json.loads((run / SUMMARY_FILE).read_text())
     assert after["calibration"]["trust"] == summary["calibration"]["trust"]  # same requests, same choice
     assert after["history"] == summary["history"]  # the rest of the summary is kept
-    reloaded, _ = train.load_trained(str(run), str(small_data))
+    reloaded, _ = load_trained(str(run), str(small_data))
     assert float(reloaded.context_layer.trust.numpy()) == pytest.approx(after["calibration"]["trust"])
 
     assert calibrate.main(["--run", str(tiny_runs["baseline"]), "--data", str(small_data)]) == 1

@@ -24,7 +24,14 @@ import pytest
 from tfrs_ctx import schema
 from tfrs_ctx.apps import cli
 from tfrs_ctx.data.rawio import iter_rows, read_table, table_files
-from tfrs_ctx.data.validation import MAX_ROWS_SHOWN, RawTableError, check_raw_dir, check_table, row_problem
+from tfrs_ctx.data.validation import (
+    MAX_ROWS_SHOWN,
+    RawTableError,
+    check_raw_dir,
+    check_table,
+    read_valid_table,
+    row_problem,
+)
 from tfrs_ctx.schema import Table
 
 ALL = "all"  # every row is bad
@@ -178,7 +185,7 @@ def raw_copy(small_raw, tmp_path) -> pathlib.Path:
 
 def _break(raw_dir: pathlib.Path, case: Case) -> int:
     """Write the broken table; returns its number of rows."""
-    good = read_table(str(raw_dir), case.table)
+    good = read_valid_table(str(raw_dir), case.table)
     bad = case.breaks(good if case.fmt == "parquet" else _records(good))
     _replace(raw_dir, case.table, bad, case.fmt)
     return len(bad)
@@ -190,7 +197,8 @@ def _expected_rows(case: Case, n_rows: int) -> list[int]:
 
 def _known_ids(raw_dir: pathlib.Path) -> dict[str, set[int]]:
     return {
-        t.name: set(read_table(str(raw_dir), t)[schema.ITEM_ID].tolist()) for t in (schema.ITEMS, schema.SUBJECT_ITEMS)
+        t.name: set(read_valid_table(str(raw_dir), t)[schema.ITEM_ID].tolist())
+        for t in (schema.ITEMS, schema.SUBJECT_ITEMS)
     }
 
 
@@ -201,7 +209,7 @@ def test_bad_table_error_names_table_column_and_rows(raw_copy, case):
         if case.cross_table:
             check_raw_dir(str(raw_copy))
         else:
-            read_table(str(raw_copy), case.table)
+            read_valid_table(str(raw_copy), case.table)
     err, message = caught.value, str(caught.value)
     assert err.table == case.table.name
     assert err.column == case.column
@@ -250,7 +258,7 @@ def test_row_problem_accepts_good_rows_and_reports_unparseable_lines(small_raw, 
 
 def test_rows_are_positions_across_part_files(raw_copy):
     """Offending rows are positions in the whole table, all parts concatenated in name order."""
-    good = read_table(str(raw_copy), schema.USERS)
+    good = read_valid_table(str(raw_copy), schema.USERS)
     first, second = good.iloc[:100], good.iloc[100:].reset_index(drop=True)
     second = second.assign(**{schema.USER_ID: second[schema.USER_ID].astype(object)})
     second.at[1, schema.USER_ID] = None
@@ -260,15 +268,15 @@ def test_rows_are_positions_across_part_files(raw_copy):
     pq.write_table(pa.Table.from_pandas(first, preserve_index=False), base / "part-00000.parquet")
     pq.write_table(pa.Table.from_pandas(second, preserve_index=False), base / "part-00001.parquet")
     with pytest.raises(RawTableError, match=rf"column '{schema.USER_ID}': missing value .* at rows \[101\]"):
-        read_table(str(raw_copy), schema.USERS)
+        read_valid_table(str(raw_copy), schema.USERS)
 
 
 def test_missing_demographics_are_allowed(raw_copy):
-    users = read_table(str(raw_copy), schema.USERS)
+    users = read_valid_table(str(raw_copy), schema.USERS)
     for column in schema.DEMOGRAPHIC_COLUMNS:
         users[column] = None
     _replace(raw_copy, schema.USERS, users, "parquet")
-    check_table(schema.USERS, read_table(str(raw_copy), schema.USERS, validate=False))
+    check_table(schema.USERS, read_table(str(raw_copy), schema.USERS))
 
 
 def test_good_synthetic_tables_pass(small_raw):
@@ -288,10 +296,10 @@ def _normalised(frame: pd.DataFrame) -> list[list[Any]]:
 
 @pytest.mark.parametrize("table", list(schema.RAW_TABLES.values()), ids=list(schema.RAW_TABLES))
 def test_jsonl_tables_read_like_parquet(raw_copy, table):
-    parquet = read_table(str(raw_copy), table)
+    parquet = read_valid_table(str(raw_copy), table)
     _replace(raw_copy, table, _records(parquet), "jsonl")
     assert [p.endswith(".jsonl") for p in table_files(str(raw_copy), table)] == [True]
-    jsonl = read_table(str(raw_copy), table)  # validates
+    jsonl = read_valid_table(str(raw_copy), table)  # validates
     assert list(jsonl.columns) == list(parquet.columns)
     for column in table.columns:
         if column.kind == "int64":
@@ -303,7 +311,7 @@ def test_validate_cli_good_dir(small_raw, capsys):
     assert cli.main(["validate", "--raw", str(small_raw)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["valid"] is True
-    assert report["rows"] == {name: len(read_table(str(small_raw), t)) for name, t in schema.RAW_TABLES.items()}
+    assert report["rows"] == {name: len(read_valid_table(str(small_raw), t)) for name, t in schema.RAW_TABLES.items()}
 
 
 def test_validate_cli_bad_dir(raw_copy, capsys):

@@ -32,9 +32,6 @@ import shutil
 import sys
 import time
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np
 import tensorflow as tf
 
@@ -234,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", type=int, help="integer model version (default: unix time now)")
     parser.add_argument("--top-k", type=int, default=100)
     args = parser.parse_args(argv)
-    from tfrs_ctx.training.train import load_trained
+    from tfrs_ctx.training.run_dir import load_trained
 
     model, cfg = load_trained(args.run, args.data)
     result = export_all(model, cfg.train.data_dir, args.out, args.version, args.top_k)

@@ -21,9 +21,6 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import grpc
 import numpy as np
 import tensorflow as tf

@@ -34,9 +34,6 @@ import time
 from concurrent import futures
 from functools import wraps
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import grpc
 import tensorflow as tf
 from tensorflow_serving.apis import (

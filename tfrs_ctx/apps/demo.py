@@ -17,9 +17,6 @@ import shutil
 import sys
 import time
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 DEFAULT_ML100K = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "..", "shared", "datasets", "ml-100k"
 )
@@ -61,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from tfrs_ctx.config import load_config
     from tfrs_ctx.evaluation import evaluate
     from tfrs_ctx.training import train
+    from tfrs_ctx.training.run_dir import load_trained
 
     work = os.path.abspath(args.workdir)
     raw, data, runs, report_dir, models, store = (
@@ -109,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from tfrs_ctx import export
     from tfrs_ctx.apps import daily
 
-    model, _ = train.load_trained(os.path.join(runs, "contextual"), data)
+    model, _ = load_trained(os.path.join(runs, "contextual"), data)
     exported = stages.run("export encoder / context_head / full SavedModels", export.export_all, model, data, models)
     print(f"    model version {exported['version']}: " + ", ".join(exported["paths"].values()))
     stages.run(

@@ -38,7 +38,7 @@ def ad_details(raw_dir: str | None) -> dict[int, dict]:
         return {}
     from tfrs_ctx.data.rawio import read_table
 
-    items = read_table(raw_dir, schema.ITEMS, validate=False)
+    items = read_table(raw_dir, schema.ITEMS)
     return {
         int(row[schema.ITEM_ID]): {
             schema.ADVERTISER_ID: int(row[schema.ADVERTISER_ID]),

@@ -20,9 +20,6 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 # slug (run directory) -> (what it is, overrides relative to the bundled config)
 PUBLISHED = [
     "model.context_dropout=0.5",
@@ -66,8 +63,9 @@ def train_once(config: str, data: str, run_dir: str, overrides: list[str]) -> st
     """Train unless ``run_dir`` already holds final weights (studies resume where they stopped)."""
     from tfrs_ctx.config import load_config
     from tfrs_ctx.training import train
+    from tfrs_ctx.training.run_dir import SUMMARY_FILE
 
-    if not os.path.exists(os.path.join(run_dir, train.SUMMARY_FILE)):
+    if not os.path.exists(os.path.join(run_dir, SUMMARY_FILE)):
         cfg = load_config(config, overrides)
         cfg.train.data_dir = data
         train.train(cfg, run_dir, verbose=2)
@@ -119,7 +117,7 @@ def lift_curve(args: argparse.Namespace) -> dict:
 
 def ablation(args: argparse.Namespace) -> dict:
     from tfrs_ctx.evaluation import evaluate
-    from tfrs_ctx.training import train
+    from tfrs_ctx.training.run_dir import read_summary
 
     root = os.path.join(args.out, f"strength_{args.strength:g}")
     data = prepare_data(root, args.users, args.strength, args.max_targets_per_user, args.seed)
@@ -128,7 +126,7 @@ def ablation(args: argparse.Namespace) -> dict:
     for slug, (name, overrides) in ABLATIONS.items():
         run_dir = os.path.join(root, slug)
         chosen = not args.only or slug in args.only.split(",")
-        if not chosen and not train.read_summary(run_dir):
+        if not chosen and not read_summary(run_dir):
             continue  # not asked for and not trained before
         print(f"\n=== ablation: {name}", flush=True)
         run = train_once(args.config, data, run_dir, [*args.set, *overrides])
@@ -166,9 +164,9 @@ def ablation(args: argparse.Namespace) -> dict:
 
 def _trust(run_dir: str) -> float | None:
     """The calibrated context trust of a run (``None``: not calibrated)."""
-    from tfrs_ctx.training import train
+    from tfrs_ctx.training.run_dir import read_summary
 
-    calibration = train.read_summary(run_dir).get("calibration")
+    calibration = read_summary(run_dir).get("calibration")
     return calibration["trust"] if calibration else None
 
 

@@ -59,20 +59,15 @@ def table_files(raw_dir: str, table: Table) -> list[str]:
     return files
 
 
-def read_table(raw_dir: str, table: Table, validate: bool = True) -> pd.DataFrame:
-    """Read a whole raw table into pandas; with ``validate``, raise on any bad row."""
+def read_table(raw_dir: str, table: Table) -> pd.DataFrame:
+    """Read a whole raw table into pandas, as it is (``validation.read_valid_table`` also checks it)."""
     frames = []
     for path in table_files(raw_dir, table):
         if path.endswith(".jsonl"):
             frames.append(pd.read_json(path, lines=True, dtype=False, convert_dates=False))
         else:
             frames.append(pq.read_table(path).to_pandas())
-    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    if validate:
-        from tfrs_ctx.data.validation import check_table
-
-        check_table(table, frame)
-    return frame
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
 def iter_rows(path: str, batch_size: int = 65536):

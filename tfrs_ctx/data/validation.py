@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from tfrs_ctx import schema
+from tfrs_ctx.data.rawio import read_table
 from tfrs_ctx.schema import Column, Table
 
 # Columns whose ids must exist in another table: (table, column) -> referenced table.
@@ -210,15 +211,20 @@ def check_table(table: Table, frame: pd.DataFrame, known_ids: Mapping[str, Colle
                 raise RawTableError(table.name, col, problem, rows)
 
 
+def read_valid_table(raw_dir: str, table: Table) -> pd.DataFrame:
+    """Read a whole raw table into pandas; raises :class:`RawTableError` on any bad row."""
+    frame = read_table(raw_dir, table)
+    check_table(table, frame)
+    return frame
+
+
 def check_raw_dir(raw_dir: str) -> dict[str, pd.DataFrame]:
     """Read and validate every raw table of a directory, cross-table references included.
 
     Referenced tables (items, subject items) are checked first, so a broken id column is
     reported as such rather than as unknown ids elsewhere. Returns the frames by table name.
     """
-    from tfrs_ctx.data.rawio import read_table
-
-    frames = {name: read_table(raw_dir, t, validate=False) for name, t in schema.RAW_TABLES.items()}
+    frames = {name: read_table(raw_dir, t) for name, t in schema.RAW_TABLES.items()}
     referenced = sorted(set(REFERENCES.values()))
     for name in referenced:
         check_table(schema.RAW_TABLES[name], frames[name])

@@ -6,10 +6,6 @@ left-padded (see :mod:`tfrs_ctx.schema`): the most recent event is at position `
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-
 import tensorflow as tf
 import tf_keras as keras
 

@@ -29,10 +29,6 @@ context can be believed (at context strength 0: not at all -> lift ~1x).
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-
 import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs

@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tfrs_ctx import schema
 from tfrs_ctx.config import Config
 from tfrs_ctx.data import dataset
-from tfrs_ctx.evaluation.evaluate import recall_at_k
+from tfrs_ctx.evaluation.metrics import recall_at_k
+from tfrs_ctx.training import run_dir
 
 # 1 = as trained. Above 1: real context is more reliable than the dropped, swapped synthetic
 # context the model hedged against in training.
@@ -96,21 +93,19 @@ def calibrate(model, cfg: Config, counts: dict[str, int], validation: list) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tfrs_ctx.training import train
-
     parser = argparse.ArgumentParser(prog="tfrs-ctx calibrate", description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="trained run directory (its final/ weights are updated)")
     parser.add_argument("--data", help="TFRecord directory with train_requests (default: the run's)")
     args = parser.parse_args(argv)
-    model, cfg = train.load_trained(args.run, args.data)
+    model, cfg = run_dir.load_trained(args.run, args.data)
     counts = dataset.load_metadata(cfg.train.data_dir)["counts"]
     validation = dataset.validation_requests(cfg.train.data_dir, counts, cfg.train.validation_examples)
     result = calibrate(model, cfg, counts, validation)
     if result is None:
         print("nothing to calibrate: a baseline, a real-context run, or calibration switched off", file=sys.stderr)
         return 1
-    train.save_final(model, args.run)
-    train.write_summary(args.run, {**train.read_summary(args.run), "calibration": result})
+    run_dir.save_final(model, args.run)
+    run_dir.write_summary(args.run, {**run_dir.read_summary(args.run), "calibration": result})
     print(json.dumps({k: v for k, v in result.items() if k != "recall_by_trust"}, indent=2))
     return 0
 

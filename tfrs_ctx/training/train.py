@@ -9,8 +9,7 @@ cutoff, with their real context), so the held-out ``eval`` requests are never lo
 After training on synthetic context, the contextual model's context trust is chosen on the
 other ``train_requests`` (``train.calibration_examples``; see ``tfrs_ctx.training.calibrate``).
 
-A run directory holds ``config.yaml``, ``checkpoints/`` (resume), ``final/`` (the weights
-evaluation and export load), ``logs/`` (TensorBoard) and ``train_summary.json``.
+The run directory's layout, loading and summary are :mod:`tfrs_ctx.training.run_dir`.
 """
 
 from __future__ import annotations
@@ -21,24 +20,24 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import tensorflow as tf
 import tf_keras as keras
 
 from tfrs_ctx import schema
 from tfrs_ctx.config import Config, load_config, save_config
 from tfrs_ctx.data import dataset
-from tfrs_ctx.evaluation.evaluate import recall_at_k
-from tfrs_ctx.models.two_tower import ContextualTwoTower, without_context
+from tfrs_ctx.evaluation.metrics import recall_at_k
+from tfrs_ctx.models.two_tower import without_context
 from tfrs_ctx.training.calibrate import calibrate
-
-FINAL_DIR = "final"
-FINAL_WEIGHTS = "weights"
-CHECKPOINT_DIR = "checkpoints"
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "train_summary.json"
+from tfrs_ctx.training.run_dir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LOGS_DIR,
+    build_model,
+    dummy_batch,
+    save_final,
+    write_summary,
+)
 
 
 def mix_context(features: dict[str, tf.Tensor], noise: float, seed: int) -> dict[str, tf.Tensor]:
@@ -88,36 +87,6 @@ def training_dataset(cfg: Config, counts: dict[str, int]) -> tuple[tf.data.Datas
     total = counts[schema.SPLIT_TRAIN] + available
     weights = [counts[schema.SPLIT_TRAIN] / total, available / total]
     return tf.data.Dataset.sample_from_datasets([train, requests], weights, seed=t.seed), total
-
-
-def build_model(cfg: Config) -> ContextualTwoTower:
-    meta = dataset.load_metadata(cfg.train.data_dir)
-    model = ContextualTwoTower(
-        cfg.model, meta["vocab_sizes"], dataset.load_corpus(cfg.train.data_dir), seed=cfg.train.seed
-    )
-    return model
-
-
-def load_trained(run_dir: str, data_dir: str | None = None) -> tuple[ContextualTwoTower, Config]:
-    """Rebuild a trained model from its run directory (weights from ``final/``)."""
-    cfg = load_config(os.path.join(run_dir, CONFIG_FILE))
-    if data_dir:
-        cfg.train.data_dir = data_dir
-    model = build_model(cfg)
-    status = tf.train.Checkpoint(model=model).read(os.path.join(run_dir, FINAL_DIR, FINAL_WEIGHTS))
-    model(dummy_batch(1), training=False)  # create the variables; restores them
-    model.corpus_embeddings()
-    status.assert_existing_objects_matched().expect_partial()
-    return model, cfg
-
-
-def dummy_batch(batch: int) -> dict[str, tf.Tensor]:
-    """A batch of all-padding examples (no history, no context, demographics missing)."""
-    out = {}
-    for f in schema.FEATURES.values():
-        dtype = tf.int64 if f.dtype == "int64" else tf.float32
-        out[f.name] = tf.zeros((batch, *f.shape), dtype)
-    return out
 
 
 class ValidationRecall(keras.callbacks.Callback):
@@ -185,7 +154,7 @@ def train(cfg: Config, run_dir: str, verbose: int = 1) -> dict:
         )
     callbacks += [
         CheckpointEveryEpoch(manager, epoch),
-        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), update_freq=50, profile_batch=0),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, LOGS_DIR), update_freq=50, profile_batch=0),
     ]
     started = time.perf_counter()
     history = model.fit(
@@ -208,25 +177,6 @@ def train(cfg: Config, run_dir: str, verbose: int = 1) -> dict:
     }
     write_summary(run_dir, summary)
     return summary
-
-
-def read_summary(run_dir: str) -> dict:
-    """A run's ``train_summary.json`` (empty if it has none yet)."""
-    path = os.path.join(run_dir, SUMMARY_FILE)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_summary(run_dir: str, summary: dict) -> None:
-    with open(os.path.join(run_dir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
-
-
-def save_final(model: ContextualTwoTower, run_dir: str) -> None:
-    """The weights evaluation and export load (``final/``)."""
-    tf.train.Checkpoint(model=model).write(os.path.join(run_dir, FINAL_DIR, FINAL_WEIGHTS))
 
 
 def main(argv: list[str] | None = None) -> int:
