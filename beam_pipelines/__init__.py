@@ -1,21 +1,8 @@
-"""Apache Beam pipelines: training data (TFRecords) and offline user encoding."""
+"""Apache Beam pipelines: training data (TFRecords) and offline user encoding.
 
-from __future__ import annotations
-
-import logging
-import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+``build_training_data`` and ``encode_users`` are each options + pipeline construction +
+``run(argv)``; what both share is in ``tables`` (reading, validation, dead letters, files),
+``combiners`` and ``runner`` (runner selection, the CLI wrapper, counters).
+"""
 
 import tfrs_ctx  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
-
-
-def cli_main(run: Callable[[list[str]], Any], doc: str | None, argv: Sequence[str] | None) -> int:
-    """A pipeline's CLI: ``--help`` prints its module docstring, anything else goes to ``run(argv)``."""
-    logging.basicConfig(level=logging.WARNING)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(doc)
-        return 0
-    run(argv)
-    return 0

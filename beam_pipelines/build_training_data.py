@@ -56,13 +56,12 @@ if __name__ == "__main__":
     sys.exit(main())
 
 import dataclasses
-import heapq
 import io
 import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -70,35 +69,39 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, SetupOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
-from beam_pipelines import cli_main
-from beam_pipelines import transforms as T
+from beam_pipelines.combiners import LastTargets, MergeCounts, MergeDemographics, StatsFn, demographic_counts
+from beam_pipelines.runner import NAMESPACE, OutputOptions, cli_main, counters, make_runner
+from beam_pipelines.tables import (
+    DEAD,
+    DEAD_LETTER_DIR,
+    STATS,
+    USER_BATCH,
+    count_row,
+    keep_first,
+    known_ids,
+    small_table,
+    validated_events,
+    write_bytes,
+    write_dead_letters,
+)
 from tfrs_ctx import schema
-from tfrs_ctx.data import rawio
-from tfrs_ctx.data.validation import ALLOWED_VALUES, REFERENCES, row_problem
-from tfrs_ctx.data.vocab import is_missing, vocab_text
+from tfrs_ctx.data import examples as T
+from tfrs_ctx.data.tf_example_wire import serialize_examples
+from tfrs_ctx.data.vocab import vocab_text
 
 S = schema
-NAMESPACE = "tfrs_ctx"
-DEAD_LETTER_DIR = "dead_letter"
-CHUNK_ROWS = 20_000  # raw rows per chunk (the unit of reading and validation)
-USER_BATCH = 64  # users whose examples are built and serialised together
-DIRECT_RUNNERS = ("directrunner", "direct", "switchingdirectrunner")
-DEAD = "dead"
-STATS = "stats"
 DUP = "dup"
 
 
-class BuildDataOptions(PipelineOptions):
+class BuildDataOptions(OutputOptions):
     """The pipeline's own flags."""
 
     @classmethod
     def _add_argparse_args(cls, parser: Any) -> None:
         add = parser.add_argument
         add("--input", help="raw-table directory (RAW_DIR/<table>/*.parquet|*.jsonl)")
-        add("--output", help="data directory to write")
         add("--cutoff", type=int, default=None, help="split timestamp (unix s); default: from --eval_fraction")
         add("--eval_fraction", type=float, default=0.2, help="share of the conversion time range held out")
         add("--context_drop_prob", type=float, default=0.3, help="synthetic context: drop each category")
@@ -143,192 +146,6 @@ class BuildConfig:
 # --------------------------------------------------------------------------------------
 # Reading and validation
 # --------------------------------------------------------------------------------------
-def read_chunks(path: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[Any]:
-    """One raw file as chunks: pyarrow record batches (Parquet) or lists of row dicts (JSONL)."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        yield from pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
-        return
-    chunk: list[dict] = []
-    for row in rawio.iter_rows(path):
-        chunk.append(row)
-        if len(chunk) >= chunk_rows:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def chunk_rows(chunk: Any) -> list[dict]:
-    return chunk if isinstance(chunk, list) else chunk.to_pylist()
-
-
-def json_safe(value: Any) -> Any:
-    """A JSON-serialisable copy of a raw value (numpy, bytes, NaN and the like)."""
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
-def dead_letter(table: schema.Table, reason: str, row: Mapping[str, Any]) -> dict:
-    return {"table": table.name, "reason": reason, "row": json_safe(dict(row))}
-
-
-def split_valid(
-    table: schema.Table, rows: Iterable[Mapping[str, Any]], known: Mapping[str, Any] | None
-) -> tuple[list[Mapping[str, Any]], list[dict]]:
-    """Rows that pass :func:`validation.row_problem`, and dead letters for the rest."""
-    good, dead = [], []
-    for row in rows:
-        problem = row_problem(table, row, known)
-        if problem is None:
-            good.append(row)
-        else:
-            dead.append(dead_letter(table, problem, row))
-    return good, dead
-
-
-@dataclasses.dataclass(frozen=True)
-class KnownIds:
-    """Ids of the referenced tables: sets for :func:`row_problem`, sorted arrays for batches."""
-
-    sets: dict[str, frozenset]
-    arrays: dict[str, np.ndarray]
-
-    @classmethod
-    def of(cls, ids: Mapping[str, Iterable[int]]) -> KnownIds:
-        sets = {name: frozenset(values) for name, values in ids.items()}
-        return cls(sets, {name: np.sort(np.fromiter(v, dtype=np.int64, count=len(v))) for name, v in sets.items()})
-
-
-def typed_suspects(table: schema.Table, batch: Any, known: KnownIds) -> np.ndarray | None:
-    """Rows of an Arrow batch that :func:`row_problem` may reject; ``None`` if the batch is not column-typed.
-
-    When every column has exactly the schema's Arrow type (int64 / string, no lists), the
-    only ways a row can fail :func:`row_problem` are a null in a non-nullable column, a
-    timestamp out of range, a value outside a closed set (``ALLOWED_VALUES``) or an unknown
-    referenced id. This flags a superset of those rows; the pipeline re-checks each flagged
-    row with :func:`row_problem` itself.
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if not isinstance(batch, pa.RecordBatch) or any(c.kind not in ("int64", "string") for c in table.columns):
-        return None
-    expected = table.arrow_schema()
-    for column in table.columns:
-        index = batch.schema.get_field_index(column.name)
-        if index < 0 or batch.schema.field(index).type != expected.field(column.name).type:
-            return None
-    suspect = np.zeros(batch.num_rows, dtype=bool)
-    for column in table.columns:
-        values = batch.column(column.name)
-        if not column.nullable and values.null_count:
-            suspect |= values.is_null().to_numpy(zero_copy_only=False)
-        if column.name == S.TIMESTAMP:
-            ts = pc.fill_null(values, S.MIN_TIMESTAMP).to_numpy()
-            suspect |= (ts < S.MIN_TIMESTAMP) | (ts >= S.MAX_TIMESTAMP)
-        if column.name in ALLOWED_VALUES:
-            allowed = pa.array(sorted(ALLOWED_VALUES[column.name]), pa.string())
-            suspect |= ~pc.fill_null(pc.is_in(values, value_set=allowed), False).to_numpy(zero_copy_only=False)
-    for (name, column), ref in REFERENCES.items():
-        if name == table.name and ref in known.arrays:
-            ids = pc.fill_null(batch.column(column), 0).to_numpy()
-            suspect |= ~np.isin(ids, known.arrays[ref])
-    return suspect
-
-
-def validate_event_chunk(table: schema.Table, chunk: Any, known: KnownIds) -> tuple[list, list[dict], dict]:
-    """An event-table chunk -> (``(user_id, packed block)`` per user, dead letters, column-wise valid rows)."""
-    suspect = typed_suspects(table, chunk, known)
-    if suspect is None:
-        good, dead = split_valid(table, chunk_rows(chunk), known.sets)
-        columns = {c.name: T.column_values(good, c) for c in table.columns}
-    else:
-        flagged = np.flatnonzero(suspect)
-        good_rows, dead = split_valid(table, chunk.take(flagged).to_pylist(), known.sets) if len(flagged) else ([], [])
-        clean = chunk.filter(~suspect) if len(flagged) else chunk
-        columns = {
-            c.name: np.concatenate([_arrow_column(clean, c), T.column_values(good_rows, c)]) for c in table.columns
-        }
-    data = {name: values for name, values in columns.items() if name != S.USER_ID}
-    blocks = [(user, T.pack_block(block)) for user, block in T.columns_to_user_blocks(columns[S.USER_ID], data)]
-    return blocks, dead, columns
-
-
-def _arrow_column(batch: Any, column: schema.Column) -> np.ndarray:
-    values = batch.column(column.name)
-    if column.kind == "string":
-        return np.asarray(values.to_numpy(zero_copy_only=False), dtype=str)
-    return values.to_numpy().astype(np.int64)
-
-
-class ValidateEvents(beam.DoFn):
-    """Chunk of an event table -> ``(user_id, block)`` per user; bad rows -> ``DEAD``.
-
-    For conversions it also emits per-chunk ``STATS`` (timestamp range, event types).
-    """
-
-    def __init__(self, table: schema.Table):
-        self.table = table
-
-    def process(self, chunk: Any, known: KnownIds) -> Iterator[Any]:
-        blocks, dead, columns = validate_event_chunk(self.table, chunk, known)
-        for d in dead:
-            yield beam.pvalue.TaggedOutput(DEAD, d)
-        n = len(columns[S.USER_ID])
-        Metrics.counter(NAMESPACE, f"rows_{self.table.name}").inc(n)
-        if self.table.name == S.CONVERSIONS.name and n:
-            ts, types = columns[S.TIMESTAMP], columns[S.EVENT_TYPE]
-            values, counts = np.unique(types, return_counts=True)
-            yield beam.pvalue.TaggedOutput(
-                STATS, (int(ts.min()), int(ts.max()), Counter(dict(zip(values.tolist(), counts.tolist(), strict=True))))
-            )
-        yield from blocks
-
-
-class ValidateRows(beam.DoFn):
-    """Chunk of a small table -> valid rows; bad rows -> ``DEAD``."""
-
-    def __init__(self, table: schema.Table):
-        self.table = table
-
-    def process(self, chunk: Any) -> Iterator[Any]:
-        good, dead = split_valid(self.table, chunk_rows(chunk), None)
-        for d in dead:
-            yield beam.pvalue.TaggedOutput(DEAD, d)
-        yield from good
-
-
-def _row_key(table: schema.Table, row: Mapping[str, Any]) -> Any:
-    return tuple(int(row[c]) if table.column(c).kind == "int64" else row[c] for c in table.key)
-
-
-def keep_first(table: schema.Table, key_rows: tuple[Any, Iterable[Mapping]]) -> Iterator[Any]:
-    """One row per key (the first in a canonical order); duplicates go to ``DEAD``."""
-    rows = list(key_rows[1])
-    if len(rows) > 1:
-        rows.sort(key=lambda r: json.dumps(json_safe(dict(r)), sort_keys=True))
-    yield rows[0]
-    for row in rows[1:]:
-        yield beam.pvalue.TaggedOutput(DEAD, dead_letter(table, f"duplicate key ({', '.join(table.key)})", row))
-
-
-def count_row(row: Any, table: str, delta: int = 1) -> Any:
-    """Count a row kept (``delta`` 1) or taken back (-1) in the ``rows_<table>`` metric; returns it."""
-    Metrics.counter(NAMESPACE, f"rows_{table}").inc(delta)
-    return row
 
 
 class SplitDuplicateRequests(beam.DoFn):
@@ -385,47 +202,6 @@ def dedupe_requests(blocks: beam.PCollection) -> tuple[beam.PCollection, beam.PC
     return (split.blocks, kept_blocks) | "DedupedRequests" >> beam.Flatten(), dead
 
 
-class StatsFn(beam.CombineFn):
-    """Merges per-chunk (min timestamp, max timestamp, event-type counts)."""
-
-    def create_accumulator(self) -> tuple:
-        return (None, None, Counter())
-
-    def add_input(self, acc: tuple, stats: tuple) -> tuple:
-        return self.merge_accumulators([acc, stats])
-
-    def merge_accumulators(self, accs: Iterable[tuple]) -> tuple:
-        lo, hi, types = None, None, Counter()
-        for a_lo, a_hi, a_types in accs:
-            lo = a_lo if lo is None else (lo if a_lo is None else min(lo, a_lo))
-            hi = a_hi if hi is None else (hi if a_hi is None else max(hi, a_hi))
-            types.update(a_types)
-        return lo, hi, types
-
-    def extract_output(self, acc: tuple) -> tuple:
-        return acc
-
-
-class MergeCounts(beam.CombineFn):
-    """Sums ``Counter``s (or mappings of counts)."""
-
-    def create_accumulator(self) -> Counter:
-        return Counter()
-
-    def add_input(self, acc: Counter, counts: Mapping) -> Counter:
-        acc.update(counts)
-        return acc
-
-    def merge_accumulators(self, accs: Iterable[Counter]) -> Counter:
-        out = Counter()
-        for a in accs:
-            out.update(a)
-        return out
-
-    def extract_output(self, acc: Counter) -> dict:
-        return dict(acc)
-
-
 def compute_cutoff(stats: tuple, cutoff: int | None, eval_fraction: float) -> int:
     """The split timestamp: ``cutoff`` if given, else the last ``eval_fraction`` of the range."""
     if cutoff is not None:
@@ -436,36 +212,11 @@ def compute_cutoff(stats: tuple, cutoff: int | None, eval_fraction: float) -> in
     return math.floor(lo + (1.0 - eval_fraction) * (hi - lo))
 
 
-def demographic_counts(user: Mapping[str, Any]) -> dict[str, Counter]:
-    return {c: Counter() if is_missing(user.get(c)) else Counter([str(user[c])]) for c in S.DEMOGRAPHIC_COLUMNS}
-
-
-class MergeDemographics(beam.CombineFn):
-    """Value counts per demographic column."""
-
-    def create_accumulator(self) -> dict[str, Counter]:
-        return {c: Counter() for c in S.DEMOGRAPHIC_COLUMNS}
-
-    def add_input(self, acc: dict, counts: Mapping[str, Counter]) -> dict:
-        for c in S.DEMOGRAPHIC_COLUMNS:
-            acc[c].update(counts[c])
-        return acc
-
-    def merge_accumulators(self, accs: Iterable[dict]) -> dict:
-        out = self.create_accumulator()
-        for a in accs:
-            self.add_input(out, a)
-        return out
-
-    def extract_output(self, acc: dict) -> dict:
-        return {c: dict(v) for c, v in acc.items()}
-
-
 # --------------------------------------------------------------------------------------
 # Per-user work
 # --------------------------------------------------------------------------------------
 def assemble_user(item: tuple[int, Mapping[str, Sequence]]) -> Iterator[T.UserData]:
-    """One user's grouped blocks and users row -> :class:`transforms.UserData` (none without events)."""
+    """One user's grouped blocks and users row -> :class:`tfrs_ctx.data.examples.UserData` (none without events)."""
     user_id, grouped = item
     rows = list(grouped[S.USERS.name])
     conversions, requests = list(grouped[S.CONVERSIONS.name]), list(grouped[S.REQUESTS.name])
@@ -496,26 +247,6 @@ def block_targets(block: tuple[int, tuple], cutoff: int) -> tuple[int, list[tupl
     user, b = block[0], T.unpack_block(block[1])
     before = b[S.TIMESTAMP] < cutoff
     return user, list(zip(b[S.TIMESTAMP][before].tolist(), b[S.ITEM_ID][before].tolist(), strict=True))
-
-
-class LastTargets(beam.CombineFn):
-    """A user's latest ``n`` targets by (timestamp, item_id), the order examples use, and their total."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def create_accumulator(self) -> tuple[int, list]:
-        return 0, []
-
-    def add_input(self, acc: tuple[int, list], targets: list) -> tuple[int, list]:
-        return self.merge_accumulators([acc, (len(targets), targets)])
-
-    def merge_accumulators(self, accs: Iterable[tuple[int, list]]) -> tuple[int, list]:
-        accs = list(accs)
-        return sum(a[0] for a in accs), heapq.nlargest(self.n, (t for a in accs for t in a[1]))
-
-    def extract_output(self, acc: tuple[int, list]) -> tuple[int, list]:
-        return acc
 
 
 def kept_target_counts(user_targets: tuple[int, tuple[int, list]]) -> Counter:
@@ -560,7 +291,7 @@ class BuildExamples(beam.DoFn):
         )
         per_split = T.batch_examples(users, lookups, options)
         for split in S.SPLITS:
-            serialized = T.serialize_examples(per_split[split])
+            serialized = serialize_examples(per_split[split])
             Metrics.counter(NAMESPACE, f"examples_{split}").inc(len(serialized))
             for record in serialized:
                 yield beam.pvalue.TaggedOutput(split, record)
@@ -569,13 +300,6 @@ class BuildExamples(beam.DoFn):
 # --------------------------------------------------------------------------------------
 # Small artefacts: vocabularies, item counts, corpus, metadata
 # --------------------------------------------------------------------------------------
-def write_bytes(path: str, data: bytes) -> None:
-    """Write a whole file through Beam's filesystems (local, gs://, ...)."""
-    parent = os.path.dirname(path)
-    if not FileSystems.exists(parent):
-        FileSystems.mkdirs(parent)
-    with FileSystems.create(path) as f:
-        f.write(data)
 
 
 def corpus_parquet(lookups: T.Lookups) -> bytes:
@@ -625,29 +349,6 @@ def write_artifacts(lookups: T.Lookups, output: str, cutoff: int, counts: dict, 
 # --------------------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------------------
-def read_table(p: beam.Pipeline, raw_dir: str, table: schema.Table, reshuffle: bool) -> beam.PCollection:
-    chunks = (
-        p
-        | f"List{table.name}" >> beam.Create(rawio.table_files(raw_dir, table))
-        | f"Read{table.name}" >> beam.FlatMap(read_chunks)
-    )
-    return chunks | f"Spread{table.name}" >> beam.Reshuffle() if reshuffle else chunks
-
-
-def small_table(p: beam.Pipeline, raw_dir: str, table: schema.Table) -> tuple[beam.PCollection, list]:
-    """A validated, key-deduplicated small table and its dead-letter PCollections."""
-    name = table.name
-    checked = read_table(p, raw_dir, table, False) | f"Validate{name}" >> beam.ParDo(ValidateRows(table)).with_outputs(
-        DEAD, main="rows"
-    )
-    unique = (
-        checked.rows
-        | f"Key{name}" >> beam.Map(lambda r, t=table: (_row_key(t, r), r))
-        | f"Group{name}" >> beam.GroupByKey()
-        | f"Dedupe{name}" >> beam.FlatMap(lambda kv, t=table: keep_first(t, kv)).with_outputs(DEAD, main="rows")
-    )
-    rows = unique.rows | f"Count{name}" >> beam.Map(count_row, name)
-    return rows, [checked[DEAD], unique[DEAD]]
 
 
 def build_pipeline(p: beam.Pipeline, config: BuildConfig) -> None:
@@ -658,25 +359,12 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig) -> None:
     subjects, dead[S.SUBJECT_ITEMS.name] = small_table(p, raw, S.SUBJECT_ITEMS)
     users, dead[S.USERS.name] = small_table(p, raw, S.USERS)
 
-    item_ids = items | "ItemIds" >> beam.Map(lambda r: int(r[S.ITEM_ID]))
-    subject_ids = subjects | "SubjectIds" >> beam.Map(lambda r: int(r[S.ITEM_ID]))
-    known = (
-        p
-        | "KnownSeed" >> beam.Create([None])
-        | "KnownIds"
-        >> beam.Map(
-            lambda _, a, b: KnownIds.of({S.ITEMS.name: a, S.SUBJECT_ITEMS.name: b}),
-            beam.pvalue.AsList(item_ids),
-            beam.pvalue.AsList(subject_ids),
-        )
-    )
+    known = known_ids(p, {S.ITEMS.name: items, S.SUBJECT_ITEMS.name: subjects})
 
     events = {}
     stats = None
     for table in (S.CONVERSIONS, S.REQUESTS):
-        checked = read_table(p, raw, table, True) | f"Validate{table.name}" >> beam.ParDo(
-            ValidateEvents(table), known=beam.pvalue.AsSingleton(known)
-        ).with_outputs(DEAD, STATS, main="blocks")
+        checked = validated_events(p, raw, table, known)
         events[table.name] = checked.blocks
         dead[table.name] = [checked[DEAD]]
         if table is S.CONVERSIONS:
@@ -738,46 +426,9 @@ def write_examples(examples: Any, out: str, num_shards: int) -> None:
         )
 
 
-def write_dead_letters(dead: Mapping[str, list], out: str) -> None:
-    """Each table's dead letters as JSON lines, counted in the ``dead_letter_<table>`` metric."""
-    for name, pcolls in dead.items():
-        _ = (
-            pcolls
-            | f"FlattenDead{name}" >> beam.Flatten()
-            | f"CountDead{name}" >> beam.Map(_count_dead_letter, name)
-            | f"WriteDead{name}"
-            >> beam.io.WriteToText(os.path.join(out, DEAD_LETTER_DIR, name), file_name_suffix=".jsonl")
-        )
-
-
-def _count_dead_letter(record: dict, table: str) -> str:
-    Metrics.counter(NAMESPACE, f"dead_letter_{table}").inc()
-    return json.dumps(record, sort_keys=True, allow_nan=False)
-
-
 # --------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------
-def make_runner(options: PipelineOptions) -> Any:
-    """The runner to use: for the DirectRunner (the default), its FnApiRunner directly.
-
-    Beam's DirectRunner first tries the Prism runner, which downloads a binary; this uses
-    the same in-process / multi-process FnApiRunner the DirectRunner would fall back to.
-    """
-    standard = options.view_as(StandardOptions)
-    standard.runner = standard.runner or "DirectRunner"
-    if standard.runner.lower() not in DIRECT_RUNNERS:
-        return None  # Beam creates it by name
-    from apache_beam.portability.api import beam_provision_api_pb2
-    from apache_beam.runners.portability.fn_api_runner import fn_runner
-    from apache_beam.runners.portability.portable_runner import JobServiceHandle
-
-    direct = options.view_as(DirectOptions)
-    if direct.direct_running_mode == "in_memory" and direct.direct_num_workers not in (None, 1):
-        direct.direct_num_workers = 1  # in_memory has one worker; avoids Beam's warning
-    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
-    info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
-    return fn_runner.FnApiRunner(provision_info=info)
 
 
 def clear_outputs(output: str) -> None:
@@ -787,15 +438,6 @@ def clear_outputs(output: str) -> None:
     stale = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
     if stale:
         FileSystems.delete(stale)
-
-
-def counters(result: Any) -> dict[str, int]:
-    """The pipeline's ``tfrs_ctx`` counters, summed over steps."""
-    totals: Counter = Counter()
-    for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
-        value = counter.committed if counter.committed is not None else counter.attempted
-        totals[counter.key.metric.name] += int(value or 0)
-    return dict(totals)
 
 
 def finalize_metadata(output: str, totals: Mapping[str, int]) -> dict:

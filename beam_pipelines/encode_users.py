@@ -16,7 +16,7 @@ What it does
    bad rows go to ``STORE_DIR/dead_letter/run-<event_ts>-<table>-*.jsonl`` (with the reason;
    only non-empty files are kept) and are counted in the summary's ``dead_letter``; for every
    table read, the rows read equal ``rows`` (kept) plus ``dead_letter``.
-3. Builds each selected user's latest history with the training pipeline's transforms: their
+3. Builds each selected user's latest history with the training examples' functions: their
    last ``MAX_HISTORY`` conversions at or before the reference time ``--as_of`` (default: the
    newest conversion in the data), time gaps bucketed relative to it, left-padded; raw ids and
    event-type strings, as the encoder signature takes them.
@@ -52,8 +52,6 @@ if __name__ == "__main__":
 
     sys.exit(main())
 
-import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -70,16 +68,25 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
-from beam_pipelines import build_training_data as B
-from beam_pipelines import cli_main
-from beam_pipelines import transforms as T
+from beam_pipelines.combiners import StatsFn
+from beam_pipelines.runner import NAMESPACE, OutputOptions, cli_main, counters, make_runner
+from beam_pipelines.tables import (
+    DEAD,
+    DEAD_LETTER_DIR,
+    STATS,
+    USER_BATCH,
+    known_ids,
+    small_table,
+    validated_events,
+    write_bytes,
+    write_dead_letters,
+)
 from tfrs_ctx import feature_store as F
 from tfrs_ctx import schema as S
+from tfrs_ctx.data import examples as T
 from tfrs_ctx.data import rawio
 from tfrs_ctx.data.vocab import is_missing
 
-NAMESPACE = B.NAMESPACE
-USER_BATCH = B.USER_BATCH  # users whose histories are built together
 ENCODER_INPUTS = (*S.HISTORY_FEATURES, S.HISTORY_LENGTH)  # the encoder signature's inputs
 SUMMARY_FILE = "summary.json"  # in the run's staging directory: as_of and the newest conversion
 STAGED_ENCODINGS = "encodings"  # staging prefix of the encoding shards
@@ -88,7 +95,7 @@ XLA_FLAGS = "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit"  # XLA auto-clustering
 USER_COUNTERS = ("users_encoded", "users_skipped_no_new_activity", "users_without_history")
 
 
-class EncodeUsersOptions(PipelineOptions):
+class EncodeUsersOptions(OutputOptions):
     """The pipeline's own flags."""
 
     @classmethod
@@ -96,8 +103,6 @@ class EncodeUsersOptions(PipelineOptions):
         add = parser.add_argument
         add("--raw", help="raw-table directory (RAW_DIR/<table>/*.parquet|*.jsonl)")
         add("--model", help="encoder SavedModel: base path (highest integer version) or a version directory")
-        with contextlib.suppress(argparse.ArgumentError):  # build-data's options define it too: one flag
-            add("--output", help="store directory (Feast offline sources + the pipeline's state)")
         add("--full", action="store_true", default=False, help="encode every user, not only users with new events")
         add("--as_of", type=int, default=None, help="reference time (unix s); default: the newest conversion")
         add("--event_timestamp", type=int, default=None, help="timestamp of the rows written (unix s); default now")
@@ -178,7 +183,7 @@ class EncodeState:
 
     def save(self, path: str) -> None:
         tmp = path + ".tmp"
-        B.write_bytes(tmp, json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode())
+        write_bytes(tmp, json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode())
         FileSystems.rename([tmp], [path])
 
 
@@ -241,7 +246,7 @@ def raw_histories(users: Sequence[T.UserEvents], as_of: int) -> dict[str, np.nda
 
     Left-padded (ids 0, event type ``""``, gap bucket ``PAD_ID``); gap buckets are
     relative to ``as_of``. Same windowing as the training examples
-    (:func:`transforms.window_positions`, :func:`transforms.time_gap_buckets`).
+    (:func:`tfrs_ctx.data.examples.window_positions`, :func:`~tfrs_ctx.data.examples.time_gap_buckets`).
     """
     lengths = np.asarray([len(u) for u in users], dtype=np.int64)
     starts = np.cumsum(lengths) - lengths
@@ -449,7 +454,7 @@ def demographics_row(row: Mapping[str, Any], event_us: int) -> dict[str, Any]:
 def top_raw_categories(categories: Sequence[int], confidences: Sequence[float]) -> tuple[list[int], list[float]]:
     """The top ``MAX_CATEGORIES`` categories by confidence (ties: listed order), as raw ids.
 
-    The order of :func:`transforms.top_categories` (what the training examples hold).
+    The order of :func:`tfrs_ctx.data.examples.top_categories` (what the training examples hold).
     """
     order = sorted(range(len(categories)), key=lambda i: -float(confidences[i]))[: S.MAX_CATEGORIES]
     return [int(categories[i]) for i in order], [float(confidences[i]) for i in order]
@@ -476,7 +481,7 @@ def resolve_as_of(stats: tuple, as_of: int | None) -> int:
 
 
 def write_summary(stats: tuple, as_of: int, path: str) -> None:
-    B.write_bytes(path, json.dumps({"as_of": as_of, "max_timestamp": stats[1]}).encode())
+    write_bytes(path, json.dumps({"as_of": as_of, "max_timestamp": stats[1]}).encode())
 
 
 # --------------------------------------------------------------------------------------
@@ -492,9 +497,9 @@ def write_snapshot(pcoll: beam.PCollection, name: str, schema: Any, path: str) -
 def export_snapshots(p: beam.Pipeline, config: EncodeConfig, plan: RunPlan) -> None:
     """The users and subject_items tables as Feast sources (validated, one row per key)."""
     event_us = plan.event_timestamp * 1_000_000
-    users, dead_users = B.small_table(p, config.raw, S.USERS)
-    subjects, dead_subjects = B.small_table(p, config.raw, S.SUBJECT_ITEMS)
-    B.write_dead_letters({S.USERS.name: dead_users, S.SUBJECT_ITEMS.name: dead_subjects}, plan.staging)
+    users, dead_users = small_table(p, config.raw, S.USERS)
+    subjects, dead_subjects = small_table(p, config.raw, S.SUBJECT_ITEMS)
+    write_dead_letters({S.USERS.name: dead_users, S.SUBJECT_ITEMS.name: dead_subjects}, plan.staging)
     staged = {name: os.path.join(plan.staging, name) for name in (S.USER_DEMOGRAPHICS_FILE, S.SUBJECT_ITEMS_FILE)}
     demographics = users | "DemographicsRows" >> beam.Map(demographics_row, event_us)
     write_snapshot(demographics, "Demographics", demographics_schema(), staged[S.USER_DEMOGRAPHICS_FILE])
@@ -504,18 +509,10 @@ def export_snapshots(p: beam.Pipeline, config: EncodeConfig, plan: RunPlan) -> N
 
 def build_pipeline(p: beam.Pipeline, config: EncodeConfig, model: EncoderModel, plan: RunPlan) -> None:
     """Wire the user-encoding pipeline into ``p``."""
-    items, dead_items = B.small_table(p, config.raw, S.ITEMS)
-    item_ids = items | "ItemIds" >> beam.Map(lambda r: int(r[S.ITEM_ID]))
-    known = (
-        p
-        | "KnownSeed" >> beam.Create([None])
-        | "KnownIds" >> beam.Map(lambda _, ids: B.KnownIds.of({S.ITEMS.name: ids}), beam.pvalue.AsList(item_ids))
-    )
-    checked = B.read_table(p, config.raw, S.CONVERSIONS, True) | "ValidateConversions" >> beam.ParDo(
-        B.ValidateEvents(S.CONVERSIONS), known=beam.pvalue.AsSingleton(known)
-    ).with_outputs(B.DEAD, B.STATS, main="blocks")
-    B.write_dead_letters({S.ITEMS.name: dead_items, S.CONVERSIONS.name: [checked[B.DEAD]]}, plan.staging)
-    stats = checked[B.STATS] | "Stats" >> beam.CombineGlobally(B.StatsFn())
+    items, dead_items = small_table(p, config.raw, S.ITEMS)
+    checked = validated_events(p, config.raw, S.CONVERSIONS, known_ids(p, {S.ITEMS.name: items}))
+    write_dead_letters({S.ITEMS.name: dead_items, S.CONVERSIONS.name: [checked[DEAD]]}, plan.staging)
+    stats = checked[STATS] | "Stats" >> beam.CombineGlobally(StatsFn())
     as_of = stats | "AsOf" >> beam.Map(resolve_as_of, config.as_of)
     _ = stats | "Summary" >> beam.Map(
         write_summary, beam.pvalue.AsSingleton(as_of), os.path.join(plan.staging, SUMMARY_FILE)
@@ -568,12 +565,12 @@ def publish_dead_letters(plan: RunPlan, paths: F.StorePaths) -> list[str]:
     """Move a run's non-empty staged dead-letter files to ``STORE_DIR/dead_letter/``; returns their paths."""
     staged = [
         m.path
-        for m in FileSystems.match([os.path.join(plan.staging, B.DEAD_LETTER_DIR, "*.jsonl")])[0].metadata_list
+        for m in FileSystems.match([os.path.join(plan.staging, DEAD_LETTER_DIR, "*.jsonl")])[0].metadata_list
         if m.size_in_bytes > 0
     ]
     if not staged:
         return []
-    target = os.path.join(paths.root, B.DEAD_LETTER_DIR)
+    target = os.path.join(paths.root, DEAD_LETTER_DIR)
     if not FileSystems.exists(target):
         FileSystems.mkdirs(target)
     published = [os.path.join(target, f"{plan.tag}-{os.path.basename(s)}") for s in sorted(staged)]
@@ -604,11 +601,11 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = False) -> d
     state = EncodeState.load(paths.state)
     plan = plan_run(config, model, state, paths)
     _remove(paths.staging)  # leftovers of a failed run
-    pipeline = beam.Pipeline(runner=B.make_runner(options), options=options)
+    pipeline = beam.Pipeline(runner=make_runner(options), options=options)
     build_pipeline(pipeline, config, model, plan)
     result = pipeline.run()
     result.wait_until_finish()
-    totals = B.counters(result)
+    totals = counters(result)
     with FileSystems.open(os.path.join(plan.staging, SUMMARY_FILE)) as f:
         window = json.loads(f.read())
     counts = {name: totals.get(name, 0) for name in USER_COUNTERS}

@@ -43,6 +43,7 @@ from tfrs_ctx import feature_store as F
 from tfrs_ctx import schema as S
 from tfrs_ctx.data import rawio
 from tfrs_ctx.sources.synthetic import SyntheticConfig, generate
+from tfrs_ctx.testing import local_redis_server
 
 VERSION = 1
 SEED = 3
@@ -226,7 +227,7 @@ def run_all(args: argparse.Namespace, workdir: str, report: dict[str, Any]) -> N
     report["online_read"] = {"sqlite": bench_reads(sqlite, users, args.repeats)}
     report["materialize"]["redis"] = report["online_read"]["redis"] = None
     if shutil.which("redis-server"):
-        with F.local_redis_server() as redis_url:
+        with local_redis_server() as redis_url:
             os.environ["REDIS_CONNECTION_STRING"] = redis_url
             redis_store = F.apply(store, fs_yaml=F.repo_yaml(online="redis"))
             report["materialize"]["redis"] = bench_materialize(redis_store)

@@ -24,6 +24,7 @@ def batch1_inputs(data_dir: str, dim: int, seed: int = 0) -> dict[str, dict[str,
     """Raw inputs for each model: a full-length history, a 5-category context, demographics."""
     from tfrs_ctx import schema
     from tfrs_ctx.data import vocab
+    from tfrs_ctx.signatures import HeadRow, head_inputs
 
     rng = np.random.default_rng(seed)
     items = [int(v) for v in vocab.load_vocab(data_dir, schema.VOCAB_ITEM)]
@@ -36,15 +37,13 @@ def batch1_inputs(data_dir: str, dim: int, seed: int = 0) -> dict[str, dict[str,
         schema.HISTORY_TIME_GAP: rng.integers(1, schema.NUM_TIME_GAP_BUCKETS, (1, L)).astype(np.int64),
         schema.HISTORY_LENGTH: np.asarray([L], np.int64),
     }
-    head = {
-        schema.HISTORY_LENGTH: np.asarray([L], np.int64),
-        schema.CONTEXT_CATEGORIES: rng.choice(cats, (1, C)).astype(np.int64),
-        schema.CONTEXT_WEIGHTS: np.asarray([[0.9, 0.5, 0.3, 0.2, 0.1]], np.float32),
-        **{f: np.asarray([b""], object) for f in schema.DEMOGRAPHIC_FEATURES},
-    }
+    context = HeadRow(
+        rng.normal(size=dim).astype(np.float32), L, rng.choice(cats, C).tolist(), [0.9, 0.5, 0.3, 0.2, 0.1]
+    )
+    head = head_inputs([context], dim)
     return {
-        schema.MODEL_CONTEXT_HEAD: {**head, schema.ENCODED_HISTORY: rng.normal(size=(1, dim)).astype(np.float32)},
-        schema.MODEL_FULL: {**history, **head},
+        schema.MODEL_CONTEXT_HEAD: head,
+        schema.MODEL_FULL: {**history, **{k: v for k, v in head.items() if k != schema.ENCODED_HISTORY}},
     }
 
 

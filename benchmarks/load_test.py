@@ -369,22 +369,18 @@ class Reference:
         return int(row[schema.MODEL_VERSION])
 
     def inputs(self, p: Planned) -> dict[str, np.ndarray]:
+        """The head's inputs for a request, from the SQLite store's rows (not the Redis under test)."""
+        from tfrs_ctx.signatures import HeadRow, head_inputs
+
         row = self.users.get(p.user_id) or {}
-        vector, length = np.zeros(self.dim, np.float32), 0
+        vector, length = None, 0
         if self.stored_version(p.user_id) is not None:
             vector, length = np.asarray(row[schema.ENCODED_HISTORY], np.float32), int(row[schema.HISTORY_LENGTH])
         subject = self.subjects.get(p.subject_item_id) if p.subject_item_id is not None else None
         cats = list(subject[schema.CATEGORIES]) if subject else []
         weights = list(subject[schema.CONFIDENCES]) if subject else []
-        out = {
-            schema.ENCODED_HISTORY: vector[None, :],
-            schema.HISTORY_LENGTH: np.asarray([length], np.int64),
-            schema.CONTEXT_CATEGORIES: np.asarray([schema.pad_right(cats, schema.MAX_CATEGORIES, 0)], np.int64),
-            schema.CONTEXT_WEIGHTS: np.asarray([schema.pad_right(weights, schema.MAX_CATEGORIES, 0.0)], np.float32),
-        }
-        for column, feature in schema.DEMOGRAPHIC_FEATURE_OF_COLUMN.items():
-            out[feature] = np.asarray([row.get(column) or schema.MISSING_STRING], object)
-        return out
+        demographics = {column: row.get(column) for column in schema.DEMOGRAPHIC_COLUMNS}
+        return head_inputs([HeadRow(vector, length, cats, weights, demographics)], self.dim)
 
     def expected(self, p: Planned, version: int) -> tuple[list[int], np.ndarray]:
         key = (p.user_id, p.subject_item_id, version)

@@ -1,6 +1,6 @@
 """A private Redis online store for benchmarks and load tests, materialized from a store directory.
 
-:func:`redis_online_store` starts a :class:`tfrs_ctx.feature_store.RedisServer` on a free
+:func:`redis_online_store` starts a :class:`tfrs_ctx.testing.RedisServer` on a free
 loopback port in a temporary directory, copies the store directory's offline sources (never its
 registries or SQLite online store) into a private store directory, applies the Redis feature
 repo there, materializes everything into the fresh server and snapshots it, so the server can
@@ -19,13 +19,14 @@ import tempfile
 from collections.abc import Iterator
 
 from tfrs_ctx import feature_store as fs
+from tfrs_ctx.testing import RedisServer
 
 
 @dataclasses.dataclass
 class RedisOnlineStore:
     """What :func:`redis_online_store` yields."""
 
-    server: fs.RedisServer
+    server: RedisServer
     store_dir: str  # the private copy of the store directory (its own Redis registry)
     fs_yaml: str  # the feature repo's Redis yaml
     keys: int  # keys materialized (and snapshotted)
@@ -48,7 +49,7 @@ def redis_online_store(store_dir: str) -> Iterator[RedisOnlineStore]:
         store_copy = fs.copy_sources(store_dir, os.path.join(tmp, "store"))
         data_dir = os.path.join(tmp, "redis")
         os.makedirs(data_dir)
-        server = fs.RedisServer(data_dir).start()
+        server = RedisServer(data_dir).start()
         yaml = str(fs.repo_yaml(online="redis"))
         try:
             with fs.store_env(store_copy, REDIS_CONNECTION_STRING=server.address):

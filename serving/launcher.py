@@ -23,7 +23,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 import grpc
 
 from serving.model_server import health, server_config
+from tfrs_ctx.testing import LOOPBACK, free_port
 
 BINARY = "tensorflow_model_server"
 SERVING_DIR = Path(__file__).resolve().parent
@@ -41,7 +41,6 @@ REPO_ROOT = SERVING_DIR.parent
 DEFAULT_CONFIG = SERVING_DIR / "models.config"
 DEFAULT_BATCHING_PARAMETERS = SERVING_DIR / "batching_parameters.txt"
 COMPATIBLE_SERVER = "tfrs-ctx protocol-compatible model server"
-LOOPBACK = "127.0.0.1"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,12 +61,6 @@ def python_argv(args: argparse.Namespace) -> list[str]:
         if value is not None and value != default:
             argv.append(f"--{dest}={str(value).lower() if isinstance(value, bool) else value}")
     return argv
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def build_command(args: argparse.Namespace, kind: str = "auto") -> tuple[list[str], str]:

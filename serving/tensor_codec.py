@@ -1,8 +1,10 @@
-"""TensorProto <-> numpy conversion.
+"""TensorProto <-> numpy conversion: the one codec of the client and the model server.
 
 Dense numeric tensors take a fast path (``tensor_content`` bytes, the form ``tf.make_tensor_proto``
-writes for numpy arrays); everything else (strings, typed ``*_val`` fields, scalar broadcast,
-bfloat16...) goes through ``tf.make_ndarray`` / ``tf.make_tensor_proto``.
+writes for numpy arrays), strings another (``string_val``); everything else (typed ``*_val``
+fields with scalar broadcast, bfloat16, ...) goes through ``tf.make_ndarray`` /
+``tf.make_tensor_proto``. The fast paths call no TensorFlow function, so the client's request
+path does not either.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def to_ndarray(proto: tensor_pb2.TensorProto) -> np.ndarray:
     dims = [d.size for d in proto.tensor_shape.dim]
     if proto.tensor_shape.unknown_rank or any(d < 0 for d in dims):
         raise TensorCodecError(f"tensor shape {dims} must be fully defined")
+    if proto.dtype == types_pb2.DT_STRING and len(proto.string_val) == math.prod(dims):
+        return np.array(list(proto.string_val), dtype=object).reshape(dims)
     np_dtype = _NUMPY_OF_DTYPE.get(proto.dtype)
     if _FAST and np_dtype is not None:
         count, content = math.prod(dims), proto.tensor_content
@@ -85,14 +89,20 @@ def to_ndarray(proto: tensor_pb2.TensorProto) -> np.ndarray:
 def fill_tensor_proto(target: tensor_pb2.TensorProto, value: np.ndarray | tf.Tensor) -> None:
     """Encode ``value`` into ``target`` in place (e.g. ``response.outputs[name]``)."""
     array = value.numpy() if isinstance(value, tf.Tensor) else np.asarray(value)
+    if array.dtype.kind in "OSU":
+        target.dtype = types_pb2.DT_STRING
+        for size in array.shape:
+            target.tensor_shape.dim.add(size=size)
+        target.string_val.extend(v if isinstance(v, bytes) else str(v).encode() for v in array.ravel())
+        return
     dtype = _DTYPE_OF_NUMPY.get(array.dtype)
     if _FAST and dtype is not None:
         target.dtype = dtype
         for size in array.shape:
             target.tensor_shape.dim.add(size=size)
         target.tensor_content = np.ascontiguousarray(array).tobytes()
-    else:
-        target.CopyFrom(tf.make_tensor_proto(array))
+        return
+    target.CopyFrom(tf.make_tensor_proto(array))
 
 
 def to_tensor_proto(value: np.ndarray | tf.Tensor) -> tensor_pb2.TensorProto:

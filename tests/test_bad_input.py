@@ -98,13 +98,14 @@ from tensorflow_serving.apis import (
 
 from beam_pipelines import build_training_data as btd
 from beam_pipelines import encode_users
+from beam_pipelines.tables import DEAD_LETTER_DIR, json_safe
 from serving.client.candidates import AdRequest, CandidateClient
 from serving.client.features import FeastFeatureReader
 from serving.launcher import start_server
 from serving.model_server import health
 from serving.model_server.servable import Servable
 from serving.model_server.server import MAX_BATCH_SIZE
-from tfrs_ctx import export
+from tfrs_ctx import export, signatures
 from tfrs_ctx import feature_store as F
 from tfrs_ctx import schema as S
 from tfrs_ctx.config import load_config
@@ -135,7 +136,7 @@ def _sorts_after(row: dict, other: dict) -> bool:
     """Whether ``keep_first``'s canonical order puts ``row`` after ``other`` (so ``other`` is kept)."""
 
     def key(r: dict) -> str:
-        return json.dumps(btd.json_safe(r), sort_keys=True)
+        return json.dumps(json_safe(r), sort_keys=True)
 
     return key(row) > key(other)
 
@@ -258,7 +259,7 @@ def _check_dead_letters(letters: list[dict], table: str, expected: list[tuple[di
     assert len(letters) == len(expected), [d["reason"] for d in letters]
     remaining = list(letters)
     for row, reason in expected:
-        want = {"__unparseable__"} if isinstance(row, str) else btd.json_safe(row)
+        want = {"__unparseable__"} if isinstance(row, str) else json_safe(row)
         match = next(
             (
                 d
@@ -281,7 +282,7 @@ def test_training_data_dead_letters_keep_every_good_row(bad_raw, small_raw, smal
         assert metadata["dead_letter"][name] == len(bad[name]), name
         assert metadata["rows"][name] == good, name  # every good row kept
         assert metadata["rows"][name] + metadata["dead_letter"][name] == rows_in, name  # nothing else lost
-        _check_dead_letters(_dead_letters(out / btd.DEAD_LETTER_DIR, name), name, bad[name])
+        _check_dead_letters(_dead_letters(out / DEAD_LETTER_DIR, name), name, bad[name])
     clean = dataset.load_metadata(str(small_data))
     assert metadata["counts"] == clean["counts"] and metadata["cutoff_timestamp"] == clean["cutoff_timestamp"]
     for split in S.SPLITS:  # byte for byte the examples of the clean tables
@@ -304,7 +305,7 @@ def test_encode_users_dead_letters_keep_every_good_row(store, bad_raw, small_raw
     summary = store["summary"]
     tables = (S.CONVERSIONS, S.ITEMS, S.USERS, S.SUBJECT_ITEMS)
     assert set(summary["rows"]) == set(summary["dead_letter"]) == {t.name for t in tables}
-    letters_dir = store["root"] / btd.DEAD_LETTER_DIR
+    letters_dir = store["root"] / DEAD_LETTER_DIR
     assert sorted(summary["dead_letter_files"]) == sorted(glob.glob(str(letters_dir / "*.jsonl")))
     for table in tables:
         assert summary["dead_letter"][table.name] == len(bad[table.name]), table.name
@@ -440,7 +441,7 @@ def _statuses(stub, name: str = HEAD) -> dict:
 
 def _head_request(rows: int = 2, *, version: int | None = None, signature: str = "", **overrides):
     """A Predict request for the product head: all-padding inputs (no history, no context)."""
-    inputs = {**export.example_inputs(export.head_specs(DIM), rows), **overrides}
+    inputs = {**signatures.example_inputs(signatures.head_inputs_spec(DIM), rows), **overrides}
     return predict_request(HEAD, inputs, version=version, signature=signature)
 
 

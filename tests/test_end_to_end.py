@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import pandas as pd
@@ -71,3 +72,28 @@ def test_predict_equals_the_in_process_full_model(demo_work, demo_server):
     expected_ids = out[schema.TOP_K_IDS].numpy()[0].tolist()
     np.testing.assert_allclose(rec.scores, out[schema.TOP_K_SCORES].numpy()[0], atol=1e-5)
     assert rec.item_ids == expected_ids
+
+
+def signature_specs(model_dir) -> dict:
+    """``serving_default`` inputs and outputs (dtype, shape) of a SavedModel version directory."""
+    from serving.model_server.servable import read_meta_graph
+
+    sig = read_meta_graph(str(model_dir)).signature_def["serving_default"]
+
+    def specs(tensors) -> dict:
+        return {
+            name: {"dtype": tf.dtypes.as_dtype(t.dtype).name, "shape": [d.size for d in t.tensor_shape.dim]}
+            for name, t in sorted(tensors.items())
+        }
+
+    return {"inputs": specs(sig.inputs), "outputs": specs(sig.outputs), "method_name": sig.method_name}
+
+
+def test_exported_signatures_are_the_recorded_interface(demo_work):
+    """The demo's three SavedModels serve exactly the signatures recorded in tests/golden/ (the
+    client, the Feast views and every deployed caller depend on them): a change is deliberate."""
+    golden = json.loads((pathlib.Path(__file__).parent / "golden" / "demo_signatures.json").read_text())
+    for name, expected in golden.items():
+        base = demo_work / "models" / name
+        version = max(base.iterdir(), key=lambda p: int(p.name))
+        assert signature_specs(version) == expected, name

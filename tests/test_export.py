@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfrs_ctx import export, schema
+from tfrs_ctx import export, schema, signatures
 from tfrs_ctx.data import dataset, vocab
 
 
@@ -28,19 +28,18 @@ def models(tiny_runs, small_data, tmp_path_factory):
 def _raw(features: dict, data_dir) -> dict[str, np.ndarray]:
     """Vocab indices -> the raw values the signatures take (PAD -> 0 / "")."""
     out = {}
-    specs = export.full_specs()
-    for name, (dtype, _, vocab_name) in {**export.HISTORY_INPUTS, **export.HEAD_INPUTS}.items():
+    for name, spec in signatures.full_inputs_spec().items():
         value = np.asarray(features[name])
-        if vocab_name:
-            values = vocab.load_vocab(str(data_dir), vocab_name)
+        if spec.vocab:
+            values = vocab.load_vocab(str(data_dir), spec.vocab)
             table = np.asarray(["", "__oov__", *values], object)
             raw = table[value]
-            if dtype == tf.int64:
+            if spec.dtype == "int64":
                 raw = np.asarray([int(v) if v not in ("", "__oov__") else 0 for v in raw.ravel()]).reshape(value.shape)
             else:
                 raw = raw.astype(bytes)
             value = raw
-        out[name] = value.astype(specs[name].dtype.as_numpy_dtype) if dtype != tf.string else value
+        out[name] = value.astype(spec.numpy_dtype) if spec.dtype != "string" else value
     return out
 
 
@@ -78,8 +77,8 @@ def test_head_of_encoder_equals_full(models, small_data, source):
     else:
         batch = next(iter(dataset.make_dataset(str(small_data), schema.SPLIT_EVAL, 64)))
         raw = _raw({k: v.numpy() for k, v in batch.items()}, small_data)
-    enc = _call(paths["encoder"], {k: raw[k] for k in export.HISTORY_INPUTS})
-    head_inputs = {k: raw[k] for k in export.HEAD_INPUTS} | {schema.ENCODED_HISTORY: enc[schema.ENCODED_HISTORY]}
+    enc = _call(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})
+    head_inputs = {k: raw[k] for k in signatures.HEAD_INPUTS} | {schema.ENCODED_HISTORY: enc[schema.ENCODED_HISTORY]}
     head = _call(paths["context_head"], head_inputs)
     full = _call(paths["full"], raw)
     np.testing.assert_allclose(head[schema.USER_EMBEDDING], full[schema.USER_EMBEDDING], atol=1e-5)

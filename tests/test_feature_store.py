@@ -29,6 +29,7 @@ from tfrs_ctx import feature_store as F
 from tfrs_ctx import schema as S
 from tfrs_ctx.apps import daily
 from tfrs_ctx.data import rawio
+from tfrs_ctx.testing import local_redis_server
 
 VERSION = 11
 NO_HISTORY_USER = 999_000_001  # in the users table, without conversions
@@ -163,7 +164,7 @@ def redis_server():
     """A private redis-server on a free loopback port, stopped after the module (skips without the binary)."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (Debian: apt-get install -y redis-server)")
-    with F.local_redis_server() as connection_string:
+    with local_redis_server() as connection_string:
         yield connection_string
 
 

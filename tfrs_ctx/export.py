@@ -7,8 +7,8 @@ temporary name (``models/<name>/.tmp-<version>``) and renamed to its version, so
 polling the base path never sees a half-written model.
 
 Signatures (``serving_default``; batch dimension first; core TensorFlow ops only, so a stock
-``tensorflow_model_server`` can serve them). Inputs are *raw* values: vocabularies are
-looked up inside the graph, so no client needs them.
+``tensorflow_model_server`` can serve them; their input specs are :mod:`tfrs_ctx.signatures`).
+Inputs are *raw* values: vocabularies are looked up inside the graph, so no client needs them.
 
 * ``encoder``: history (raw ad ids, raw advertiser ids, event-type strings, time-gap
   buckets, left-padded) + ``history_length`` -> ``encoded_history`` ``[B, d]``,
@@ -35,35 +35,22 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tfrs_ctx import schema
+from tfrs_ctx import schema, signatures
 from tfrs_ctx.data import vocab
 from tfrs_ctx.models.two_tower import ContextualTwoTower
+from tfrs_ctx.signatures import Input
 
 MODEL_NAMES = (schema.MODEL_ENCODER, schema.MODEL_CONTEXT_HEAD, schema.MODEL_FULL)
 WARMUP_FILE = "tf_serving_warmup_requests"
 INFO_FILE = schema.MODEL_INFO_FILE
 
-# Raw-input signature pieces: feature name -> (dtype, shape after the batch dim, vocab).
-HISTORY_INPUTS = {
-    schema.HISTORY_ITEM: (tf.int64, (schema.MAX_HISTORY,), schema.VOCAB_ITEM),
-    schema.HISTORY_ADVERTISER: (tf.int64, (schema.MAX_HISTORY,), schema.VOCAB_ADVERTISER),
-    schema.HISTORY_EVENT_TYPE: (tf.string, (schema.MAX_HISTORY,), schema.VOCAB_EVENT_TYPE),
-    schema.HISTORY_TIME_GAP: (tf.int64, (schema.MAX_HISTORY,), None),
-    schema.HISTORY_LENGTH: (tf.int64, (), None),
-}
-HEAD_INPUTS = {
-    schema.HISTORY_LENGTH: (tf.int64, (), None),
-    schema.CONTEXT_CATEGORIES: (tf.int64, (schema.MAX_CATEGORIES,), schema.VOCAB_CATEGORY),
-    schema.CONTEXT_WEIGHTS: (tf.float32, (schema.MAX_CATEGORIES,), None),
-    **{
-        feature: (tf.string, (), schema.DEMOGRAPHIC_VOCAB[column])
-        for column, feature in schema.DEMOGRAPHIC_FEATURE_OF_COLUMN.items()
-    },
-}
 
-
-def _spec(name: str, dtype: tf.DType, shape: tuple[int, ...]) -> tf.TensorSpec:
-    return tf.TensorSpec((None, *shape), dtype, name=name)
+def tensor_specs(inputs: dict[str, Input]) -> dict[str, tf.TensorSpec]:
+    """``tf.TensorSpec`` (batch dimension first) of each signature input."""
+    return {
+        name: tf.TensorSpec((None, *spec.shape), tf.dtypes.as_dtype(spec.dtype), name=name)
+        for name, spec in inputs.items()
+    }
 
 
 class _Lookups(tf.Module):
@@ -72,7 +59,7 @@ class _Lookups(tf.Module):
     def __init__(self, data_dir: str):
         super().__init__()
         self.tables = {}
-        for name in {v for _, _, v in (*HISTORY_INPUTS.values(), *HEAD_INPUTS.values()) if v}:
+        for name in {spec.vocab for spec in signatures.full_inputs_spec().values() if spec.vocab}:
             values = vocab.load_vocab(data_dir, name)
             is_int = name in (schema.VOCAB_ITEM, schema.VOCAB_ADVERTISER, schema.VOCAB_CATEGORY)
             keys = np.asarray([int(v) for v in values], np.int64) if is_int else np.asarray(values, object)
@@ -84,11 +71,11 @@ class _Lookups(tf.Module):
             )
             self.tables[name] = tf.lookup.StaticHashTable(init, default_value=schema.OOV_ID)
 
-    def __call__(self, raw: dict[str, tf.Tensor], inputs: dict) -> dict[str, tf.Tensor]:
+    def __call__(self, raw: dict[str, tf.Tensor], inputs: dict[str, Input]) -> dict[str, tf.Tensor]:
         out = {}
-        for name, (_, _, vocab_name) in inputs.items():
+        for name, spec in inputs.items():
             value = raw[name]
-            out[name] = self.tables[vocab_name].lookup(value) if vocab_name else value
+            out[name] = self.tables[spec.vocab].lookup(value) if spec.vocab else value
         if schema.CONTEXT_CATEGORIES in out:  # padding (weight 0) stays padding
             pad = tf.equal(raw[schema.CONTEXT_WEIGHTS], 0.0)
             out[schema.CONTEXT_CATEGORIES] = tf.where(
@@ -115,12 +102,12 @@ class ExportModule(tf.Module):
         return tf.fill(tf.shape(batch_of)[:1], self.version)
 
     def encode(self, raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        features = self.lookups(raw, HISTORY_INPUTS)
+        features = self.lookups(raw, signatures.ENCODER_INPUTS)
         encoded = self.model.encode_history(features, training=False)
         return {schema.ENCODED_HISTORY: encoded, schema.MODEL_VERSION: self._versions(encoded)}
 
     def head(self, raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        features = self.lookups(raw, HEAD_INPUTS)
+        features = self.lookups(raw, signatures.HEAD_INPUTS)
         user = self.model.head(raw[schema.ENCODED_HISTORY], features, training=False)
         scores, rows = tf.math.top_k(tf.matmul(user, self.corpus_embeddings, transpose_b=True), k=self.top_k)
         return {
@@ -135,20 +122,6 @@ class ExportModule(tf.Module):
         return self.head({**raw, schema.ENCODED_HISTORY: encoded})
 
 
-def encoder_specs() -> dict[str, tf.TensorSpec]:
-    return {n: _spec(n, d, s) for n, (d, s, _) in HISTORY_INPUTS.items()}
-
-
-def head_specs(dim: int) -> dict[str, tf.TensorSpec]:
-    specs = {n: _spec(n, d, s) for n, (d, s, _) in HEAD_INPUTS.items()}
-    specs[schema.ENCODED_HISTORY] = _spec(schema.ENCODED_HISTORY, tf.float32, (dim,))
-    return specs
-
-
-def full_specs() -> dict[str, tf.TensorSpec]:
-    return {**encoder_specs(), **{n: _spec(n, d, s) for n, (d, s, _) in HEAD_INPUTS.items()}}
-
-
 def _signature(fn, specs: dict[str, tf.TensorSpec]):
     names = list(specs)
 
@@ -159,24 +132,13 @@ def _signature(fn, specs: dict[str, tf.TensorSpec]):
     return serving_default
 
 
-def example_inputs(specs: dict[str, tf.TensorSpec], batch: int = 2) -> dict[str, np.ndarray]:
-    """All-padding inputs of the right dtypes and shapes (warm-up requests, smoke tests)."""
-    out = {}
-    for name, spec in specs.items():
-        shape = (batch, *spec.shape[1:])
-        out[name] = (
-            np.full(shape, b"", object) if spec.dtype == tf.string else np.zeros(shape, spec.dtype.as_numpy_dtype)
-        )
-    return out
-
-
-def _write_warmup(path: str, model_name: str, specs: dict[str, tf.TensorSpec]) -> None:
+def _write_warmup(path: str, model_name: str, inputs: dict[str, Input]) -> None:
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
     request = predict_pb2.PredictRequest(
         model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default")
     )
-    for name, value in example_inputs(specs).items():
+    for name, value in signatures.example_inputs(inputs).items():
         request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
     log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
     with tf.io.TFRecordWriter(path) as writer:
@@ -195,9 +157,9 @@ def export_all(
     module = ExportModule(model, data_dir, version, top_k)
     dim = model.cfg.embedding_dim
     plans = {
-        schema.MODEL_ENCODER: (module.encode, encoder_specs()),
-        schema.MODEL_CONTEXT_HEAD: (module.head, head_specs(dim)),
-        schema.MODEL_FULL: (module.full, full_specs()),
+        schema.MODEL_ENCODER: (module.encode, signatures.encoder_inputs_spec()),
+        schema.MODEL_CONTEXT_HEAD: (module.head, signatures.head_inputs_spec(dim)),
+        schema.MODEL_FULL: (module.full, signatures.full_inputs_spec()),
     }
     info = {
         "model_version": version,
@@ -208,14 +170,14 @@ def export_all(
         "exported_at": int(time.time()),
     }
     paths = {}
-    for name, (fn, specs) in plans.items():
+    for name, (fn, inputs) in plans.items():
         base = os.path.join(out_dir, name)
         final, tmp = os.path.join(base, str(version)), os.path.join(base, f".tmp-{version}")
         shutil.rmtree(tmp, ignore_errors=True)
-        tf.saved_model.save(module, tmp, signatures={"serving_default": _signature(fn, specs)})
+        tf.saved_model.save(module, tmp, signatures={"serving_default": _signature(fn, tensor_specs(inputs))})
         extra = os.path.join(tmp, "assets.extra")
         os.makedirs(extra, exist_ok=True)
-        _write_warmup(os.path.join(extra, WARMUP_FILE), name, specs)
+        _write_warmup(os.path.join(extra, WARMUP_FILE), name, inputs)
         with open(os.path.join(extra, INFO_FILE), "w") as f:
             json.dump({**info, "model_name": name}, f, indent=2)
         os.rename(tmp, final)

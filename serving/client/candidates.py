@@ -2,8 +2,9 @@
 
 For each ad request the client reads, from the feature store, the user's encoded history,
 its model version and demographics, and the subject item's interest categories; it builds
-one ``PredictRequest`` for the ``context_head`` model with the ``tensorflow-serving-api``
-protos (numpy -> TensorProto by hand: no TensorFlow call on the request path) and calls
+one ``PredictRequest`` for the ``context_head`` model (its inputs from
+:func:`tfrs_ctx.signatures.head_inputs`, encoded by :mod:`serving.tensor_codec` with no
+TensorFlow call on the request path) and calls
 ``PredictionService.Predict`` on one reused channel with a deadline and bounded retries.
 It cannot tell TF Serving from the protocol-compatible server, and does not need to.
 
@@ -38,10 +39,11 @@ from typing import Protocol
 
 import grpc
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from serving.tensor_codec import to_ndarray, to_tensor_proto
 from tfrs_ctx import schema
+from tfrs_ctx.signatures import HeadRow, head_inputs
 
 log = logging.getLogger("tfrs_ctx.client")
 
@@ -109,32 +111,6 @@ class Recommendation:
     history_used: bool
     context_used: bool
     notes: list[str] = dataclasses.field(default_factory=list)
-
-
-# ---- numpy -> TensorProto without TensorFlow --------------------------------------------
-_DT = {np.dtype(np.float32): types_pb2.DT_FLOAT, np.dtype(np.int64): types_pb2.DT_INT64}
-
-
-def tensor_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
-    proto = tensor_pb2.TensorProto()
-    for size in array.shape:
-        proto.tensor_shape.dim.add(size=size)
-    if array.dtype.kind in "OSU":
-        proto.dtype = types_pb2.DT_STRING
-        proto.string_val.extend(v if isinstance(v, bytes) else str(v).encode() for v in array.ravel())
-    else:
-        proto.dtype = _DT[array.dtype]
-        proto.tensor_content = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
-    return proto
-
-
-def ndarray(proto: tensor_pb2.TensorProto) -> np.ndarray:
-    shape = [d.size for d in proto.tensor_shape.dim]
-    dtype = {types_pb2.DT_FLOAT: np.float32, types_pb2.DT_INT64: np.int64}[proto.dtype]
-    if proto.tensor_content:
-        return np.frombuffer(proto.tensor_content, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
-    values = proto.float_val if proto.dtype == types_pb2.DT_FLOAT else proto.int64_val
-    return np.asarray(values, dtype=dtype).reshape(shape)
 
 
 # ---- the client ------------------------------------------------------------------------
@@ -211,21 +187,24 @@ class CandidateClient:
         notes: list[list[str]] = [[] for _ in requests]
         rows = [self._row(r, users.get(r.user_id), subjects, n) for r, n in zip(requests, notes, strict=True)]
         groups: dict[int | None, list[int]] = {}
-        for i, row in enumerate(rows):
-            groups.setdefault(row["version"], []).append(i)
+        for i, (_, version) in enumerate(rows):
+            groups.setdefault(version, []).append(i)
         results: list[Recommendation | None] = [None] * len(requests)
         for version, idx in groups.items():
             try:
-                response = self._predict([rows[i] for i in idx], version)
+                response = self._predict([rows[i][0] for i in idx], version)
             except ModelVersionMismatch:
                 if self.version_policy == "refuse":
                     raise
                 log.warning("model version %s not served: cold-start path for %d requests", version, len(idx))
                 for i in idx:
-                    rows[i] = self._cold(rows[i])
+                    rows[i] = (self._cold(rows[i][0]), None)
                     notes[i].append(f"stored vector of model version {version} is not served: cold start")
-                response = self._predict([rows[i] for i in idx], None)
-            ids, scores = ndarray(response.outputs[schema.TOP_K_IDS]), ndarray(response.outputs[schema.TOP_K_SCORES])
+                response = self._predict([rows[i][0] for i in idx], None)
+            ids, scores = (
+                to_ndarray(response.outputs[schema.TOP_K_IDS]),
+                to_ndarray(response.outputs[schema.TOP_K_SCORES]),
+            )
             served = int(response.model_spec.version.value)
             for j, i in enumerate(idx):
                 results[i] = Recommendation(
@@ -233,8 +212,8 @@ class CandidateClient:
                     ids[j].tolist(),
                     scores[j].tolist(),
                     served,
-                    history_used=rows[i]["length"] > 0,
-                    context_used=bool(np.any(rows[i]["weights"] > 0)),
+                    history_used=rows[i][0].has_history,
+                    context_used=rows[i][0].has_context,
                     notes=notes[i],
                 )
         return results  # type: ignore[return-value]
@@ -263,9 +242,13 @@ class CandidateClient:
             f"online feature store read failed after {self.store_retries + 1} attempts: {type(last).__name__}: {last}"
         ) from last
 
-    def _row(self, request: AdRequest, user: UserState | None, subjects: Mapping, notes: list[str]) -> dict:
+    def _row(
+        self, request: AdRequest, user: UserState | None, subjects: Mapping, notes: list[str]
+    ) -> tuple[HeadRow, int | None]:
+        """The request's head inputs and the model version its stored vector needs (``None``: any)."""
         c = schema.MAX_CATEGORIES
-        cats, weights = np.zeros(c, np.int64), np.zeros(c, np.float32)
+        cats: list[int] = []
+        weights: list[float] = []
         if request.context_categories is not None:
             values = list(request.context_categories)[:c]
             w = list(request.context_weights or [1.0] * len(values))[:c]
@@ -275,21 +258,16 @@ class CandidateClient:
                 )
                 notes.append("context weight is not finite: no context")
             else:
-                cats[: len(values)], weights[: len(w)] = values, w
-                self._note_unknown_categories(cats[weights != 0], notes)  # weight 0 is padding
+                cats, weights = [int(v) for v in values], [float(v) for v in w]
+                self._note_unknown_categories(np.asarray(cats[: len(weights)])[np.asarray(weights) != 0], notes)
         elif request.subject_item_id is not None:
             subject = subjects.get(request.subject_item_id)
             if subject is None:
                 log.info("unknown subject item %s: no-context path", request.subject_item_id)
                 notes.append(f"unknown subject item {request.subject_item_id}: no context")
             else:
-                sc, sw = list(subject[0])[:c], list(subject[1])[:c]
-                cats[: len(sc)], weights[: len(sw)] = sc, sw
+                cats, weights = list(subject[0])[:c], list(subject[1])[:c]
         user = user or UserState()
-        demo = {
-            feature: (user.demographics.get(column) or schema.MISSING_STRING)
-            for column, feature in schema.DEMOGRAPHIC_FEATURE_OF_COLUMN.items()
-        }
         vector, length, version = user.encoded_history, int(user.history_length), user.model_version
         if vector is not None and np.size(vector) != self.embedding_dim:
             log.warning(
@@ -308,14 +286,7 @@ class CandidateClient:
                 log.info("user %s: no stored history vector: cold start", request.user_id)
                 notes.append("no stored history: cold start")
             vector, length, version = None, 0, None
-        return {
-            "vector": np.zeros(self.embedding_dim, np.float32) if vector is None else np.asarray(vector, np.float32),
-            "length": length,
-            "version": version,
-            "categories": cats,
-            "weights": weights,
-            "demographics": demo,
-        }
+        return HeadRow(vector, length, cats, weights, user.demographics), version
 
     def _note_unknown_categories(self, categories: np.ndarray, notes: list[str]) -> None:
         """Log and note each explicit context category outside ``known_categories`` (when given)."""
@@ -327,29 +298,21 @@ class CandidateClient:
                 notes.append(f"unknown context category {category}: out of vocabulary")
 
     @staticmethod
-    def _cold(row: dict) -> dict:
-        return {**row, "vector": np.zeros_like(row["vector"]), "length": 0, "version": None}
+    def _cold(row: HeadRow) -> HeadRow:
+        return dataclasses.replace(row, encoded_history=None, history_length=0)
 
-    def _build(self, rows: list[dict], version: int | None) -> predict_pb2.PredictRequest:
+    def _build(self, rows: list[HeadRow], version: int | None) -> predict_pb2.PredictRequest:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = self.model_name
         request.model_spec.signature_name = "serving_default"
         if version is not None:
             request.model_spec.version.value = int(version)
-        inputs = {
-            schema.ENCODED_HISTORY: np.stack([r["vector"] for r in rows]).astype(np.float32),
-            schema.HISTORY_LENGTH: np.asarray([r["length"] for r in rows], np.int64),
-            schema.CONTEXT_CATEGORIES: np.stack([r["categories"] for r in rows]).astype(np.int64),
-            schema.CONTEXT_WEIGHTS: np.stack([r["weights"] for r in rows]).astype(np.float32),
-        }
-        for feature in schema.DEMOGRAPHIC_FEATURES:
-            inputs[feature] = np.asarray([r["demographics"][feature].encode() for r in rows], object)
-        for name, value in inputs.items():
-            request.inputs[name].CopyFrom(tensor_proto(value))
+        for name, value in head_inputs(rows, self.embedding_dim).items():
+            request.inputs[name].CopyFrom(to_tensor_proto(value))
         request.output_filter.extend([schema.TOP_K_IDS, schema.TOP_K_SCORES])
         return request
 
-    def _predict(self, rows: list[dict], version: int | None) -> predict_pb2.PredictResponse:
+    def _predict(self, rows: list[HeadRow], version: int | None) -> predict_pb2.PredictResponse:
         request = self._build(rows, version)
         last: grpc.RpcError | None = None
         for attempt in range(self.retries + 1):

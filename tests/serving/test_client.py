@@ -19,8 +19,8 @@ from serving.client.candidates import (
     ModelVersionMismatch,
 )
 from serving.client.features import FeastFeatureReader
-from serving.launcher import free_port
 from tfrs_ctx import schema
+from tfrs_ctx.testing import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -35,11 +35,12 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.launcher import DEFAULT_BATCHING_PARAMETERS, DEFAULT_CONFIG, free_port, start_server
+from serving.launcher import DEFAULT_BATCHING_PARAMETERS, DEFAULT_CONFIG, start_server
 from serving.model_server import health
 from serving.model_server.batching import BatchingOptions
 from serving.model_server.model_store import VersionPolicy, version_dirs
 from serving.model_server.server_config import read_model_server_config, resolve_base_path
+from tfrs_ctx.testing import free_port
 
 W = (np.arange(8, dtype=np.float32).reshape(4, 2) * 0.25).astype(np.float32)  # exact in binary
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE

@@ -14,9 +14,12 @@ import pyarrow as pa
 import pytest
 
 from beam_pipelines import build_training_data as btd
-from beam_pipelines import transforms as T
+from beam_pipelines import runner
+from beam_pipelines.tables import DEAD_LETTER_DIR, KnownIds, typed_suspects, validate_event_chunk
 from tfrs_ctx import schema as S
 from tfrs_ctx.data import dataset, rawio
+from tfrs_ctx.data import examples as T
+from tfrs_ctx.data.tf_example_wire import serialize_examples
 from tfrs_ctx.data.vocab import Vocabulary, load_vocab, load_vocabularies
 
 T0 = 1_710_000_000
@@ -84,10 +87,10 @@ def test_default_runner_is_the_in_process_direct_runner_never_prism():
     from apache_beam.runners.portability.fn_api_runner.fn_runner import FnApiRunner
 
     options = PipelineOptions(["--input", "x", "--output", "y"])
-    assert isinstance(btd.make_runner(options), FnApiRunner)
+    assert isinstance(runner.make_runner(options), FnApiRunner)
     assert options.view_as(StandardOptions).runner == "DirectRunner"
     options = PipelineOptions(["--runner=DirectRunner", "--direct_running_mode=multi_processing"])
-    assert isinstance(btd.make_runner(options), FnApiRunner)
+    assert isinstance(runner.make_runner(options), FnApiRunner)
 
 
 def test_cli_main_returns_zero(tmp_path, small_raw, capsys):
@@ -469,7 +472,7 @@ def test_malformed_rows_reach_the_dead_letter_output(tmp_path):
     assert metadata["counts"] == {S.SPLIT_TRAIN: 6, S.SPLIT_TRAIN_REQUESTS: 0, S.SPLIT_EVAL: 1}
     letters = {}
     for name in S.RAW_TABLES:
-        files = glob.glob(str(out / btd.DEAD_LETTER_DIR / f"{name}-*.jsonl"))
+        files = glob.glob(str(out / DEAD_LETTER_DIR / f"{name}-*.jsonl"))
         assert files, name
         letters[name] = [json.loads(line) for f in files for line in pathlib.Path(f).read_text().splitlines()]
         assert all(set(d) == {"table", "reason", "row"} and d["table"] == name for d in letters[name])
@@ -513,10 +516,10 @@ def test_typed_parquet_fast_path_matches_row_by_row_validation():
         },
         schema=schema,
     )
-    known = btd.KnownIds.of({S.ITEMS.name: [101, 102, 103], S.SUBJECT_ITEMS.name: [900]})
-    assert btd.typed_suspects(S.CONVERSIONS, batch, known) is not None
-    fast_blocks, fast_dead, _ = btd.validate_event_chunk(S.CONVERSIONS, batch, known)
-    slow_blocks, slow_dead, _ = btd.validate_event_chunk(S.CONVERSIONS, batch.to_pylist(), known)
+    known = KnownIds.of({S.ITEMS.name: [101, 102, 103], S.SUBJECT_ITEMS.name: [900]})
+    assert typed_suspects(S.CONVERSIONS, batch, known) is not None
+    fast_blocks, fast_dead, _ = validate_event_chunk(S.CONVERSIONS, batch, known)
+    slow_blocks, slow_dead, _ = validate_event_chunk(S.CONVERSIONS, batch.to_pylist(), known)
     assert len(fast_dead) == 6
     assert sorted(map(json.dumps, fast_dead)) == sorted(map(json.dumps, slow_dead))
     assert [u for u, _ in fast_blocks] == [u for u, _ in slow_blocks]
@@ -527,7 +530,7 @@ def test_typed_parquet_fast_path_matches_row_by_row_validation():
 
 
 # --------------------------------------------------------------------------------------
-# Pure transforms
+# The numpy example builder and the wire encoder
 # --------------------------------------------------------------------------------------
 def test_serialize_examples_is_byte_identical_to_tf_train_example():
     import tensorflow as tf
@@ -542,14 +545,14 @@ def test_serialize_examples_is_byte_identical_to_tf_train_example():
         else:
             columns[name] = rng.random(shape).astype(np.float32)
     columns[S.EX_REQUEST_ID][:3] = -1
-    for i, blob in enumerate(T.serialize_examples(columns)):
+    for i, blob in enumerate(serialize_examples(columns)):
         example = tf.train.Example()
         for name, f in S.FEATURES.items():
             values = np.asarray(columns[name][i]).reshape(-1).tolist()
             target = example.features.feature[name]
             (target.int64_list if f.dtype == "int64" else target.float_list).value.extend(values)
         assert blob == example.SerializeToString(deterministic=True)
-    assert T.serialize_examples({name: np.zeros((0, *f.shape)) for name, f in S.FEATURES.items()}) == []
+    assert serialize_examples({name: np.zeros((0, *f.shape)) for name, f in S.FEATURES.items()}) == []
 
 
 def test_time_gap_buckets_match_the_schema():

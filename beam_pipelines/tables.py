@@ -1,0 +1,296 @@
+"""What both pipelines do with raw tables: read them in chunks, validate, dead-letter, write files.
+
+Every raw row is checked against :func:`tfrs_ctx.data.validation.row_problem` (references
+against the valid ``items`` / ``subject_items``; duplicate keys of the small tables keep one row,
+the first in a canonical order). For column-typed Parquet batches of the event tables the same
+rules run vectorised first (:func:`typed_suspects`) and only the flagged rows go through
+``row_problem``, which supplies the reason. Bad rows are never dropped silently: they go to the
+dead-letter output (JSON lines with the reason), counted in the ``dead_letter_<table>`` metric;
+rows kept are counted in ``rows_<table>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from beam_pipelines.runner import NAMESPACE
+from tfrs_ctx import schema
+from tfrs_ctx.data import examples as T
+from tfrs_ctx.data import rawio
+from tfrs_ctx.data.validation import ALLOWED_VALUES, REFERENCES, row_problem
+
+S = schema
+DEAD_LETTER_DIR = "dead_letter"
+USER_BATCH = 64  # users whose per-user work (examples, histories) is done together
+CHUNK_ROWS = 20_000  # raw rows per chunk (the unit of reading and validation)
+DEAD = "dead"
+STATS = "stats"
+
+
+def read_chunks(path: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[Any]:
+    """One raw file as chunks: pyarrow record batches (Parquet) or lists of row dicts (JSONL)."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        yield from pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
+        return
+    chunk: list[dict] = []
+    for row in rawio.iter_rows(path):
+        chunk.append(row)
+        if len(chunk) >= chunk_rows:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def chunk_rows(chunk: Any) -> list[dict]:
+    return chunk if isinstance(chunk, list) else chunk.to_pylist()
+
+
+def json_safe(value: Any) -> Any:
+    """A JSON-serialisable copy of a raw value (numpy, bytes, NaN and the like)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def dead_letter(table: schema.Table, reason: str, row: Mapping[str, Any]) -> dict:
+    return {"table": table.name, "reason": reason, "row": json_safe(dict(row))}
+
+
+def split_valid(
+    table: schema.Table, rows: Iterable[Mapping[str, Any]], known: Mapping[str, Any] | None
+) -> tuple[list[Mapping[str, Any]], list[dict]]:
+    """Rows that pass :func:`validation.row_problem`, and dead letters for the rest."""
+    good, dead = [], []
+    for row in rows:
+        problem = row_problem(table, row, known)
+        if problem is None:
+            good.append(row)
+        else:
+            dead.append(dead_letter(table, problem, row))
+    return good, dead
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownIds:
+    """Ids of the referenced tables: sets for :func:`row_problem`, sorted arrays for batches."""
+
+    sets: dict[str, frozenset]
+    arrays: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, ids: Mapping[str, Iterable[int]]) -> KnownIds:
+        sets = {name: frozenset(values) for name, values in ids.items()}
+        return cls(sets, {name: np.sort(np.fromiter(v, dtype=np.int64, count=len(v))) for name, v in sets.items()})
+
+
+def typed_suspects(table: schema.Table, batch: Any, known: KnownIds) -> np.ndarray | None:
+    """Rows of an Arrow batch that :func:`row_problem` may reject; ``None`` if the batch is not column-typed.
+
+    When every column has exactly the schema's Arrow type (int64 / string, no lists), the
+    only ways a row can fail :func:`row_problem` are a null in a non-nullable column, a
+    timestamp out of range, a value outside a closed set (``ALLOWED_VALUES``) or an unknown
+    referenced id. This flags a superset of those rows; the pipeline re-checks each flagged
+    row with :func:`row_problem` itself.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not isinstance(batch, pa.RecordBatch) or any(c.kind not in ("int64", "string") for c in table.columns):
+        return None
+    expected = table.arrow_schema()
+    for column in table.columns:
+        index = batch.schema.get_field_index(column.name)
+        if index < 0 or batch.schema.field(index).type != expected.field(column.name).type:
+            return None
+    suspect = np.zeros(batch.num_rows, dtype=bool)
+    for column in table.columns:
+        values = batch.column(column.name)
+        if not column.nullable and values.null_count:
+            suspect |= values.is_null().to_numpy(zero_copy_only=False)
+        if column.name == S.TIMESTAMP:
+            ts = pc.fill_null(values, S.MIN_TIMESTAMP).to_numpy()
+            suspect |= (ts < S.MIN_TIMESTAMP) | (ts >= S.MAX_TIMESTAMP)
+        if column.name in ALLOWED_VALUES:
+            allowed = pa.array(sorted(ALLOWED_VALUES[column.name]), pa.string())
+            suspect |= ~pc.fill_null(pc.is_in(values, value_set=allowed), False).to_numpy(zero_copy_only=False)
+    for (name, column), ref in REFERENCES.items():
+        if name == table.name and ref in known.arrays:
+            ids = pc.fill_null(batch.column(column), 0).to_numpy()
+            suspect |= ~np.isin(ids, known.arrays[ref])
+    return suspect
+
+
+def validate_event_chunk(table: schema.Table, chunk: Any, known: KnownIds) -> tuple[list, list[dict], dict]:
+    """An event-table chunk -> (``(user_id, packed block)`` per user, dead letters, column-wise valid rows)."""
+    suspect = typed_suspects(table, chunk, known)
+    if suspect is None:
+        good, dead = split_valid(table, chunk_rows(chunk), known.sets)
+        columns = {c.name: T.column_values(good, c) for c in table.columns}
+    else:
+        flagged = np.flatnonzero(suspect)
+        good_rows, dead = split_valid(table, chunk.take(flagged).to_pylist(), known.sets) if len(flagged) else ([], [])
+        clean = chunk.filter(~suspect) if len(flagged) else chunk
+        columns = {
+            c.name: np.concatenate([_arrow_column(clean, c), T.column_values(good_rows, c)]) for c in table.columns
+        }
+    data = {name: values for name, values in columns.items() if name != S.USER_ID}
+    blocks = [(user, T.pack_block(block)) for user, block in T.columns_to_user_blocks(columns[S.USER_ID], data)]
+    return blocks, dead, columns
+
+
+def _arrow_column(batch: Any, column: schema.Column) -> np.ndarray:
+    values = batch.column(column.name)
+    if column.kind == "string":
+        return np.asarray(values.to_numpy(zero_copy_only=False), dtype=str)
+    return values.to_numpy().astype(np.int64)
+
+
+class ValidateEvents(beam.DoFn):
+    """Chunk of an event table -> ``(user_id, block)`` per user; bad rows -> ``DEAD``.
+
+    For conversions it also emits per-chunk ``STATS`` (timestamp range, event types).
+    """
+
+    def __init__(self, table: schema.Table):
+        self.table = table
+
+    def process(self, chunk: Any, known: KnownIds) -> Iterator[Any]:
+        blocks, dead, columns = validate_event_chunk(self.table, chunk, known)
+        for d in dead:
+            yield beam.pvalue.TaggedOutput(DEAD, d)
+        n = len(columns[S.USER_ID])
+        Metrics.counter(NAMESPACE, f"rows_{self.table.name}").inc(n)
+        if self.table.name == S.CONVERSIONS.name and n:
+            ts, types = columns[S.TIMESTAMP], columns[S.EVENT_TYPE]
+            values, counts = np.unique(types, return_counts=True)
+            yield beam.pvalue.TaggedOutput(
+                STATS, (int(ts.min()), int(ts.max()), Counter(dict(zip(values.tolist(), counts.tolist(), strict=True))))
+            )
+        yield from blocks
+
+
+class ValidateRows(beam.DoFn):
+    """Chunk of a small table -> valid rows; bad rows -> ``DEAD``."""
+
+    def __init__(self, table: schema.Table):
+        self.table = table
+
+    def process(self, chunk: Any) -> Iterator[Any]:
+        good, dead = split_valid(self.table, chunk_rows(chunk), None)
+        for d in dead:
+            yield beam.pvalue.TaggedOutput(DEAD, d)
+        yield from good
+
+
+def _row_key(table: schema.Table, row: Mapping[str, Any]) -> Any:
+    return tuple(int(row[c]) if table.column(c).kind == "int64" else row[c] for c in table.key)
+
+
+def keep_first(table: schema.Table, key_rows: tuple[Any, Iterable[Mapping]]) -> Iterator[Any]:
+    """One row per key (the first in a canonical order); duplicates go to ``DEAD``."""
+    rows = list(key_rows[1])
+    if len(rows) > 1:
+        rows.sort(key=lambda r: json.dumps(json_safe(dict(r)), sort_keys=True))
+    yield rows[0]
+    for row in rows[1:]:
+        yield beam.pvalue.TaggedOutput(DEAD, dead_letter(table, f"duplicate key ({', '.join(table.key)})", row))
+
+
+def count_row(row: Any, table: str, delta: int = 1) -> Any:
+    """Count a row kept (``delta`` 1) or taken back (-1) in the ``rows_<table>`` metric; returns it."""
+    Metrics.counter(NAMESPACE, f"rows_{table}").inc(delta)
+    return row
+
+
+def read_table(p: beam.Pipeline, raw_dir: str, table: schema.Table, reshuffle: bool) -> beam.PCollection:
+    chunks = (
+        p
+        | f"List{table.name}" >> beam.Create(rawio.table_files(raw_dir, table))
+        | f"Read{table.name}" >> beam.FlatMap(read_chunks)
+    )
+    return chunks | f"Spread{table.name}" >> beam.Reshuffle() if reshuffle else chunks
+
+
+def small_table(p: beam.Pipeline, raw_dir: str, table: schema.Table) -> tuple[beam.PCollection, list]:
+    """A validated, key-deduplicated small table and its dead-letter PCollections."""
+    name = table.name
+    checked = read_table(p, raw_dir, table, False) | f"Validate{name}" >> beam.ParDo(ValidateRows(table)).with_outputs(
+        DEAD, main="rows"
+    )
+    unique = (
+        checked.rows
+        | f"Key{name}" >> beam.Map(lambda r, t=table: (_row_key(t, r), r))
+        | f"Group{name}" >> beam.GroupByKey()
+        | f"Dedupe{name}" >> beam.FlatMap(lambda kv, t=table: keep_first(t, kv)).with_outputs(DEAD, main="rows")
+    )
+    rows = unique.rows | f"Count{name}" >> beam.Map(count_row, name)
+    return rows, [checked[DEAD], unique[DEAD]]
+
+
+def known_ids(p: beam.Pipeline, referenced: Mapping[str, beam.PCollection]) -> beam.PCollection:
+    """The ids of the valid rows of referenced tables (``{table name: rows}``), as one :class:`KnownIds`."""
+    names = list(referenced)
+    ids = [referenced[n] | f"{n}Ids" >> beam.Map(lambda r: int(r[S.ITEM_ID])) for n in names]
+    return (
+        p
+        | "KnownSeed" >> beam.Create([None])
+        | "KnownIds"
+        >> beam.Map(lambda _, *lists: KnownIds.of(dict(zip(names, lists, strict=True))), *map(beam.pvalue.AsList, ids))
+    )
+
+
+def validated_events(p: beam.Pipeline, raw_dir: str, table: schema.Table, known: beam.PCollection) -> Any:
+    """An event table read and validated: ``.blocks`` (``(user_id, packed block)``), ``[DEAD]``, ``[STATS]``."""
+    return read_table(p, raw_dir, table, True) | f"Validate{table.name}" >> beam.ParDo(
+        ValidateEvents(table), known=beam.pvalue.AsSingleton(known)
+    ).with_outputs(DEAD, STATS, main="blocks")
+
+
+def write_dead_letters(dead: Mapping[str, list], out: str) -> None:
+    """Each table's dead letters as JSON lines, counted in the ``dead_letter_<table>`` metric."""
+    for name, pcolls in dead.items():
+        _ = (
+            pcolls
+            | f"FlattenDead{name}" >> beam.Flatten()
+            | f"CountDead{name}" >> beam.Map(_count_dead_letter, name)
+            | f"WriteDead{name}"
+            >> beam.io.WriteToText(os.path.join(out, DEAD_LETTER_DIR, name), file_name_suffix=".jsonl")
+        )
+
+
+def _count_dead_letter(record: dict, table: str) -> str:
+    Metrics.counter(NAMESPACE, f"dead_letter_{table}").inc()
+    return json.dumps(record, sort_keys=True, allow_nan=False)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file through Beam's filesystems (local, gs://, ...)."""
+    parent = os.path.dirname(path)
+    if not FileSystems.exists(parent):
+        FileSystems.mkdirs(parent)
+    with FileSystems.create(path) as f:
+        f.write(data)
