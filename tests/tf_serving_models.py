@@ -11,7 +11,8 @@ Nothing here is committed as a SavedModel: tests write the models into their tmp
   (predict, ``x`` -> ``y``: ``x`` is the parse's output tensor, fed directly, shape ``[-1,1]``),
   ``regress_x_to_y`` / ``regress_x_to_y2`` (``inputs`` = serialized tf.Example -> ``outputs``),
   ``regress_x2_to_y3`` (``inputs`` = x2 -> ``outputs``), ``classify_x_to_y`` (``inputs`` -> ``scores``)
-  and, beyond the original, ``multi`` (predict, ``x``, ``x2`` -> ``y``, ``y2``, ``y3``).
+  and, beyond the original, ``multi`` (predict, ``x``, ``x2`` -> ``y``, ``y2``, ``y3``) and
+  ``multi_with_default`` (``x``, ``x2`` -> ``y``, ``y3``, with a ``defaults`` entry ``x2 = [[1.0]]``).
 * :func:`write_half_plus_two_tf2` (``tf.saved_model.save`` of a ``tf.Module``): the same signatures
   as native TF2 functions; ``serving_default`` takes ``x`` float ``[1]``.
 * :func:`write_mixed_inputs` (TF2): ``serving_default(text string[B], count int64[B], score float[B,2])``
@@ -84,7 +85,10 @@ def write_half_plus_two(path: str | os.PathLike, b: float = 2.0) -> Path:
                 consts.CLASSIFY_METHOD_NAME,
             ),
             "multi": predict({"x": x, "x2": x2}, {"y": y, "y2": y2, "y3": y3}),
+            "multi_with_default": predict({"x": x, "x2": x2}, {"y": y, "y3": y3}),
         }
+        # A SignatureDef ``defaults`` entry (an input the request may leave out), as predict_util.cc allows.
+        signatures["multi_with_default"].defaults["x2"].CopyFrom(tf.make_tensor_proto([[1.0]], tf.float32))
         sess.run(v1.global_variables_initializer())
         builder = v1.saved_model.Builder(str(path))
         builder.add_meta_graph_and_variables(sess, [v1.saved_model.tag_constants.SERVING], signature_def_map=signatures)
@@ -142,6 +146,25 @@ class _Mixed(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([], tf.float32, name="v")])
     def echo_scalar(self, v):
         return {"v": v * 2.0}
+
+
+def write_saved_model_save(path: str | os.PathLike, signatures: dict[str, float] | None = None) -> Path:
+    """As TF Serving's ``test_tf_saved_model_save*``: ``tf.train.Checkpoint`` roots with functions of an
+    unknown-rank float ``x``. Without ``signatures``: one, ``y = 3 * 2 * x``; with ``{key: c}``: each
+    signature returns the constant ``y = c``."""
+    root = tf.train.Checkpoint()
+    if signatures is None:
+        root.v1, root.v2 = tf.Variable(3.0), tf.Variable(2.0)
+        root.f = tf.function(lambda x: {"y": root.v1 * root.v2 * x})
+        tf.saved_model.save(root, str(path), root.f.get_concrete_function(tf.TensorSpec(None, tf.float32)))
+        return Path(path)
+    functions = {}
+    for key, value in signatures.items():
+        fn = tf.function(lambda x, value=value: {"y": tf.constant(value)}, input_signature=[tf.TensorSpec(None)])
+        setattr(root, f"f_{len(functions)}", fn)
+        functions[key] = fn
+    tf.saved_model.save(root, str(path), signatures=functions)
+    return Path(path)
 
 
 def write_mixed_inputs(path: str | os.PathLike) -> Path:
