@@ -300,3 +300,46 @@ def test_request_errors_and_http_codes(server):
     assert get(server, "/v1/models/half:predict").status_code == 400  # GET on a predict path: malformed
     assert requests.delete(server.rest_url + "/v1/models/half", timeout=10).status_code == 400
     assert post(server, "/v1/models/half:predict", {"instances": [1.0]}).status_code == 200  # still serving
+
+
+# ---- no server: the timeout and the launcher's flags ----------------------------------------
+
+
+def test_rest_timeout_is_deadline_exceeded_504():
+    import time
+    from types import SimpleNamespace
+
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    from serving.model_server.rest import RestApi
+
+    sig = meta_graph_pb2.SignatureDef()
+    sig.inputs["x"].dtype = 1  # DT_FLOAT
+    servable = SimpleNamespace(signatures={"serving_default": None}, signature_def_map=SimpleNamespace())
+    servable.signature_def_map.signature_def = {"serving_default": sig}
+
+    class SlowCore:
+        store = SimpleNamespace(get=lambda spec: servable)
+
+        def predict(self, request):
+            time.sleep(0.5)
+
+    api = RestApi(SlowCore(), timeout_ms=50)
+    try:
+        status, body = api.handle("POST", "/v1/models/m:predict", b'{"instances": [1.0]}')
+    finally:
+        api.close()
+    assert status == 504 and b"Deadline Exceeded" in body
+
+
+def test_launcher_passes_rest_flags_to_either_server():
+    from serving.launcher import build_command, build_parser
+
+    args = build_parser().parse_args(
+        ["--model_name=m", "--model_base_path=/m", "--rest_api_port=8501", "--rest_api_timeout_in_ms=500"]
+    )
+    python, kind = build_command(args, "python")
+    assert kind == "python" and {"--rest_api_port=8501", "--rest_api_timeout_in_ms=500"} <= set(python)
+    args.dry_run = True
+    binary, kind = build_command(args, "binary")
+    assert kind == "binary" and {"--rest_api_port=8501", "--rest_api_timeout_in_ms=500"} <= set(binary)
