@@ -17,8 +17,8 @@ signature. Shapes are NOT checked against the signature's static shapes up front
 the tensor to ``Session::Run``, which does not compare a fed tensor with a placeholder's shape, so a
 ``[3]`` tensor fed to a ``[-1,1]`` input runs if the graph's ops accept it. Errors raised while
 running the graph keep their TensorFlow code; when an input's shape was incompatible with the
-signature, the message says so. (The ``function`` runtime does check shapes: the concrete function
-refuses an incompatible tensor, INVALID_ARGUMENT.)
+signature, the message says so. (The ``function`` runtime calls the loaded concrete function,
+which may refuse an incompatible tensor itself: INVALID_ARGUMENT.)
 """
 
 from __future__ import annotations
