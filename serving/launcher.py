@@ -13,6 +13,12 @@ a temporary file and passes that. Python API (a separate server process)::
     with start_server(models_dir) as server:      # port=0: a free port
         server.wait_ready(120)
         channel = grpc.insecure_channel(server.address)
+
+    with start_server(models_dir, rest_api_port=free_port()) as server:   # also the REST API
+        requests.post(f"{server.rest_url}/v1/models/encoder:predict", json={"instances": [...]})
+
+``--rest_api_port`` (and ``--rest_api_timeout_in_ms``) reach either server: the compatible one
+serves the same REST API as the binary (see ``serving.model_server.rest``).
 """
 
 from __future__ import annotations
@@ -124,8 +130,10 @@ class ServerHandle:
         model_names: list[str],
         cleanup: list[str],
         own_log: bool = False,
+        rest_port: int = 0,
     ):
         self.process, self.kind, self.log_path = process, kind, log_path
+        self.rest_port = rest_port  # 0: no REST API
         self.model_names = model_names
         self._port, self._port_file, self._cleanup = port, port_file, cleanup
         self._own_log = own_log
@@ -147,6 +155,13 @@ class ServerHandle:
     @property
     def address(self) -> str:
         return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def rest_url(self) -> str:
+        """``http://127.0.0.1:PORT`` of the REST API (``rest_api_port`` must have been set)."""
+        if not self.rest_port:
+            raise RuntimeError("this server was started without --rest_api_port")
+        return f"http://{LOOPBACK}:{self.rest_port}"
 
     def logs(self) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -234,6 +249,7 @@ def start_server(
     server: str = "auto",
     extra_args: Sequence[str] = (),
     log_path: str | None = None,
+    rest_api_port: int = 0,
 ) -> ServerHandle:
     """Start a model server subprocess on loopback; ``port=0`` picks a free port.
 
@@ -242,8 +258,12 @@ def start_server(
 
     ``server``: "auto" (the real binary if on PATH), "binary" or "python". ``extra_args``: more
     server flags (e.g. ``["--model_name=m", "--model_base_path=/p"]`` with ``config=None``).
+    ``rest_api_port``: serve the REST API there too (0: no REST API; pick one with :func:`free_port`);
+    the handle's ``rest_url`` is its address.
     """
     argv = [f"--port={port}", f"--file_system_poll_wait_seconds={poll_seconds}", *extra_args]
+    if rest_api_port:
+        argv.append(f"--rest_api_port={rest_api_port}")
     if models_dir is not None:
         argv.append(f"--models_dir={os.fspath(models_dir)}")
     if config is not None:
@@ -280,7 +300,9 @@ def start_server(
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=_child_env(kind))
     port = args.port if kind == "binary" else port
-    handle = ServerHandle(process, kind, port, port_file, log_path, names, cleanup, own_log=own_log)
+    handle = ServerHandle(
+        process, kind, port, port_file, log_path, names, cleanup, own_log=own_log, rest_port=args.rest_api_port
+    )
     atexit.register(handle.close)
     return handle
 

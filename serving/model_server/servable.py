@@ -8,9 +8,17 @@ Two runtimes run a signature:
   the same way in the real binary.
 * ``function``: ``tf.saved_model.load`` and the signature's concrete function (TF2 eager).
 
-Checks and status codes follow ``tensorflow_model_server``: unknown signature ->
-FAILED_PRECONDITION; missing/unknown input, wrong dtype or shape, unknown output alias ->
-INVALID_ARGUMENT; errors raised while running the graph keep their TensorFlow code.
+Checks and status codes follow ``tensorflow_model_server`` (``predict_util.cc``): unknown signature ->
+FAILED_PRECONDITION; inputs are matched to the signature by alias (an input left out is taken from
+the signature's ``defaults`` if it has one); missing/unknown input, an unparsable tensor, a dtype
+other than the fed tensor's, unknown or duplicate output alias -> INVALID_ARGUMENT. The method_name
+of the signature is not checked (the binary's default), so Predict can run a classify/regress
+signature. Shapes are NOT checked against the signature's static shapes up front: the binary feeds
+the tensor to ``Session::Run``, which does not compare a fed tensor with a placeholder's shape, so a
+``[3]`` tensor fed to a ``[-1,1]`` input runs if the graph's ops accept it. Errors raised while
+running the graph keep their TensorFlow code; when an input's shape was incompatible with the
+signature, the message says so. (The ``function`` runtime calls the loaded concrete function,
+which may refuse an incompatible tensor itself: INVALID_ARGUMENT.)
 """
 
 from __future__ import annotations
@@ -71,6 +79,12 @@ class _InputSpec:
     def describe(self) -> str:
         return "[" + ",".join("?" if d < 0 else str(d) for d in self.shape or ()) + "]"
 
+    def accepts_shape(self, shape: tuple[int, ...]) -> bool:
+        want = self.shape
+        return want is None or (
+            len(want) == len(shape) and all(w < 0 or w == got for w, got in zip(want, shape, strict=True))
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class Signature:
@@ -79,6 +93,8 @@ class Signature:
     name: str
     inputs: Mapping[str, _InputSpec]
     outputs: tuple[str, ...]
+    defaults: Mapping[str, tensor_pb2.TensorProto] = dataclasses.field(default_factory=dict)
+    method_name: str = ""
 
     @classmethod
     def from_def(cls, name: str, sig_def: meta_graph_pb2.SignatureDef) -> Signature:
@@ -86,27 +102,29 @@ class Signature:
             k: _InputSpec(v.dtype, None if v.tensor_shape.unknown_rank else tuple(d.size for d in v.tensor_shape.dim))
             for k, v in sorted(sig_def.inputs.items())
         }
-        return cls(name, inputs, tuple(sorted(sig_def.outputs)))
+        defaults = {k: v for k, v in sig_def.defaults.items() if k in inputs}
+        return cls(name, inputs, tuple(sorted(sig_def.outputs)), defaults, sig_def.method_name)
 
     def check_input(self, name: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
-        """Decode one request tensor and check its dtype and shape against the signature."""
+        """Decode one request tensor and check its dtype (not its shape: the Session decides, as in the binary)."""
         spec = self.inputs[name]
-        if proto.dtype != spec.dtype:
+        if proto.dtype != spec.dtype:  # Session::Run's own check: "Expects arg[i] to be float but double ..."
             raise _invalid(
                 f"input '{name}': expects {dtype_name(spec.dtype)} but {dtype_name(proto.dtype)} is provided"
             )
         try:
-            array = to_ndarray(proto)
+            return to_ndarray(proto)
         except TensorCodecError as e:
-            raise _invalid(f"input '{name}': {e}") from e
-        want = spec.shape
-        if want is not None and (
-            len(want) != array.ndim or any(w >= 0 and w != got for w, got in zip(want, array.shape, strict=True))
-        ):
-            raise _invalid(
-                f"input '{name}': shape {list(array.shape)} is incompatible with the signature's {spec.describe()}"
-            )
-        return array
+            raise _invalid(f"tensor parsing error: {name} ({e})") from e
+
+    def shape_notes(self, inputs: Mapping[str, np.ndarray]) -> str:
+        """Which inputs have a shape the signature's static shape does not allow ("" if none)."""
+        notes = [
+            f"input '{k}': shape {list(v.shape)} is incompatible with the signature's {self.inputs[k].describe()}"
+            for k, v in inputs.items()
+            if k in self.inputs and not self.inputs[k].accepts_shape(v.shape)
+        ]
+        return "; ".join(notes)
 
     def check_outputs(self, output_filter: Sequence[str]) -> tuple[str, ...]:
         """The outputs to return: ``output_filter`` if given (checked), else all of them."""
@@ -242,14 +260,17 @@ class Servable:
     ) -> PreparedRequest:
         """Check a Predict request against the signature and decode its inputs."""
         sig = self.signature(signature_name)
-        if len(inputs) != len(sig.inputs) or any(k not in inputs for k in sig.inputs):
-            sent, expected = set(inputs), set(sig.inputs)
+        sent, expected = set(inputs), set(sig.inputs)
+        missing = {k for k in expected - sent if k not in sig.defaults}
+        if len(sent) > len(expected) or (len(sent) < len(expected) and not sig.defaults) or missing or sent - expected:
             raise _invalid(
                 f"input size does not match signature: {len(sent)}!={len(expected)} "
                 f"len({_names(sent)}) != len({_names(expected)}). Sent extra: {_names(sent - expected)}. "
-                f"Missing but required: {_names(expected - sent)}."
+                f"Missing but required: {_names(missing)}."
             )
-        arrays = {name: sig.check_input(name, inputs[name]) for name in sig.inputs}
+        arrays = {
+            name: sig.check_input(name, inputs[name] if name in inputs else sig.defaults[name]) for name in sig.inputs
+        }
         return PreparedRequest(sig, arrays, sig.check_outputs(output_filter))
 
     def run(self, sig: Signature, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
@@ -257,9 +278,13 @@ class Servable:
         try:
             return self._runtime.run(sig, inputs, tuple(outputs))
         except tf.errors.OpError as e:
-            raise ServingError.from_tf(e) from e
+            error = ServingError.from_tf(e)
         except (TypeError, ValueError) as e:
-            raise _invalid(str(e)) from e
+            error = _invalid(str(e))
+        notes = sig.shape_notes(inputs)
+        if notes:
+            error = ServingError(error.code, f"{error.message} ({notes})")
+        raise error
 
     def warm_up(self) -> int:
         """Replay ``assets.extra/tf_serving_warmup_requests`` (PredictionLog TFRecords); returns the count."""

@@ -1,18 +1,21 @@
-"""tfrs-ctx protocol-compatible model server: TF Serving's gRPC API for machines without the binary.
+"""tfrs-ctx protocol-compatible model server: TF Serving's gRPC and REST APIs for machines without the binary.
 
-``python -m serving.model_server --port 8500 --model_config_file serving/models.config [--models_dir DIR]
-[--enable_batching --batching_parameters_file serving/batching_parameters.txt]
+``python -m serving.model_server --port 8500 [--rest_api_port 8501] --model_config_file serving/models.config
+[--models_dir DIR] [--enable_batching --batching_parameters_file serving/batching_parameters.txt]
 [--file_system_poll_wait_seconds 1] [--host 127.0.0.1]``
 or the single-model form ``--model_name NAME --model_base_path PATH``.
 
 Serves ``tensorflow.serving.PredictionService`` (Predict, GetModelMetadata),
 ``tensorflow.serving.ModelService`` (GetModelStatus, HandleReloadConfigRequest) and
 ``grpc.health.v1.Health`` with the messages and status codes of ``tensorflow_model_server``, so
-one client works against either. It is not TF Serving: no REST API, no Classify/Regress/
-MultiInference (UNIMPLEMENTED), only the ops of the installed TensorFlow. Binds 127.0.0.1 unless
-``--host`` says otherwise. As ``tensorflow_model_server``, it binds its port only after the
-initial model load (until then connections are refused: UNAVAILABLE, retryable), so a version on
-disk is never NOT_FOUND just after a start. SIGTERM/SIGINT: stop accepting, finish in-flight
+one client works against either; with ``--rest_api_port`` also the binary's REST API (see
+:mod:`serving.model_server.rest`: ``/v1/models/NAME[...]:predict``, model status, metadata), in
+the same process, on the same models and batching scheduler. It is not TF Serving: no
+Classify/Regress/MultiInference (UNIMPLEMENTED over gRPC, 501 over REST), only the ops of the
+installed TensorFlow. Binds 127.0.0.1 unless ``--host`` says otherwise (REST too). As
+``tensorflow_model_server``, it binds its ports only after the initial model load (until then
+connections are refused: UNAVAILABLE, retryable), so a version on disk is never NOT_FOUND just
+after a start. SIGTERM/SIGINT: stop accepting, finish in-flight
 requests, exit 0.
 
 Without ``--enable_batching`` a Predict request may hold at most :data:`MAX_BATCH_SIZE` rows
@@ -40,25 +43,25 @@ from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_management_pb2,
-    model_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
 )
 
 from serving.model_server import server_config
-from serving.model_server.batching import BatchingOptions, BatchScheduler, check_batch_size
+from serving.model_server.batching import BatchingOptions, BatchScheduler
+from serving.model_server.core import MAX_BATCH_SIZE, ServingCore
 from serving.model_server.health import NOT_SERVING, SERVING, HealthServicer, add_health_servicer
 from serving.model_server.model_store import ModelConfig, ModelStore, configs_from_proto, single_model_config
+from serving.model_server.rest import RestServer
 from serving.model_server.servable import Servable, ServingError, session_config
-from serving.tensor_codec import fill_tensor_proto
 
 log = logging.getLogger("tfrs_ctx.serving")
 
 SERVER_NAME = "tfrs-ctx protocol-compatible model server"
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
-MAX_BATCH_SIZE = BatchingOptions().max_batch_size  # rows per Predict request without --enable_batching
+__all__ = ["MAX_BATCH_SIZE", "main", "serve"]
 
 
 def _grpc_errors(method):
@@ -77,74 +80,30 @@ def _grpc_errors(method):
     return wrapper
 
 
-def _require_name(spec: model_pb2.ModelSpec) -> None:
-    if not spec.name:
-        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec name")
-
-
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """Predict and GetModelMetadata (Classify/Regress/MultiInference stay UNIMPLEMENTED)."""
 
-    def __init__(self, store: ModelStore, scheduler: BatchScheduler | None = None):
-        self.store, self.scheduler = store, scheduler
+    def __init__(self, core: ServingCore):
+        self.core = core
 
     @_grpc_errors
     def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
-        _require_name(request.model_spec)
-        servable = self.store.get(request.model_spec)
-        prepared = servable.prepare(request.model_spec.signature_name, request.inputs, request.output_filter)
-        if self.scheduler is not None:
-            outputs = self.scheduler.run(servable, prepared)
-        else:
-            rows = max((array.shape[0] for array in prepared.inputs.values() if array.ndim), default=0)
-            check_batch_size(rows, MAX_BATCH_SIZE)  # scalars have no rows: batch_size_of refuses them
-            outputs = servable.run(prepared.signature, prepared.inputs, prepared.outputs)
-        response = predict_pb2.PredictResponse()
-        response.model_spec.name = servable.name
-        response.model_spec.version.value = servable.version
-        response.model_spec.signature_name = prepared.signature.name
-        for name in prepared.outputs:
-            fill_tensor_proto(response.outputs[name], outputs[name])
-        return response
+        return self.core.predict(request).response()
 
     @_grpc_errors
     def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest, context):
-        _require_name(request.model_spec)
-        if not request.metadata_field:
-            raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT, "GetModelMetadataRequest must specify at least one metadata_field"
-            )
-        for field in request.metadata_field:
-            if field != "signature_def":
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported")
-        servable = self.store.get(request.model_spec)
-        response = get_model_metadata_pb2.GetModelMetadataResponse()
-        response.model_spec.name = servable.name
-        response.model_spec.version.value = servable.version
-        response.metadata["signature_def"].Pack(servable.signature_def_map)
-        return response
+        return self.core.metadata(request)
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     """GetModelStatus and HandleReloadConfigRequest."""
 
-    def __init__(self, store: ModelStore, models_dir: str | None):
-        self.store, self.models_dir = store, models_dir
+    def __init__(self, core: ServingCore, models_dir: str | None):
+        self.core, self.store, self.models_dir = core, core.store, models_dir
 
     @_grpc_errors
     def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest, context):
-        spec = request.model_spec
-        _require_name(spec)
-        choice = spec.WhichOneof("version_choice")
-        version = self.store.get(spec).version if choice == "version_label" else None
-        if choice == "version":
-            version = spec.version.value
-        response = get_model_status_pb2.GetModelStatusResponse()
-        for v, status in sorted(self.store.status(spec.name, version).items()):
-            entry = response.model_version_status.add(version=v, state=status.state)
-            entry.status.error_code = status.error_code.value[0]
-            entry.status.error_message = status.error_message
-        return response
+        return self.core.status(request)
 
     @_grpc_errors
     def HandleReloadConfigRequest(self, request: model_management_pb2.ReloadConfigRequest, context):
@@ -199,6 +158,31 @@ def _bind(server: grpc.Server, host: str, port: int) -> int:
         return 0
 
 
+def _start_rest(args: argparse.Namespace, core: ServingCore) -> RestServer | None:
+    """``--rest_api_port``: the REST API in this process (0: none). As the binary, a REST port equal to
+    ``--port`` or one that cannot be bound is logged as an error and the server goes on with gRPC only."""
+    if not args.rest_api_port:
+        return None
+    if args.rest_api_port == args.port:
+        log.error("--rest_api_port cannot be the same as --port (%d); not exporting the REST API", args.port)
+        return None
+    try:
+        rest = RestServer(
+            core,
+            args.host,
+            args.rest_api_port,
+            timeout_ms=args.rest_api_timeout_in_ms,
+            max_body_bytes=args.max_message_bytes,
+            threads=args.rest_api_num_threads,
+        )
+    except OSError as e:
+        log.error("could not bind the REST API on %s:%d: %s; not exporting it", args.host, args.rest_api_port, e)
+        return None
+    rest.start()
+    log.info("%s listening on %s:%d (HTTP/REST)", SERVER_NAME, args.host, rest.port)
+    return rest
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
     stop = threading.Event()
@@ -234,8 +218,9 @@ def serve(args: argparse.Namespace) -> int:
         futures.ThreadPoolExecutor(args.grpc_max_threads or server_config.DEFAULT_GRPC_THREADS, "grpc"),
         options=list(server_config.channel_arguments(args).items()),
     )
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(store, scheduler), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(store, args.models_dir), server)
+    core = ServingCore(store, scheduler)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(core), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core, args.models_dir), server)
     add_health_servicer(health, server)
 
     # Initial load, synchronous, before the port is even bound (as tensorflow_model_server): meanwhile a
@@ -246,8 +231,11 @@ def serve(args: argparse.Namespace) -> int:
     if missing:
         log.warning("models %s have no loadable version yet; each is served once one appears", missing)
     health.set_all(SERVING)
+    rest = _start_rest(args, core)  # before the gRPC port: once gRPC answers, REST is up too
     port = _bind(server, args.host, args.port)
     if not port:
+        if rest is not None:
+            rest.stop()
         return 1
     server.start()
     log.info("%s listening on %s:%d (gRPC)", SERVER_NAME, args.host, port)
@@ -262,6 +250,8 @@ def serve(args: argparse.Namespace) -> int:
         pass
     log.info("shutting down: finishing in-flight requests")
     health.set_all(NOT_SERVING)
+    if rest is not None:
+        rest.stop()  # in-flight REST requests finish first
     server.stop(grace=10).wait()
     store.stop()
     if scheduler is not None:
@@ -274,8 +264,6 @@ def main(argv: list[str] | None = None) -> int:
     server_config.add_server_flags(parser)
     args = parser.parse_args(argv)
     server_config.check_server_flags(parser, args)
-    if args.rest_api_port:
-        parser.error("--rest_api_port: this server has no REST API (use gRPC, or the real binary)")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     log.info("%s starting (pid %d, not TF Serving itself)", SERVER_NAME, os.getpid())

@@ -17,6 +17,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_GRPC_THREADS = 64  # enough for batching to see concurrent callers
+DEFAULT_REST_TIMEOUT_MS = 30000  # tensorflow_model_server's --rest_api_timeout_in_ms default
 
 
 def _bool(value: str) -> bool:
@@ -43,7 +44,11 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     flag("--grpc_channel_arguments", default="", help="comma-separated key=value gRPC server arguments")
     flag("--tensorflow_intra_op_parallelism", type=int, default=0, help="0: TensorFlow's default")
     flag("--tensorflow_inter_op_parallelism", type=int, default=0, help="0: TensorFlow's default")
-    flag("--rest_api_port", type=int, default=0, help="REST API port (real binary only; must be 0 here)")
+    flag("--rest_api_port", type=int, default=0, help="HTTP/REST API port (0: no REST API; must differ from --port)")
+    flag(
+        "--rest_api_timeout_in_ms", type=int, default=DEFAULT_REST_TIMEOUT_MS, help="REST predict timeout (<= 0: none)"
+    )
+    flag("--rest_api_num_threads", type=int, default=0, help="REST worker threads (0: one per connection here)")
     # This project's flags.
     flag("--host", default="127.0.0.1", help="address to bind (the real binary always binds 0.0.0.0)")
     flag("--models_dir", help="directory relative base_path entries are resolved against (default: cwd)")
@@ -105,6 +110,10 @@ def binary_argv(binary: str, args: argparse.Namespace, config_file: str | None, 
             argv.append(f"--{name}={getattr(args, name)}")
     if args.rest_api_port:
         argv.append(f"--rest_api_port={args.rest_api_port}")
+        if args.rest_api_timeout_in_ms != DEFAULT_REST_TIMEOUT_MS:
+            argv.append(f"--rest_api_timeout_in_ms={args.rest_api_timeout_in_ms}")
+        if args.rest_api_num_threads:
+            argv.append(f"--rest_api_num_threads={args.rest_api_num_threads}")
     return argv
 
 
