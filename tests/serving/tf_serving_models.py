@@ -23,10 +23,6 @@ Nothing here is committed as a SavedModel: tests write the models into their tmp
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 from pathlib import Path
 
 import tensorflow as tf

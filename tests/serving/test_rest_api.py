@@ -9,10 +9,6 @@ request formats, b64, the error JSON and HTTP codes, and the same answers as gRP
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-
 import base64
 
 import grpc
@@ -25,7 +21,8 @@ from conftest import predict_request
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
 
-from serving.launcher import free_port, start_server
+from serving.launcher import start_server
+from tfrs_ctx.testing import free_port
 
 CONFIG = """
 model_config_list {

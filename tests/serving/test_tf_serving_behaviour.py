@@ -12,10 +12,6 @@ binary has no limit).
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-
 import grpc
 import numpy as np
 import pytest
