@@ -201,3 +201,23 @@ def test_no_request_before_the_cutoff_trains_without_validation_and_writes_valid
     summary = json.loads(text)
     assert summary["best_val_recall"] is None and summary["validation"].startswith("none")
     assert summary["calibration"] is None and summary["epochs_run"] == 1
+
+
+def test_exclude_history_drops_every_ad_consumed_before_the_request_and_says_so(small_data, tiny_runs, tmp_path):
+    consumed = evaluate.load_consumed(str(small_data))
+    ev = next(iter(dataset.make_dataset(str(small_data), schema.SPLIT_EVAL, 4096)))
+    ids = ev[schema.EX_REQUEST_ID].numpy()
+    matrix = evaluate.consumed_matrix(ids, consumed)
+    kept = ev[schema.HISTORY_ITEM].numpy()
+    for i, request in enumerate(ids):  # the full set: the kept history and more
+        assert set(kept[i][kept[i] > 0].tolist()) <= set(matrix[i].tolist()) | {0}
+        assert sorted(set(matrix[i][matrix[i] > 0].tolist())) == consumed[int(request)].tolist()
+    runs = (str(tiny_runs["contextual"]), str(tiny_runs["baseline"]))
+    report = evaluate.evaluate_runs(str(small_data), *runs, str(tmp_path), bootstrap=50, exclude_history=True)
+    assert report["exclude_history"] and any("strictly before the request" in n for n in report["notes"])
+    assert "strictly before the request" in (tmp_path / "report.md").read_text()
+    plain = evaluate.evaluate_runs(str(small_data), *runs, None, bootstrap=50, exclude_history=False)
+    assert not any("excluded" in n for n in plain["notes"])
+    # the label is never excluded, so excluding only lifts recall
+    for row in ("baseline", "contextual"):
+        assert report["rows"][row]["recall@100"]["mean"] >= plain["rows"][row]["recall@100"]["mean"]
