@@ -16,7 +16,8 @@ CONTEXT_SOURCES = ("synthetic", "real", "none")
 MODE_PER_TARGET = "per_target"  # one example per target conversion (the `train` split)
 MODE_DENSE = "dense"  # one causal pass per window, every position a target (`train_sequences`)
 TRAIN_MODES = (MODE_PER_TARGET, MODE_DENSE)
-TIME_GAP_AUTO = "auto"  # next_event in dense mode, to_target per target
+TIME_GAP_AUTO = "auto"
+LOSSES = ("auto", "full_softmax", "in_batch")  # next_event in dense mode, to_target per target
 log = logging.getLogger(__name__)
 
 
@@ -39,6 +40,7 @@ class ModelConfig:
     output_dim: int = 64
     temperature: float = 0.05
     full_softmax_max_items: int = 200_000  # above: in-batch negatives with logQ correction
+    loss: str = "auto"  # auto (by full_softmax_max_items) | full_softmax | in_batch (logQ-corrected)
     time_gap: str = TIME_GAP_AUTO  # history gap semantics: to_target | next_event (schema.TIME_GAP_*)
 
 
@@ -85,6 +87,8 @@ class Config:
             raise ValueError(f"train.mode must be one of {TRAIN_MODES}, got {train.mode!r}")
         if model.time_gap == TIME_GAP_AUTO:
             model.time_gap = schema.TIME_GAP_NEXT_EVENT if train.mode == MODE_DENSE else schema.TIME_GAP_TO_TARGET
+        if model.loss not in LOSSES:
+            raise ValueError(f"model.loss must be one of {LOSSES}, got {model.loss!r}")
         if model.time_gap not in schema.TIME_GAP_SEMANTICS:
             raise ValueError(f"model.time_gap must be one of {(TIME_GAP_AUTO, *schema.TIME_GAP_SEMANTICS)}")
         if train.mode == MODE_DENSE:

@@ -14,8 +14,8 @@ Candidate tower: ad id + advertiser + confidence-weighted interest categories ->
 L2-normalised ad embedding. Ad, advertiser and category embedding tables are shared by
 both towers.
 
-Loss: full softmax over the whole ad corpus when it has at most
-``full_softmax_max_items`` ads; above that, in-batch negatives with the logQ
+Loss (``model.loss=auto``): full softmax over the whole ad corpus when it has at most
+``full_softmax_max_items`` ads; above that (or with ``model.loss=in_batch``), in-batch negatives with the logQ
 sampling-bias correction and accidental-hit removal (``tfrs.tasks.Retrieval``). The
 contextual model adds, with weight ``no_context_loss_weight``, the same loss for the same
 examples with their context cleared: one history encoding, two heads. That keeps the
@@ -109,7 +109,8 @@ class ContextualTwoTower(tfrs.models.Model):
         self.candidate_mlp = MLP(cfg.mlp_hidden, cfg.output_dim, name="candidate_mlp")
         self.corpus = {name: tf.constant(corpus[name]) for name in schema.CANDIDATE_FEATURES}
         self.corpus_item_ids = tf.constant(corpus[schema.ITEM_ID])
-        self.full_softmax = len(corpus[schema.ITEM_ID]) <= cfg.full_softmax_max_items
+        small = len(corpus[schema.ITEM_ID]) <= cfg.full_softmax_max_items
+        self.full_softmax = cfg.loss == "full_softmax" or (cfg.loss == "auto" and small)
         self.task = tfrs.tasks.Retrieval(temperature=cfg.temperature, remove_accidental_hits=True)
 
     # ---- query tower -------------------------------------------------------------------
