@@ -146,6 +146,7 @@ class EncodeConfig:
 class EncoderModel:
     path: str  # the version directory
     version: int
+    time_gap: str = S.TIME_GAP_TO_TARGET  # the history gap semantics it was trained with (model_info.json)
 
 
 def resolve_model(path: str) -> EncoderModel:
@@ -159,8 +160,9 @@ def resolve_model(path: str) -> EncoderModel:
         path = os.path.join(path, max(versions, key=int))
     info_path = os.path.join(path, "assets.extra", S.MODEL_INFO_FILE)
     with open(info_path) as f:
-        version = int(json.load(f)[S.MODEL_VERSION])
-    return EncoderModel(os.path.abspath(path), version)
+        info = json.load(f)
+    # Exports before the time_gap entry all trained on gaps to the target.
+    return EncoderModel(os.path.abspath(path), int(info[S.MODEL_VERSION]), info.get("time_gap", S.TIME_GAP_TO_TARGET))
 
 
 @dataclasses.dataclass
@@ -241,11 +243,15 @@ def plan_run(config: EncodeConfig, model: EncoderModel, state: EncodeState, path
 # --------------------------------------------------------------------------------------
 # Histories
 # --------------------------------------------------------------------------------------
-def raw_histories(users: Sequence[T.UserEvents], as_of: int) -> dict[str, np.ndarray]:
+def raw_histories(
+    users: Sequence[T.UserEvents], as_of: int, time_gap: str = S.TIME_GAP_TO_TARGET
+) -> dict[str, np.ndarray]:
     """The encoder's raw inputs ``[B, MAX_HISTORY]`` / ``[B]``: each user's last events at or before ``as_of``.
 
-    Left-padded (ids 0, event type ``""``, gap bucket ``PAD_ID``); gap buckets are
-    relative to ``as_of``. Same windowing as the training examples
+    Left-padded (ids 0, event type ``""``, gap bucket ``PAD_ID``); gap buckets in the model's
+    ``time_gap`` semantics (``model_info.json``): ``to_target``: each event's gap to ``as_of``
+    (the request time stand-in); ``next_event``: to the next event, the last one's to ``as_of``.
+    Same windowing as the training examples
     (:func:`tfrs_ctx.data.examples.window_positions`, :func:`~tfrs_ctx.data.examples.time_gap_buckets`).
     """
     lengths = np.asarray([len(u) for u in users], dtype=np.int64)
@@ -259,7 +265,13 @@ def raw_histories(users: Sequence[T.UserEvents], as_of: int) -> dict[str, np.nda
         values = np.concatenate([getattr(u, field) for u in users]) if users else np.zeros(0, dtype=np.int64)
         return np.where(valid, values[p], pad) if len(values) else np.full(p.shape, pad)
 
-    gaps = as_of - take("timestamp", as_of)
+    event_ts = take("timestamp", as_of)
+    if time_gap == S.TIME_GAP_NEXT_EVENT:
+        gaps = np.concatenate([event_ts[:, 1:], np.full((len(users), 1), as_of, dtype=np.int64)], axis=1) - event_ts
+    elif time_gap == S.TIME_GAP_TO_TARGET:
+        gaps = as_of - event_ts
+    else:
+        raise ValueError(f"unknown time_gap semantics {time_gap!r} (model_info.json)")
     return {
         S.HISTORY_ITEM: take("item", S.PAD_ID).astype(np.int64),
         S.HISTORY_ADVERTISER: take("advertiser", S.PAD_ID).astype(np.int64),
@@ -276,8 +288,8 @@ def user_events(packed_blocks: Iterable[tuple]) -> T.UserEvents:
 class BuildHistories(beam.DoFn):
     """A batch of ``(user_id, packed blocks)`` -> ``(user_id, encoder inputs)`` for the selected users."""
 
-    def __init__(self, watermark: int | None):
-        self.watermark = watermark
+    def __init__(self, watermark: int | None, time_gap: str = S.TIME_GAP_TO_TARGET):
+        self.watermark, self.time_gap = watermark, time_gap
         self.selected = Metrics.counter(NAMESPACE, "users_selected")
         self.skipped = Metrics.counter(NAMESPACE, "users_skipped_no_new_activity")
         self.without_history = Metrics.counter(NAMESPACE, "users_without_history")
@@ -297,7 +309,7 @@ class BuildHistories(beam.DoFn):
         if not selected:
             return
         self.selected.inc(len(selected))
-        inputs = raw_histories(events, as_of)
+        inputs = raw_histories(events, as_of, self.time_gap)
         for i, user_id in enumerate(selected):
             yield user_id, {name: values[i] for name, values in inputs.items()}
 
@@ -524,7 +536,8 @@ def build_pipeline(p: beam.Pipeline, config: EncodeConfig, model: EncoderModel, 
         checked.blocks
         | "GroupByUser" >> beam.GroupByKey()
         | "BatchUsers" >> beam.BatchElements(min_batch_size=USER_BATCH, max_batch_size=USER_BATCH)
-        | "Histories" >> beam.ParDo(BuildHistories(plan.watermark), as_of=beam.pvalue.AsSingleton(as_of))
+        | "Histories"
+        >> beam.ParDo(BuildHistories(plan.watermark, model.time_gap), as_of=beam.pvalue.AsSingleton(as_of))
         | "Encode" >> RunInference(handler)
         | "EncodingRows" >> beam.Map(encoding_row, plan.event_timestamp * 1_000_000)
     )

@@ -1,16 +1,25 @@
-"""Training throughput (examples/s) of the contextual model and the baseline on this machine.
+"""Training throughput of both training modes, the contextual model and the baseline, on this machine.
 
-    python -m benchmarks.bench_training [--users 6000] [--steps 60] [--json PATH]
+    python -m benchmarks.bench_training [--users 6000] [--steps 60] [--dense_steps 20] [--json PATH]
 
-Generates synthetic data, builds TFRecords with the Beam pipeline, then times steady-state
-training steps (after a warm-up that includes tracing) of each variant in one process, from
-the real tf.data pipeline. Reports examples/s and the contextual/baseline ratio.
+Generates synthetic data and builds TFRecords with the Beam pipeline (no target cap: both
+modes see the same corpus and targets), then times steady-state training steps (after a
+warm-up that includes tracing) from the real tf.data pipeline, each variant in its own
+process (so each peak RSS is its own): the per-target mode (``train.mode=per_target``, one
+target per example, batch 512) and the dense mode (``train.mode=dense``, every position of a
+window a target, ``train.sequence_batch_size`` windows per step), same model size and ad
+corpus, each with the full softmax (the default at 10k ads) and with logQ-corrected in-batch
+negatives (``model.loss=in_batch``). Reports targets/s (labels learned per second), examples/s, peak RSS, and the ratios
+``dense_targets_per_s`` / ``per_target_targets_per_s`` and contextual / baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +52,7 @@ class StepTimer:
 def measure(data_dir: str, overrides: list[str], steps: int, warmup: int) -> dict:
     import tf_keras as keras
 
-    from tfrs_ctx.config import load_config
+    from tfrs_ctx.config import MODE_DENSE, load_config
     from tfrs_ctx.data import dataset
     from tfrs_ctx.training import train
     from tfrs_ctx.training.run_dir import build_model
@@ -58,35 +67,77 @@ def measure(data_dir: str, overrides: list[str], steps: int, warmup: int) -> dic
     model.fit(ds, epochs=1, steps_per_epoch=steps + warmup, callbacks=[timer.callback], verbose=0)
     times = sorted(timer.callback.times)
     median = times[len(times) // 2]
+    dense = cfg.train.mode == MODE_DENSE
+    batch = cfg.train.sequence_batch_size if dense else cfg.train.batch_size
+    per_example = train.targets_per_example(cfg.train.mode, meta)
     return {
-        "batch_size": cfg.train.batch_size,
+        "mode": cfg.train.mode,
+        "batch_size": batch,
+        "targets_per_example": round(per_example, 2),
         "median_step_s": round(median, 4),
-        "examples_per_second": round(cfg.train.batch_size / median, 1),
+        "examples_per_second": round(batch / median, 1),
+        "targets_per_second": round(batch * per_example / median, 1),
         "steps_timed": len(times),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     }
+
+
+def measure_in_child(data_dir: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    """:func:`measure` in a fresh process: its peak RSS is this variant's alone."""
+    argv = [sys.executable, "-m", "benchmarks.bench_training", "--_measure", data_dir, "--steps", str(steps)]
+    argv += ["--warmup", str(warmup), *(f"--set={o}" for o in overrides)]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--users", type=int, default=6000)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=60, help="timed steps of the per-target mode")
+    parser.add_argument("--dense_steps", type=int, default=20, help="timed steps of the dense mode")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json")
+    parser.add_argument("--_measure", help=argparse.SUPPRESS)  # child process: one variant on this data dir
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args._measure:
+        print(json.dumps(measure(args._measure, args.set, args.steps, args.warmup)))
+        return 0
     from beam_pipelines import build_training_data
     from tfrs_ctx.sources.synthetic import SyntheticConfig, generate
 
     with tempfile.TemporaryDirectory() as tmp:
         raw, data = os.path.join(tmp, "raw"), os.path.join(tmp, "data")
         generate(raw, SyntheticConfig(users=args.users), progress=False)
-        build_training_data.run(["--input", raw, "--output", data, "--max_targets_per_user", "5"])
+        build_training_data.run(["--input", raw, "--output", data])
+        dense_warmup = max(2, args.warmup // 2)
         result = {
             "machine": f"{os.cpu_count()} CPUs",
-            "contextual": measure(data, [], args.steps, args.warmup),
-            "baseline": measure(data, ["model.use_context=false"], args.steps, args.warmup),
+            "users": args.users,
+            "contextual": measure_in_child(data, [], args.steps, args.warmup),
+            "baseline": measure_in_child(data, ["model.use_context=false"], args.steps, args.warmup),
+            "dense": measure_in_child(data, ["train.mode=dense"], args.dense_steps, dense_warmup),
+            "dense_baseline": measure_in_child(
+                data, ["train.mode=dense", "model.use_context=false"], args.dense_steps, dense_warmup
+            ),
+            # the same two modes with logQ-corrected in-batch negatives instead of the full softmax
+            "per_target_in_batch": measure_in_child(data, ["model.loss=in_batch"], args.steps, args.warmup),
+            "dense_in_batch": measure_in_child(
+                data, ["train.mode=dense", "model.loss=in_batch"], args.dense_steps, dense_warmup
+            ),
         }
     result["ratio_contextual_over_baseline_time"] = round(
         result["contextual"]["median_step_s"] / result["baseline"]["median_step_s"], 3
+    )
+    result["per_target_targets_per_s"] = result["contextual"]["targets_per_second"]
+    result["dense_targets_per_s"] = result["dense"]["targets_per_second"]
+    result["dense_over_per_target_targets_per_s"] = round(
+        result["dense_targets_per_s"] / result["per_target_targets_per_s"], 2
+    )
+    result["per_target_in_batch_targets_per_s"] = result["per_target_in_batch"]["targets_per_second"]
+    result["dense_in_batch_targets_per_s"] = result["dense_in_batch"]["targets_per_second"]
+    result["dense_in_batch_over_per_target_targets_per_s"] = round(
+        result["dense_in_batch_targets_per_s"] / result["per_target_targets_per_s"], 2
     )
     emit(result, args.json)
     return 0

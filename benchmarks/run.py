@@ -44,7 +44,7 @@ SIZES: dict[str, dict[str, list[str]]] = {
     "quick": {
         "generator": ["--users", "100000"],
         "beam": ["--events", "100000", "--workers", "2"],
-        "training": ["--users", "1500", "--steps", "15", "--warmup", "3"],
+        "training": ["--users", "1500", "--steps", "15", "--dense_steps", "6", "--warmup", "3"],
         "feast": ["--users", "2000", "--repeats", "100"],
         "serving": ["--requests", "400", "--seconds", "1.5"],
         "head_vs_full": ["--requests", "200"],
@@ -383,6 +383,11 @@ def headline_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
                 "training",
             )
         )
+    if g("training", "dense_targets_per_s"):
+        dense, per_target = g("training", "dense_targets_per_s"), g("training", "per_target_targets_per_s")
+        in_batch = g("training", "dense_in_batch_targets_per_s")
+        text = f"{_n(dense)} targets/s vs {_n(per_target)} per target ({_n(in_batch)} with in-batch negatives)"
+        rows.append((f"dense training, {g('training', 'dense', 'batch_size')} windows/step", text, "training"))
     enc, pipe = f["encoder"], f["encoder_pipeline"]
     if enc[False]:
         xla = f" ({_n(enc[True]['users_per_second'])} with XLA)" if enc[True] else ""
@@ -448,6 +453,16 @@ def ratio_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
                 g("training", "contextual", "examples_per_second"), g("training", "baseline", "examples_per_second")
             ),
             "training cost of the context layer (< 1: slower)",
+        ),
+        (
+            "dense / per-target training targets/s",
+            _ratio(g("training", "dense_targets_per_s"), g("training", "per_target_targets_per_s")),
+            "labels learned per second, same model and corpus, full softmax",
+        ),
+        (
+            "dense (in-batch) / per-target training targets/s",
+            _ratio(g("training", "dense_in_batch_targets_per_s"), g("training", "per_target_targets_per_s")),
+            "the dense mode with logQ in-batch negatives against the per-target default",
         ),
         (
             "Redis / SQLite online read p50, 1 user",

@@ -147,3 +147,28 @@ def test_saved_model_cli_shows_named_signatures(models):
     for name in (schema.ENCODED_HISTORY, schema.CONTEXT_CATEGORIES, schema.TOP_K_IDS, schema.MODEL_VERSION):
         assert name in proc.stdout
     assert "serving_default" in proc.stdout
+
+
+def test_dense_model_exports_its_time_gap_semantics_and_hybrid_equals_full(small_data, tmp_path):
+    """A dense-trained model: the same three SavedModels; the caller feeds next-event gaps (model_info says so)."""
+    from conftest import train_tiny
+
+    from tfrs_ctx.training.run_dir import load_trained
+
+    run = train_tiny(small_data, tmp_path / "dense", "train.mode=dense", "train.epochs=1")
+    model, _ = load_trained(str(run), str(small_data))
+    result = export.export_all(model, str(small_data), str(tmp_path / "models"), version=9, top_k=20)
+    paths = result["paths"]
+    for path in paths.values():
+        with open(os.path.join(path, "assets.extra", schema.MODEL_INFO_FILE)) as f:
+            assert json.load(f)["time_gap"] == schema.TIME_GAP_NEXT_EVENT
+    batch = next(iter(dataset.make_dataset(str(small_data), schema.SPLIT_EVAL, 32)))
+    features = {k: v.numpy() for k, v in batch.items()}
+    features[schema.HISTORY_TIME_GAP] = features[schema.HISTORY_NEXT_GAP]  # the signature's gaps, its semantics
+    raw = _raw(features, small_data)
+    enc = _call(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})
+    head_inputs = {k: raw[k] for k in signatures.HEAD_INPUTS} | {schema.ENCODED_HISTORY: enc[schema.ENCODED_HISTORY]}
+    head = _call(paths["context_head"], head_inputs)[schema.USER_EMBEDDING]
+    full = _call(paths["full"], raw)[schema.USER_EMBEDDING]
+    np.testing.assert_allclose(head, full, atol=1e-5)
+    np.testing.assert_allclose(full, model.query_embedding(batch).numpy(), atol=1e-5)

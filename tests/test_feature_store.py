@@ -322,6 +322,39 @@ def test_raw_histories_window_padding_and_gaps():
     assert out[S.HISTORY_ITEM].shape == (2, S.MAX_HISTORY)
 
 
+def test_raw_histories_in_next_event_semantics_match_the_training_examples(tmp_path):
+    """A dense-trained model's encoder gets each event's gap to the next one, the last one's to as_of."""
+    import json
+
+    from tfrs_ctx.data.vocab import Vocabulary
+
+    events = encode_users.T.UserEvents(
+        timestamp=np.asarray([100, 200, 4000, 90_000], dtype=np.int64),
+        item=np.asarray([1, 2, 3, 4], dtype=np.int64),
+        advertiser=np.asarray([10, 20, 30, 40], dtype=np.int64),
+        event_type=np.asarray(["checkout", "lead", "signup", "lead"]),
+    )
+    out = encode_users.raw_histories([events], as_of=100_000, time_gap=S.TIME_GAP_NEXT_EVENT)
+    assert out[S.HISTORY_TIME_GAP][0, -4:].tolist() == [S.time_gap_bucket(g) for g in (100, 3800, 86_000, 10_000)]
+    vocabs = {name: Vocabulary([]) for name in S.VOCABULARIES}
+    vocabs[S.VOCAB_ITEM], vocabs[S.VOCAB_ADVERTISER] = Vocabulary([1, 2, 3, 4]), Vocabulary([10, 20, 30, 40])
+    vocabs[S.VOCAB_EVENT_TYPE] = Vocabulary(["checkout", "lead", "signup"])
+    examples = encode_users.T.history_at(events, vocabs, 100_000)  # the Beam builder, a target at as_of
+    np.testing.assert_array_equal(out[S.HISTORY_TIME_GAP][0], examples[S.HISTORY_NEXT_GAP])
+    with pytest.raises(ValueError, match="time_gap"):
+        encode_users.raw_histories([events], as_of=100_000, time_gap="sideways")
+    # the encoder job reads the semantics from the export (older exports: to_target)
+    version = tmp_path / "7"
+    (version / "assets.extra").mkdir(parents=True)
+    (version / "saved_model.pb").write_bytes(b"")
+    info = {S.MODEL_VERSION: 7}
+    (version / "assets.extra" / S.MODEL_INFO_FILE).write_text(json.dumps(info))
+    assert encode_users.resolve_model(str(tmp_path)).time_gap == S.TIME_GAP_TO_TARGET
+    info["time_gap"] = S.TIME_GAP_NEXT_EVENT
+    (version / "assets.extra" / S.MODEL_INFO_FILE).write_text(json.dumps(info))
+    assert encode_users.resolve_model(str(tmp_path)).time_gap == S.TIME_GAP_NEXT_EVENT
+
+
 def test_model_version_change_forces_a_full_run(first, models, raw):
     config = encode_users.EncodeConfig(
         raw=str(raw),

@@ -9,8 +9,15 @@ from typing import Any
 
 import yaml
 
+from tfrs_ctx import schema
+
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 CONTEXT_SOURCES = ("synthetic", "real", "none")
+MODE_PER_TARGET = "per_target"  # one example per target conversion (the `train` split)
+MODE_DENSE = "dense"  # one causal pass per window, every position a target (`train_sequences`)
+TRAIN_MODES = (MODE_PER_TARGET, MODE_DENSE)
+TIME_GAP_AUTO = "auto"
+LOSSES = ("auto", "full_softmax", "in_batch")  # next_event in dense mode, to_target per target
 log = logging.getLogger(__name__)
 
 
@@ -33,12 +40,16 @@ class ModelConfig:
     output_dim: int = 64
     temperature: float = 0.05
     full_softmax_max_items: int = 200_000  # above: in-batch negatives with logQ correction
+    loss: str = "auto"  # auto (by full_softmax_max_items) | full_softmax | in_batch (logQ-corrected)
+    time_gap: str = TIME_GAP_AUTO  # history gap semantics: to_target | next_event (schema.TIME_GAP_*)
 
 
 @dataclasses.dataclass
 class TrainConfig:
     data_dir: str = ""
-    batch_size: int = 512
+    mode: str = MODE_PER_TARGET  # per_target | dense (every position of a history a target in one pass)
+    batch_size: int = 512  # per_target: examples (= targets) per step
+    sequence_batch_size: int = 64  # dense: sequence windows per step (each up to MAX_HISTORY targets)
     epochs: int = 8
     learning_rate: float = 2e-3
     warmup_fraction: float = 0.05
@@ -72,6 +83,21 @@ class Config:
         train = _build(TrainConfig, _retired_train_keys(d.get("train", {})))
         if train.context_source not in CONTEXT_SOURCES:
             raise ValueError(f"train.context_source must be one of {CONTEXT_SOURCES}, got {train.context_source!r}")
+        if train.mode not in TRAIN_MODES:
+            raise ValueError(f"train.mode must be one of {TRAIN_MODES}, got {train.mode!r}")
+        if model.time_gap == TIME_GAP_AUTO:
+            model.time_gap = schema.TIME_GAP_NEXT_EVENT if train.mode == MODE_DENSE else schema.TIME_GAP_TO_TARGET
+        if model.loss not in LOSSES:
+            raise ValueError(f"model.loss must be one of {LOSSES}, got {model.loss!r}")
+        if model.time_gap not in schema.TIME_GAP_SEMANTICS:
+            raise ValueError(f"model.time_gap must be one of {(TIME_GAP_AUTO, *schema.TIME_GAP_SEMANTICS)}")
+        if train.mode == MODE_DENSE:
+            if model.time_gap != schema.TIME_GAP_NEXT_EVENT:
+                raise ValueError(
+                    "train.mode=dense needs model.time_gap=next_event (a causal position cannot see its target)"
+                )
+            if train.context_source == "real":
+                raise ValueError("train.mode=dense trains on conversions: train.context_source=real needs per_target")
         return cls(model, train)
 
 

@@ -167,6 +167,8 @@ def export_all(
         "embedding_dim": dim,
         "top_k": module.top_k,
         "use_context": model.context_layer is not None,
+        # How the caller computes the history's gap buckets (beam_pipelines.encode_users reads it).
+        "time_gap": model.cfg.time_gap,
         "exported_at": int(time.time()),
     }
     paths = {}

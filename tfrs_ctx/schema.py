@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: HISTORY_NEXT_GAP, the train_sequences split (SEQUENCE_FEATURES), eval_consumed
 
 # --------------------------------------------------------------------------------------
 # Shapes and padding
@@ -36,7 +36,7 @@ OOV_ID = 1
 NUM_RESERVED_IDS = 2
 MISSING_STRING = ""  # how a missing demographic value is written in vocab lookups
 
-# Upper edges (seconds) of the time-gap buckets between a history event and its target.
+# Upper edges (seconds) of the time-gap buckets of a history event (see TIME_GAP_* below).
 # Bucket 0 is padding; a gap g falls in bucket 1 + (number of edges < g).
 TIME_GAP_EDGES = (60, 600, 3600, 6 * 3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400, 90 * 86400)
 NUM_TIME_GAP_BUCKETS = len(TIME_GAP_EDGES) + 2
@@ -50,6 +50,16 @@ EVENT_SIGNUP = "signup"
 EVENT_LEAD = "lead"
 EVENT_PAGE_VISIT = "page_visit"
 EVENT_TYPES = (EVENT_CHECKOUT, EVENT_ADD_TO_CART, EVENT_SIGNUP, EVENT_LEAD, EVENT_PAGE_VISIT)
+
+
+# What a history event's time gap measures (``model_info.json`` "time_gap"; ``model.time_gap``):
+# * TIME_GAP_TO_TARGET: the gap from the event to the target / request time (``as_of`` when encoding).
+# * TIME_GAP_NEXT_EVENT: the gap from the event to the *next* event of the history, the last event's
+#   to the target / request time. A causal pass over a sequence needs this one: a position's inputs
+#   must not depend on which later position is the target. Dense training uses it.
+TIME_GAP_TO_TARGET = "to_target"
+TIME_GAP_NEXT_EVENT = "next_event"
+TIME_GAP_SEMANTICS = (TIME_GAP_TO_TARGET, TIME_GAP_NEXT_EVENT)
 
 
 def time_gap_bucket(gap_seconds: int) -> int:
@@ -227,7 +237,8 @@ EX_REQUEST_ID = "request_id"  # -1 for training examples
 HISTORY_ITEM = "history_item"
 HISTORY_ADVERTISER = "history_advertiser"
 HISTORY_EVENT_TYPE = "history_event_type"
-HISTORY_TIME_GAP = "history_time_gap"
+HISTORY_TIME_GAP = "history_time_gap"  # TIME_GAP_TO_TARGET in the example splits
+HISTORY_NEXT_GAP = "history_next_gap"  # the same events' TIME_GAP_NEXT_EVENT buckets
 HISTORY_LENGTH = "history_length"
 # Context: interest categories of what the user is looking at, with confidence weights
 CONTEXT_CATEGORIES = "context_categories"
@@ -263,6 +274,7 @@ FEATURES: dict[str, Feature] = {
         Feature(EX_TIMESTAMP, "int64", ()),
         Feature(EX_REQUEST_ID, "int64", (), -1),
         *(Feature(n, "int64", (MAX_HISTORY,)) for n in HISTORY_FEATURES),
+        Feature(HISTORY_NEXT_GAP, "int64", (MAX_HISTORY,)),
         Feature(HISTORY_LENGTH, "int64", ()),
         Feature(CONTEXT_CATEGORIES, "int64", (MAX_CATEGORIES,)),
         Feature(CONTEXT_WEIGHTS, "float32", (MAX_CATEGORIES,)),
@@ -276,12 +288,71 @@ FEATURES: dict[str, Feature] = {
     )
 }
 
+# Sequence examples (dense training: every position of a history is a target in one pass).
+# One example = a window of one user's conversions before the cutoff. The inputs are the
+# HISTORY_* features above (left-padded, HISTORY_TIME_GAP in TIME_GAP_NEXT_EVENT semantics);
+# position q's target is the event after input q (the input at q + 1), with its label features
+# and its synthetic context. A position without a target has SEQ_LABEL_ITEM == PAD_ID and
+# zeros everywhere else; the position just before the first input may hold a target with an
+# empty history (a user's first conversion). Every conversion before the cutoff is the target
+# of exactly one position of one window (windows end every SEQUENCE_STRIDE targets; a target
+# of a later window sees at least MAX_HISTORY - stride earlier events, or all the user has).
+SEQ_LABEL_ITEM = "seq_label_item"
+SEQ_LABEL_ADVERTISER = "seq_label_advertiser"
+SEQ_LABEL_CATEGORIES = "seq_label_categories"
+SEQ_LABEL_CONFIDENCES = "seq_label_confidences"
+SEQ_LABEL_SAMPLING_PROB = "seq_label_sampling_prob"
+SEQ_LABEL_TIMESTAMP = "seq_label_timestamp"  # bookkeeping (tests, audits); the model never reads it
+SEQ_CONTEXT_CATEGORIES = "seq_context_categories"
+SEQ_CONTEXT_WEIGHTS = "seq_context_weights"
+SEQUENCE_STRIDE = MAX_HISTORY // 2  # default stride between window ends (build_training_data --sequence_stride)
+# Per-position feature -> the per-target feature it becomes once a position is a target.
+SEQ_TARGET_FEATURES = {
+    SEQ_LABEL_ITEM: LABEL_ITEM,
+    SEQ_LABEL_ADVERTISER: LABEL_ADVERTISER,
+    SEQ_LABEL_CATEGORIES: LABEL_CATEGORIES,
+    SEQ_LABEL_CONFIDENCES: LABEL_CONFIDENCES,
+    SEQ_LABEL_SAMPLING_PROB: LABEL_SAMPLING_PROB,
+    SEQ_CONTEXT_CATEGORIES: CONTEXT_CATEGORIES,
+    SEQ_CONTEXT_WEIGHTS: CONTEXT_WEIGHTS,
+}
+
+
+def _per_position(name: str) -> Feature:
+    f = FEATURES[SEQ_TARGET_FEATURES[name]]
+    return Feature(name, f.dtype, (MAX_HISTORY, *f.shape), f.default if name != SEQ_LABEL_ITEM else PAD_ID)
+
+
+SEQUENCE_FEATURES: dict[str, Feature] = {
+    f.name: f
+    for f in (
+        Feature(EX_USER_ID, "int64", ()),
+        Feature(EX_TIMESTAMP, "int64", ()),  # the window's last target
+        *(Feature(n, "int64", (MAX_HISTORY,)) for n in HISTORY_FEATURES),
+        Feature(HISTORY_LENGTH, "int64", ()),
+        *(Feature(n, "int64", ()) for n in DEMOGRAPHIC_FEATURES),
+        *(_per_position(n) for n in SEQ_TARGET_FEATURES),
+        Feature(SEQ_LABEL_TIMESTAMP, "int64", (MAX_HISTORY,)),
+    )
+}
+
 # Splits written by the training-data pipeline.
 SPLIT_TRAIN = "train"  # conversions before the cutoff, synthetic context from the label
 SPLIT_TRAIN_REQUESTS = "train_requests"  # requests before the cutoff, their real context
 SPLIT_EVAL = "eval"  # requests at/after the cutoff, their real context
-SPLITS = (SPLIT_TRAIN, SPLIT_TRAIN_REQUESTS, SPLIT_EVAL)
+SPLIT_TRAIN_SEQUENCES = "train_sequences"  # SEQUENCE_FEATURES: windows of conversions before the cutoff
+SPLITS = (SPLIT_TRAIN, SPLIT_TRAIN_REQUESTS, SPLIT_EVAL, SPLIT_TRAIN_SEQUENCES)
 TFRECORD_SUFFIX = ".tfrecord.gz"
+# Beside the eval split: every ad each eval request's user converted on strictly before the
+# request (JSON lines {REQUEST_ID: id, "items": [item-vocab indices]}), for evaluation's
+# exclude_history rule (the examples' histories keep only the last MAX_HISTORY events).
+EVAL_CONSUMED_DIR = "eval_consumed"
+CONSUMED_ITEMS = "items"
+
+
+def split_features(split: str) -> dict[str, Feature]:
+    """The feature set a split's examples carry."""
+    return SEQUENCE_FEATURES if split == SPLIT_TRAIN_SEQUENCES else FEATURES
 
 
 def tfrecord_pattern(data_dir: str, split: str) -> str:
@@ -303,13 +374,14 @@ TOP_K_IDS = "top_k_ids"  # raw ad ids, [B, K], best first
 TOP_K_SCORES = "top_k_scores"
 
 
-def feature_spec() -> dict[str, Any]:
-    """``tf.io.parse_example`` spec for every example feature."""
+def feature_spec(features: dict[str, Feature] | None = None) -> dict[str, Any]:
+    """``tf.io.parse_example`` spec for every feature of a feature set (default: ``FEATURES``)."""
     import tensorflow as tf
 
     dtypes = {"int64": tf.int64, "float32": tf.float32}
     return {
-        f.name: tf.io.FixedLenFeature(f.shape, dtypes[f.dtype], default_value=_default(f)) for f in FEATURES.values()
+        f.name: tf.io.FixedLenFeature(f.shape, dtypes[f.dtype], default_value=_default(f))
+        for f in (FEATURES if features is None else features).values()
     }
 
 

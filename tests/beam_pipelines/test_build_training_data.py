@@ -42,10 +42,11 @@ def records(data_dir: pathlib.Path, split: str) -> list[bytes]:
 
 def parsed(data_dir: pathlib.Path, split: str) -> dict[str, np.ndarray]:
     """Every example of a split, parsed with the schema-only tf.data reader."""
+    features = S.split_features(split)
     batches = [{k: v.numpy() for k, v in b.items()} for b in dataset.make_dataset(str(data_dir), split, 512)]
     if not batches:
-        return {name: np.zeros((0, *f.shape)) for name, f in S.FEATURES.items()}
-    return {name: np.concatenate([b[name] for b in batches]) for name in S.FEATURES}
+        return {name: np.zeros((0, *f.shape)) for name, f in features.items()}
+    return {name: np.concatenate([b[name] for b in batches]) for name in features}
 
 
 def sorted_events(raw: pathlib.Path) -> dict[int, pd.DataFrame]:
@@ -108,7 +109,7 @@ def test_outputs_exist_and_parse_with_the_schema_only_reader(built, examples, me
         files = sorted(os.path.basename(p) for p in glob.glob(S.tfrecord_pattern(str(built), split)))
         assert files == [f"part-{i:05d}-of-00004{S.TFRECORD_SUFFIX}" for i in range(4)]
         assert len(examples[split][S.EX_USER_ID]) == metadata["counts"][split] > 0
-        for name, feature in S.FEATURES.items():
+        for name, feature in S.split_features(split).items():
             values = examples[split][name]
             assert values.shape[1:] == feature.shape, name
             assert values.dtype == (np.int64 if feature.dtype == "int64" else np.float32), name
@@ -160,8 +161,9 @@ def test_vocabularies_item_counts_and_corpus(built, small_raw, examples, metadat
 def test_no_leakage_across_the_time_split(built, small_raw, examples, metadata):
     cutoff = metadata["cutoff_timestamp"]
     conversions = rawio.read_table(str(small_raw), S.CONVERSIONS)
-    lo, hi = conversions[S.TIMESTAMP].min(), conversions[S.TIMESTAMP].max()
-    assert cutoff == int(np.floor(lo + 0.8 * (hi - lo)))
+    requests = rawio.read_table(str(small_raw), S.REQUESTS)
+    held_out = (requests[S.TIMESTAMP] >= cutoff).mean()  # the default: 20% of the requests (a quantile)
+    assert 0.19 <= held_out <= 0.21
     train = examples[S.SPLIT_TRAIN]
     assert (train[S.EX_TIMESTAMP] < cutoff).all()
     assert len(train[S.EX_TIMESTAMP]) == (conversions[S.TIMESTAMP] < cutoff).sum()  # one per training conversion
@@ -413,7 +415,12 @@ def test_users_and_metadata_of_the_tiny_run(tiny):
     out, ex = tiny
     metadata = dataset.load_metadata(str(out))
     assert metadata["cutoff_timestamp"] == CUTOFF
-    assert metadata["counts"] == {S.SPLIT_TRAIN: 2 + 61 + 3, S.SPLIT_TRAIN_REQUESTS: 1, S.SPLIT_EVAL: 1}
+    assert metadata["counts"] == {
+        S.SPLIT_TRAIN: 2 + 61 + 3,
+        S.SPLIT_TRAIN_REQUESTS: 1,
+        S.SPLIT_EVAL: 1,
+        S.SPLIT_TRAIN_SEQUENCES: 1 + 2 + 1,
+    }
     counters = metadata["pipeline_counters"]
     assert counters["users"] == 3 and counters["users_without_events"] == 1 and counters["users_without_users_row"] == 1
     assert _row(ex[S.SPLIT_TRAIN], 3, T0)[S.USER_AGE_BUCKET] == S.PAD_ID  # no users row: all missing
@@ -469,7 +476,12 @@ def test_malformed_rows_reach_the_dead_letter_output(tmp_path):
         S.SUBJECT_ITEMS.name: 0,
         S.REQUESTS.name: 1,
     }
-    assert metadata["counts"] == {S.SPLIT_TRAIN: 6, S.SPLIT_TRAIN_REQUESTS: 0, S.SPLIT_EVAL: 1}
+    assert metadata["counts"] == {
+        S.SPLIT_TRAIN: 6,
+        S.SPLIT_TRAIN_REQUESTS: 0,
+        S.SPLIT_EVAL: 1,
+        S.SPLIT_TRAIN_SEQUENCES: 2,
+    }
     letters = {}
     for name in S.RAW_TABLES:
         files = glob.glob(str(out / DEAD_LETTER_DIR / f"{name}-*.jsonl"))
@@ -532,27 +544,132 @@ def test_typed_parquet_fast_path_matches_row_by_row_validation():
 # --------------------------------------------------------------------------------------
 # The numpy example builder and the wire encoder
 # --------------------------------------------------------------------------------------
-def test_serialize_examples_is_byte_identical_to_tf_train_example():
+@pytest.mark.parametrize("features", [S.FEATURES, S.SEQUENCE_FEATURES], ids=["per_target", "sequence"])
+def test_serialize_examples_is_byte_identical_to_tf_train_example(features):
     import tensorflow as tf
 
     rng = np.random.default_rng(1)
     n = 7
     columns = {}
-    for name, f in S.FEATURES.items():
+    for name, f in features.items():
         shape = (n, *f.shape)
         if f.dtype == "int64":
             columns[name] = rng.integers(0, 2**40, shape) * (rng.random(shape) < 0.3) + rng.integers(0, 300, shape)
         else:
             columns[name] = rng.random(shape).astype(np.float32)
-    columns[S.EX_REQUEST_ID][:3] = -1
-    for i, blob in enumerate(serialize_examples(columns)):
+    if S.EX_REQUEST_ID in columns:
+        columns[S.EX_REQUEST_ID][:3] = -1
+    blobs = serialize_examples(columns, features)
+    assert len(blobs) == n
+    for i, blob in enumerate(blobs):
         example = tf.train.Example()
-        for name, f in S.FEATURES.items():
+        for name, f in features.items():
             values = np.asarray(columns[name][i]).reshape(-1).tolist()
             target = example.features.feature[name]
             (target.int64_list if f.dtype == "int64" else target.float_list).value.extend(values)
         assert blob == example.SerializeToString(deterministic=True)
-    assert serialize_examples({name: np.zeros((0, *f.shape)) for name, f in S.FEATURES.items()}) == []
+    assert serialize_examples({name: np.zeros((0, *f.shape)) for name, f in features.items()}, features) == []
+    bad = {name: np.zeros((n, *f.shape)) for name, f in S.SEQUENCE_FEATURES.items()}
+    bad[S.SEQ_LABEL_ITEM] = np.zeros(n)  # a per-target label where the sequence spec has one per position
+    with pytest.raises(ValueError, match="values per example"):
+        serialize_examples(bad, S.SEQUENCE_FEATURES)
+
+
+# --------------------------------------------------------------------------------------
+# Sequence examples (dense training)
+# --------------------------------------------------------------------------------------
+def test_sequence_windows_cover_every_target_exactly_once():
+    L = S.MAX_HISTORY
+    n = np.asarray([0, 1, L - 1, L, L + 1, 3 * L + 7])
+    for stride in (1, 7, L // 2, L):
+        rank, last, previous = T.sequence_windows(n, stride)
+        for r, count in enumerate(n.tolist()):
+            mine = rank == r
+            labelled = np.concatenate(
+                [np.arange(p + 1, b + 1) for b, p in zip(last[mine], previous[mine], strict=True)] or [[]]
+            )
+            np.testing.assert_array_equal(labelled, np.arange(count))  # each target once, in order
+            assert (last[mine] - np.maximum(previous[mine], 0) <= max(stride, L)).all()
+            # a target of a later window sees at least L - stride earlier inputs of its window
+            for b, p in zip(last[mine][1:], previous[mine][1:], strict=True):
+                assert L - 1 - (b - (p + 1)) >= L - stride
+    with pytest.raises(ValueError, match="stride"):
+        T.sequence_windows(n, 0)
+
+
+def test_sequence_examples_hold_every_target_once_and_never_leak(built, small_raw, examples, metadata):
+    """Real TFRecords of the real pipeline: each position's inputs are exactly its user's earlier events."""
+    cutoff = metadata["cutoff_timestamp"]
+    seq, train = examples[S.SPLIT_TRAIN_SEQUENCES], examples[S.SPLIT_TRAIN]
+    labelled = seq[S.SEQ_LABEL_ITEM] != S.PAD_ID
+    assert labelled.sum() == metadata["train_sequence_targets"] == len(train[S.EX_USER_ID])  # no cap, no repeats
+    assert (seq[S.SEQ_LABEL_TIMESTAMP][labelled] < cutoff).all()
+    item_vocab = Vocabulary(load_vocab(str(built), S.VOCAB_ITEM))
+    events = sorted_events(small_raw)
+    seen = set()
+    for w in range(len(seq[S.EX_USER_ID])):
+        user = int(seq[S.EX_USER_ID][w])
+        frame = events[user]
+        ts = frame[S.TIMESTAMP].to_numpy()
+        items = item_vocab.indices(frame[S.ITEM_ID].tolist())
+        length = int(seq[S.HISTORY_LENGTH][w])
+        first = S.MAX_HISTORY - length  # first input position
+        for q in np.flatnonzero(labelled[w]):
+            t_item, t_ts = seq[S.SEQ_LABEL_ITEM][w, q], seq[S.SEQ_LABEL_TIMESTAMP][w, q]
+            (t,) = [i for i in np.flatnonzero((ts == t_ts) & (items == t_item)) if (user, i) not in seen][:1]
+            seen.add((user, t))
+            visible = q - first + 1  # inputs at positions <= q
+            assert visible >= 0 and visible <= t
+            # inputs up to q: the user's `visible` events just before the target, nothing at or after it
+            np.testing.assert_array_equal(seq[S.HISTORY_ITEM][w, first : q + 1], items[t - visible : t])
+            assert not seq[S.HISTORY_ITEM][w, :first].any()
+            if visible:  # the newest visible input's gap: to its next event, this target
+                assert seq[S.HISTORY_TIME_GAP][w, q] == S.time_gap_bucket(int(t_ts - ts[t - 1]))
+            if q + 1 < S.MAX_HISTORY:  # the next position's input is this target
+                assert seq[S.HISTORY_ITEM][w, q + 1] == t_item
+            # the same target's per-target example: the same label features and synthetic context
+            (i,) = np.flatnonzero(
+                (train[S.EX_USER_ID] == user) & (train[S.EX_TIMESTAMP] == t_ts) & (train[S.LABEL_ITEM] == t_item)
+            )[:1]
+            for name, per_target in S.SEQ_TARGET_FEATURES.items():
+                np.testing.assert_array_equal(seq[name][w, q], train[per_target][i])
+        assert not seq[S.SEQ_CONTEXT_WEIGHTS][w][~labelled[w]].any()
+    assert len(seen) == len(train[S.EX_USER_ID])
+
+
+def test_history_next_gap_is_the_gap_to_the_next_event(built, small_raw, examples):
+    ex = examples[S.SPLIT_TRAIN]
+    events = sorted_events(small_raw)
+    for i in range(0, len(ex[S.EX_USER_ID]), 97):
+        n = int(ex[S.HISTORY_LENGTH][i])
+        if n < 2:
+            continue
+        frame = events[int(ex[S.EX_USER_ID][i])]
+        ts = frame[S.TIMESTAMP].to_numpy()
+        before = ts[ts < ex[S.EX_TIMESTAMP][i]][-n:]
+        expected = T.time_gap_buckets(np.r_[before[1:], ex[S.EX_TIMESTAMP][i]] - before)
+        np.testing.assert_array_equal(ex[S.HISTORY_NEXT_GAP][i, -n:], expected)
+        assert not ex[S.HISTORY_NEXT_GAP][i, :-n].any()
+
+
+def test_eval_consumed_lists_every_ad_converted_before_each_eval_request(built, small_raw, examples):
+    rows = []
+    for path in glob.glob(str(built / S.EVAL_CONSUMED_DIR / "part*")):
+        with open(path) as f:
+            rows += [json.loads(line) for line in f]
+    consumed = {r[S.REQUEST_ID]: r[S.CONSUMED_ITEMS] for r in rows}
+    ev = examples[S.SPLIT_EVAL]
+    assert sorted(consumed) == sorted(ev[S.EX_REQUEST_ID].tolist())
+    item_vocab = Vocabulary(load_vocab(str(built), S.VOCAB_ITEM))
+    events = sorted_events(small_raw)
+    longer = 0
+    for i in range(len(ev[S.EX_USER_ID])):
+        frame = events.get(int(ev[S.EX_USER_ID][i]))
+        before = [] if frame is None else frame[frame[S.TIMESTAMP] < ev[S.EX_TIMESTAMP][i]][S.ITEM_ID].tolist()
+        expected = sorted(set(item_vocab.indices(before).tolist()))
+        assert consumed[int(ev[S.EX_REQUEST_ID][i])] == expected
+        longer += len(before) > S.MAX_HISTORY
+    assert longer  # some users have more than the kept history: the rule needs the full set
 
 
 def test_time_gap_buckets_match_the_schema():

@@ -48,6 +48,10 @@ def results() -> dict:
                 {
                     "contextual": {"batch_size": 512, "examples_per_second": 1500.0},
                     "baseline": {"batch_size": 512, "examples_per_second": 2000.0},
+                    "dense": {"batch_size": 64},
+                    "dense_targets_per_s": 6000.0,
+                    "per_target_targets_per_s": 1500.0,
+                    "dense_in_batch_targets_per_s": 18000.0,
                 }
             ),
             "feast": _bench(
@@ -156,6 +160,8 @@ def test_markdown_has_headlines_ratios_and_sizing(results):
         "full / context_head compute, p50": "10.00x",
         "full / context_head Predict, p50": "4.00x",
         "contextual / baseline training ex/s": "0.75x",
+        "dense / per-target training targets/s": "4.00x",
+        "dense (in-batch) / per-target training targets/s": "12.00x",
         "Redis / SQLite online read p50, 1 user": "1.50x",
         "Redis / SQLite online read p50, 100 users": "1.00x",
         "Redis / SQLite recommend p50": "1.25x",

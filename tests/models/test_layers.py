@@ -38,9 +38,10 @@ def test_padding_never_changes_the_encoder_output(causal):
 def test_causal_mask_hides_the_future_and_padding():
     valid = tf.constant([[False, True, True]])
     causal = layers.attention_mask(valid, causal=True).numpy()[0]
-    assert causal.tolist() == [[False, False, False], [False, True, False], [False, True, True]]
+    # the padding query attends to itself only (never to a later event); real queries to real keys <= them
+    assert causal.tolist() == [[True, False, False], [False, True, False], [False, True, True]]
     full = layers.attention_mask(valid, causal=False).numpy()[0]
-    assert full.tolist() == [[False, True, True]] * 3
+    assert full.tolist() == [[True, True, True], [False, True, True], [False, True, True]]
 
 
 def test_valid_positions_are_left_padded():

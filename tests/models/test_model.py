@@ -35,7 +35,8 @@ def batch(seed: int = 0) -> dict[str, tf.Tensor]:
         shape = (B, *f.shape)
         out[f.name] = rng.integers(2, 12, shape) if f.dtype == "int64" else rng.random(shape).astype("float32")
     out[schema.HISTORY_ITEM] = rng.integers(2, N + 2, (B, schema.MAX_HISTORY))
-    out[schema.HISTORY_TIME_GAP] = rng.integers(1, schema.NUM_TIME_GAP_BUCKETS, (B, schema.MAX_HISTORY))
+    for name in (schema.HISTORY_TIME_GAP, schema.HISTORY_NEXT_GAP):
+        out[name] = rng.integers(1, schema.NUM_TIME_GAP_BUCKETS, (B, schema.MAX_HISTORY))
     out[schema.HISTORY_LENGTH] = rng.integers(0, schema.MAX_HISTORY + 1, B)
     out[schema.CONTEXT_CATEGORIES] = rng.integers(2, 30, (B, schema.MAX_CATEGORIES))
     out[schema.LABEL_ITEM] = rng.integers(2, N + 2, B)
@@ -142,3 +143,122 @@ def test_calibration_trusts_context_only_where_it_carries_signal(corpus):
     random_history = [requests(s, history=False, context=True) for s in range(200, 216)]
     trust, recalls = choose_trust(m, random_history, k=10)
     assert trust >= 1.0 and recalls[trust] == max(recalls.values()) > recalls[0.0] + 0.1
+
+
+# ---- dense training (batches of sequence examples) ------------------------------------
+L = schema.MAX_HISTORY
+
+
+def sequence_batch(seed: int = 0, rows: int = 8) -> dict[str, tf.Tensor]:
+    """Random sequence examples, left-padded, with a target at every position from the first input on."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for f in schema.SEQUENCE_FEATURES.values():
+        shape = (rows, *f.shape)
+        out[f.name] = rng.integers(2, 12, shape) if f.dtype == "int64" else rng.random(shape).astype("float32")
+    length = rng.integers(1, L, rows)
+    first = L - length
+    position = np.arange(L)[None, :]
+    real = position >= first[:, None]
+    out[schema.HISTORY_LENGTH] = length
+    out[schema.HISTORY_ITEM] = np.where(real, rng.integers(2, N + 2, (rows, L)), 0)
+    out[schema.HISTORY_TIME_GAP] = rng.integers(1, schema.NUM_TIME_GAP_BUCKETS, (rows, L))
+    for name in (schema.HISTORY_ADVERTISER, schema.HISTORY_EVENT_TYPE, schema.HISTORY_TIME_GAP):
+        out[name] = np.where(real, out[name], 0)
+    targets = position >= (first - 1)[:, None]  # the position before the first input: a first-event target
+    out[schema.SEQ_LABEL_ITEM] = np.where(targets, rng.integers(2, N + 2, (rows, L)), 0)
+    out[schema.SEQ_CONTEXT_CATEGORIES] = rng.integers(2, 30, (rows, L, schema.MAX_CATEGORIES))
+    for name in schema.SEQ_TARGET_FEATURES:
+        if name != schema.SEQ_LABEL_ITEM:
+            mask = targets.reshape(rows, L, *([1] * (out[name].ndim - 2)))
+            out[name] = np.where(mask, out[name], 0).astype(out[name].dtype)
+    return {k: tf.constant(v) for k, v in out.items()}
+
+
+def dense_model(corpus, **kwargs) -> ContextualTwoTower:
+    cfg = ModelConfig(dropout=0.0, time_gap=schema.TIME_GAP_NEXT_EVENT, **kwargs)
+    model = ContextualTwoTower(cfg, VOCAB, corpus)
+    model(batch())
+    return model
+
+
+@pytest.mark.parametrize("full_softmax", [True, False])
+def test_padding_positions_never_change_the_dense_loss(corpus, full_softmax):
+    model = dense_model(corpus, full_softmax_max_items=N if full_softmax else 10)
+    x = sequence_batch(1)
+    loss = float(model.compute_loss(x))
+    rng = np.random.default_rng(5)
+    noisy = {}
+    pad_inputs = ~model_valid(x)
+    no_target = x[schema.SEQ_LABEL_ITEM].numpy() == schema.PAD_ID
+    for name, value in x.items():
+        v = value.numpy().copy()
+        if name in schema.HISTORY_FEATURES:  # garbage in the padding inputs
+            v[pad_inputs] = rng.integers(2, 11, v[pad_inputs].shape)
+        elif name in schema.SEQ_TARGET_FEATURES and name != schema.SEQ_LABEL_ITEM:  # and in target-less positions
+            v[no_target] = rng.integers(2, 12, v[no_target].shape).astype(v.dtype)
+        noisy[name] = tf.constant(v)
+    assert float(model.compute_loss(noisy)) == pytest.approx(loss, rel=1e-5)
+    # one more all-padding row (no input, no target) changes nothing either
+    padded = {}
+    for name, value in x.items():
+        extra = tf.zeros_like(value[:1])
+        padded[name] = tf.concat([value, extra], axis=0)
+    assert float(model.compute_loss(padded)) == pytest.approx(loss, rel=1e-5)
+
+
+def model_valid(x) -> np.ndarray:
+    length = x[schema.HISTORY_LENGTH].numpy()
+    return np.arange(L)[None, :] >= (L - length)[:, None]
+
+
+def test_a_position_never_sees_its_own_label_or_later_events(corpus):
+    model = dense_model(corpus)
+    x = sequence_batch(2)
+    q = L - 5  # every row has at least one input before or at q? rows with first > q: states there are unused
+    states = model.encode_history(x, all_positions=True).numpy()
+    changed = {}
+    rng = np.random.default_rng(9)
+    for name, value in x.items():
+        v = value.numpy().copy()
+        if name in schema.HISTORY_FEATURES:  # every later input (events after position q's target)
+            v[:, q + 1 :] = rng.integers(2, 11, v[:, q + 1 :].shape)
+        if name in schema.SEQ_TARGET_FEATURES:  # its own label and every later one
+            v[:, q:] = rng.integers(2, 12, v[:, q:].shape).astype(v.dtype)
+        changed[name] = tf.constant(v)
+    after = model.encode_history(changed, all_positions=True).numpy()
+    np.testing.assert_allclose(after[:, : q + 1], states[:, : q + 1], atol=1e-5)
+    assert not np.allclose(after[:, q + 1 :], states[:, q + 1 :], atol=1e-3)
+    # the last state is what the per-target encoder (and the feature store) computes
+    np.testing.assert_allclose(states[:, -1], model.encode_history(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("use_context", [True, False])
+def test_dense_and_per_target_losses_agree_on_a_one_target_sequence(corpus, use_context):
+    model = dense_model(corpus, use_context=use_context)
+    seq = {k: v.numpy() for k, v in sequence_batch(3).items()}
+    one = {k: v.copy() for k, v in seq.items()}
+    for name in schema.SEQ_TARGET_FEATURES:  # keep the last position's target only
+        one[name][:, :-1] = 0
+    per_target = {k: v.numpy() for k, v in batch(4).items()}
+    per_target = {k: v[: len(seq[schema.HISTORY_LENGTH])] for k, v in per_target.items()}
+    for name in (*schema.HISTORY_FEATURES, schema.HISTORY_LENGTH, *schema.DEMOGRAPHIC_FEATURES):
+        per_target[name] = seq[name]
+    per_target[schema.HISTORY_NEXT_GAP] = seq[schema.HISTORY_TIME_GAP]  # the dense model's gap semantics
+    for name, target in schema.SEQ_TARGET_FEATURES.items():
+        per_target[target] = seq[name][:, -1]
+    dense = float(model.compute_loss({k: tf.constant(v) for k, v in one.items()}))
+    single = float(model.compute_loss({k: tf.constant(v) for k, v in per_target.items()}))
+    assert dense == pytest.approx(single, rel=1e-5)
+
+
+def test_dense_loss_decreases(corpus):
+    import tf_keras as keras
+
+    model = dense_model(corpus)
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    x = sequence_batch(6, rows=16)
+    first = float(model.compute_loss(x))
+    for _ in range(15):
+        model.train_step(x)
+    assert float(model.compute_loss(x)) < first

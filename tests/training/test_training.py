@@ -163,3 +163,61 @@ def test_configs_of_older_runs_load_with_the_retired_calibration_keys(tmp_path, 
     old.write_text("train:\n  calibration_stepz: 5\n")
     with pytest.raises(ValueError, match="calibration_stepz"):  # other unknown keys still fail
         load_config(str(old))
+
+
+def test_dense_training_learns_from_every_target_and_says_so(small_data, tmp_path):
+    from conftest import train_tiny
+
+    run = train_tiny(small_data, tmp_path / "dense", "train.mode=dense")
+    summary = json.loads((run / SUMMARY_FILE).read_text())
+    assert summary["mode"] == "dense" and summary["time_gap"] == schema.TIME_GAP_NEXT_EVENT
+    meta = dataset.load_metadata(str(small_data))
+    per_window = meta["train_sequence_targets"] / meta["counts"][schema.SPLIT_TRAIN_SEQUENCES]
+    assert summary["targets_per_second"] == pytest.approx(summary["examples_per_second"] * per_window, rel=0.01)
+    trained, cfg = load_trained(str(run), str(small_data))
+    assert cfg.model.time_gap == schema.TIME_GAP_NEXT_EVENT
+    sequences = list(dataset.make_dataset(str(small_data), schema.SPLIT_TRAIN_SEQUENCES, 32).take(3))
+    untrained = build_model(cfg)
+    trained_loss = np.mean([float(trained.compute_loss(b)) for b in sequences])
+    assert trained_loss < np.mean([float(untrained.compute_loss(b)) for b in sequences]) - 0.2
+    with pytest.raises(ValueError, match="next_event"):
+        load_config("synthetic", ["train.mode=dense", "model.time_gap=to_target"])
+
+
+def test_no_request_before_the_cutoff_trains_without_validation_and_writes_valid_json(small_raw, tmp_path, capsys):
+    from conftest import train_tiny
+
+    from beam_pipelines import build_training_data
+    from tfrs_ctx.data import rawio
+
+    first_request = int(rawio.read_table(str(small_raw), schema.REQUESTS)[schema.TIMESTAMP].min())
+    data = tmp_path / "data"
+    build_training_data.run(["--input", str(small_raw), "--output", str(data), f"--cutoff={first_request}"])
+    assert dataset.load_metadata(str(data))["counts"][schema.SPLIT_TRAIN_REQUESTS] == 0
+    run = train_tiny(data, tmp_path / "run", "train.epochs=1")
+    assert "NO VALIDATION" in capsys.readouterr().err
+    text = (run / SUMMARY_FILE).read_text()
+    assert "NaN" not in text
+    summary = json.loads(text)
+    assert summary["best_val_recall"] is None and summary["validation"].startswith("none")
+    assert summary["calibration"] is None and summary["epochs_run"] == 1
+
+
+def test_exclude_history_drops_every_ad_consumed_before_the_request_and_says_so(small_data, tiny_runs, tmp_path):
+    consumed = evaluate.load_consumed(str(small_data))
+    ev = next(iter(dataset.make_dataset(str(small_data), schema.SPLIT_EVAL, 4096)))
+    ids = ev[schema.EX_REQUEST_ID].numpy()
+    matrix = evaluate.consumed_matrix(ids, consumed)
+    kept = ev[schema.HISTORY_ITEM].numpy()
+    for i, request in enumerate(ids):  # the full set: the kept history and more
+        assert set(kept[i][kept[i] > 0].tolist()) <= set(matrix[i].tolist()) | {0}
+        assert sorted(set(matrix[i][matrix[i] > 0].tolist())) == consumed[int(request)].tolist()
+    runs = (str(tiny_runs["contextual"]), str(tiny_runs["baseline"]))
+    report = evaluate.evaluate_runs(str(small_data), *runs, str(tmp_path), bootstrap=50, exclude_history=True)
+    assert report["exclude_history"] and any("strictly before the request" in n for n in report["notes"])
+    assert "strictly before the request" in (tmp_path / "report.md").read_text()
+    plain = evaluate.evaluate_runs(str(small_data), *runs, None, bootstrap=50, exclude_history=False)
+    assert not any("excluded" in n for n in plain["notes"])
+    # the label is never excluded, so excluding only lifts recall
+    for row in ("baseline", "contextual"):
+        assert report["rows"][row]["recall@100"]["mean"] >= plain["rows"][row]["recall@100"]["mean"]

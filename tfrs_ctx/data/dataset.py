@@ -78,9 +78,9 @@ def verify_tfrecords(data_dir: str, split: str, files: list[str]) -> int:
     return total
 
 
-def parse_examples(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Parse a batch of serialised ``tf.train.Example`` into ``{feature: [B, *shape]}``."""
-    return tf.io.parse_example(serialized, schema.feature_spec())
+def parse_examples(serialized: tf.Tensor, features: dict | None = None) -> dict[str, tf.Tensor]:
+    """Parse a batch of serialised ``tf.train.Example`` into ``{feature: [B, *shape]}`` (default: FEATURES)."""
+    return tf.io.parse_example(serialized, schema.feature_spec(features))
 
 
 def make_dataset(
@@ -93,7 +93,7 @@ def make_dataset(
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     drop_remainder: bool = False,
 ) -> tf.data.Dataset:
-    """Batches of parsed examples of one split.
+    """Batches of parsed examples of one split (its schema feature set: :func:`schema.split_features`).
 
     Without ``shuffle`` the order is deterministic (files sorted, interleave deterministic);
     with it, files and examples are shuffled (seeded) and parallel reads may reorder. The
@@ -116,7 +116,8 @@ def make_dataset(
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(parse_examples, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+    spec = schema.feature_spec(schema.split_features(split))
+    ds = ds.map(lambda s: tf.io.parse_example(s, spec), num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -355,12 +355,16 @@ def gather_history(events: EncodedEvents, positions: np.ndarray, target_ts: np.n
     def take(values: np.ndarray) -> np.ndarray:
         return np.where(valid, values[p], S.PAD_ID) if len(values) else np.zeros(p.shape, dtype=np.int64)
 
-    gaps = np.asarray(target_ts, dtype=np.int64)[:, None] - (events.timestamp[p] if len(events) else 0)
+    target_ts = np.asarray(target_ts, dtype=np.int64)[:, None]
+    event_ts = events.timestamp[p] if len(events) else np.zeros(p.shape, dtype=np.int64)
+    # The next event of the history (valid positions are contiguous at the right), the last one's the target.
+    next_ts = np.concatenate([event_ts[:, 1:], target_ts], axis=1)
     return {
         S.HISTORY_ITEM: take(events.item_index),
         S.HISTORY_ADVERTISER: take(events.advertiser_index),
         S.HISTORY_EVENT_TYPE: take(events.event_type_index),
-        S.HISTORY_TIME_GAP: np.where(valid, time_gap_buckets(gaps), S.PAD_ID),
+        S.HISTORY_TIME_GAP: np.where(valid, time_gap_buckets(target_ts - event_ts), S.PAD_ID),
+        S.HISTORY_NEXT_GAP: np.where(valid, time_gap_buckets(next_ts - event_ts), S.PAD_ID),
         S.HISTORY_LENGTH: valid.sum(axis=1).astype(np.int64),
     }
 
@@ -450,8 +454,9 @@ class ExampleOptions:
     cutoff: int
     context_drop_prob: float = 0.3
     context_weight_jitter: float = 0.2
-    max_targets_per_user: int = 0
+    max_targets_per_user: int = 0  # per-target examples only; sequence examples hold every target
     seed: int = 0
+    sequence_stride: int = S.SEQUENCE_STRIDE
 
 
 @dataclasses.dataclass
@@ -509,16 +514,102 @@ def training_examples(
     columns = _common(user_ids[rank], ts, demographics[rank], label, lookups)
     positions = window_positions(encoded.ends_before(rank, ts), encoded.user_start[rank])
     columns.update(gather_history(encoded, positions, ts))
-    keys = stable_keys(options.seed, user_ids[rank], ts, encoded.item[targets])
-    columns[S.CONTEXT_CATEGORIES], columns[S.CONTEXT_WEIGHTS] = synthetic_context(
-        columns[S.LABEL_CATEGORIES],
-        columns[S.LABEL_CONFIDENCES],
-        keys,
-        options.context_drop_prob,
-        options.context_weight_jitter,
+    columns[S.CONTEXT_CATEGORIES], columns[S.CONTEXT_WEIGHTS] = _target_context(
+        options.seed, user_ids[rank], ts, encoded.item[targets], label, lookups, options
     )
     columns[S.EX_REQUEST_ID] = np.full(len(targets), -1, dtype=np.int64)
     columns[S.SUBJECT_ITEM] = np.full(len(targets), S.PAD_ID, dtype=np.int64)
+    return columns
+
+
+def _target_context(
+    seed: int,
+    user_ids: np.ndarray,
+    ts: np.ndarray,
+    items: np.ndarray,
+    label: np.ndarray,
+    lookups: Lookups,
+    o: ExampleOptions,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic context of training targets from their labels (the same keys in both example kinds)."""
+    keys = stable_keys(seed, user_ids, ts, items)
+    return synthetic_context(
+        lookups.item_categories[label],
+        lookups.item_confidences[label],
+        keys,
+        o.context_drop_prob,
+        o.context_weight_jitter,
+    )
+
+
+def sequence_windows(num_targets: np.ndarray, stride: int, max_len: int = S.MAX_HISTORY) -> tuple[np.ndarray, ...]:
+    """Windows over each user's first ``num_targets`` events: (user rank, last target, previous window's last).
+
+    Target indices count within a user. Window ``k`` ends at target ``min(n - 1, max_len - 1 + k * stride)``
+    and labels the targets after the previous window's end: every target exactly once.
+    """
+    n = np.asarray(num_targets, dtype=np.int64)
+    if stride < 1 or stride > max_len:
+        raise ValueError(f"sequence stride must lie in [1, {max_len}], got {stride}")
+    windows = np.where(n > 0, 1 + -(-np.maximum(n - max_len, 0) // stride), 0)
+    rank = np.repeat(np.arange(len(n)), windows)
+    k = np.arange(len(rank)) - np.repeat(np.cumsum(windows) - windows, windows)
+    last = np.minimum(n[rank] - 1, max_len - 1 + k * stride)
+    previous = np.where(k == 0, -1, np.minimum(n[rank] - 1, max_len - 1 + (k - 1) * stride))
+    return rank, last, previous
+
+
+def sequence_examples(
+    encoded: EncodedEvents, user_ids: np.ndarray, demographics: np.ndarray, lookups: Lookups, options: ExampleOptions
+) -> Columns:
+    """Windows of every user's conversions before the cutoff (:data:`tfrs_ctx.schema.SEQUENCE_FEATURES`).
+
+    Position ``q`` of a window holds the target ``e_t`` (its label and synthetic context, from the
+    same keys as the per-target examples) and the input ``e_{t-1}`` (padding for a user's first
+    event); input gaps are ``TIME_GAP_NEXT_EVENT`` buckets (the last input's: to the last target).
+    """
+    L = S.MAX_HISTORY
+    counts = np.bincount(encoded.user_rank[encoded.timestamp < options.cutoff], minlength=len(user_ids))
+    rank, last, previous = sequence_windows(counts, options.sequence_stride, L)
+    start = encoded.user_start[rank]
+    targets = window_positions(start + last + 1, start, L)  # [W, L] event index of each position's target
+    labelled = targets >= (start + previous + 1)[:, None]
+    inputs = np.where(targets - 1 >= start[:, None], targets - 1, -1)
+    history = gather_history(encoded, inputs, encoded.timestamp[start + last])
+    history[S.HISTORY_TIME_GAP] = history.pop(S.HISTORY_NEXT_GAP)
+    columns: Columns = {
+        S.EX_USER_ID: user_ids[rank].astype(np.int64),
+        S.EX_TIMESTAMP: encoded.timestamp[start + last].astype(np.int64),
+        **history,
+    }
+    for k, feature in enumerate(S.DEMOGRAPHIC_FEATURES):
+        columns[feature] = demographics[rank, k].astype(np.int64)
+    t = targets[labelled]
+    label = encoded.item_index[t]
+    context = _target_context(
+        options.seed,
+        user_ids[np.broadcast_to(rank[:, None], targets.shape)[labelled]],
+        encoded.timestamp[t],
+        encoded.item[t],
+        label,
+        lookups,
+        options,
+    )
+    flat = {
+        S.SEQ_LABEL_ITEM: label,
+        S.SEQ_LABEL_ADVERTISER: lookups.item_advertiser[label],
+        S.SEQ_LABEL_CATEGORIES: lookups.item_categories[label],
+        S.SEQ_LABEL_CONFIDENCES: lookups.item_confidences[label],
+        S.SEQ_LABEL_SAMPLING_PROB: lookups.item_sampling_prob[label],
+        S.SEQ_LABEL_TIMESTAMP: encoded.timestamp[t],
+        S.SEQ_CONTEXT_CATEGORIES: context[0],
+        S.SEQ_CONTEXT_WEIGHTS: context[1],
+    }
+    for name, values in flat.items():
+        f = S.SEQUENCE_FEATURES[name]
+        out = np.zeros((len(rank), *f.shape), dtype=np.int64 if f.dtype == "int64" else np.float32)
+        out[labelled] = values
+        columns[name] = out
     return columns
 
 
@@ -576,7 +667,29 @@ def batch_examples(users: Sequence[UserData], lookups: Lookups, options: Example
         S.SPLIT_TRAIN: training_examples(encoded, user_ids, demographics, lookups, options),
         S.SPLIT_TRAIN_REQUESTS: select_examples(by_request, before),
         S.SPLIT_EVAL: select_examples(by_request, ~before),
+        S.SPLIT_TRAIN_SEQUENCES: sequence_examples(encoded, user_ids, demographics, lookups, options),
     }
+
+
+def consumed_before(encoded: EncodedEvents, requests: UserRequests, rank: np.ndarray) -> list[np.ndarray]:
+    """Per request: the item-vocab indices of every ad its user converted on strictly before it (sorted)."""
+    ends = encoded.ends_before(rank, requests.timestamp)
+    starts = encoded.user_start[rank]
+    return [np.unique(encoded.item_index[a:b]) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+
+def eval_consumed(users: Sequence[UserData], lookups: Lookups, cutoff: int) -> list[tuple[int, list[int]]]:
+    """``(request_id, consumed item indices)`` of every eval request (at/after ``cutoff``) of a batch of users."""
+    encoded = EncodedEvents.encode([u.events for u in users], lookups.vocabularies)
+    out = []
+    for r, u in enumerate(users):
+        held_out = u.requests.select(u.requests.timestamp >= cutoff)
+        rank = np.full(len(held_out), r, dtype=np.int64)
+        for request_id, items in zip(
+            held_out.request_id.tolist(), consumed_before(encoded, held_out, rank), strict=True
+        ):
+            out.append((int(request_id), items.tolist()))
+    return out
 
 
 def user_examples(user: UserData, lookups: Lookups, options: ExampleOptions) -> dict[str, Columns]:

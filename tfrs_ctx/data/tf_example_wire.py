@@ -1,7 +1,8 @@
 """``tf.train.Example`` wire format, written with numpy for many examples at once.
 
 :func:`serialize_examples` turns column-wise examples (``{feature: [N, *shape]}``, every feature
-of :data:`tfrs_ctx.schema.FEATURES`) into serialised protos byte-identical to
+of a schema feature set: :data:`tfrs_ctx.schema.FEATURES` by default, or
+:data:`tfrs_ctx.schema.SEQUENCE_FEATURES`) into serialised protos byte-identical to
 ``tf.train.Example.SerializeToString(deterministic=True)`` (features in key order, packed lists),
 with no per-example Python and no TensorFlow; a test checks the bytes against the proto library.
 """
@@ -62,8 +63,8 @@ class _Layout:
     head_len: np.ndarray
 
     @classmethod
-    def of_schema(cls) -> _Layout:
-        names = tuple(sorted(S.FEATURES))
+    def of_features(cls, features: dict[str, S.Feature]) -> _Layout:
+        names = tuple(sorted(features))
         consts, offsets, lengths = b"\x0a\x1a\x12", [], []
         for name in names:
             key = name.encode()
@@ -75,15 +76,22 @@ class _Layout:
             consts += head
         return cls(
             names=names,
-            widths=np.asarray([max(1, int(np.prod(S.FEATURES[n].shape))) for n in names]),
-            is_int=np.asarray([S.FEATURES[n].dtype == "int64" for n in names]),
+            widths=np.asarray([max(1, int(np.prod(features[n].shape))) for n in names]),
+            is_int=np.asarray([features[n].dtype == "int64" for n in names]),
             consts=consts,
             head_offset=np.asarray(offsets),
             head_len=np.asarray(lengths),
         )
 
 
-_LAYOUT: _Layout | None = None
+_LAYOUTS: dict[int, tuple[dict, _Layout]] = {}  # id(feature set) -> (the set, kept alive; its layout)
+
+
+def _layout(features: dict[str, S.Feature]) -> _Layout:
+    cached = _LAYOUTS.get(id(features))
+    if cached is None or cached[0] is not features:
+        cached = _LAYOUTS[id(features)] = (features, _Layout.of_features(features))
+    return cached[1]
 
 
 def _payloads(columns: Columns, layout: _Layout, n: int, base: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
@@ -116,14 +124,15 @@ def _payloads(columns: Columns, layout: _Layout, n: int, base: int) -> tuple[lis
     return buffers, src, length
 
 
-def serialize_examples(columns: Columns) -> list[bytes]:
-    """Serialise column-wise examples as ``tf.train.Example`` protos (every schema feature).
+def serialize_examples(columns: Columns, features: dict[str, S.Feature] | None = None) -> list[bytes]:
+    """Serialise column-wise examples as ``tf.train.Example`` protos (every feature of ``features``).
 
-    Byte-identical to ``tf.train.Example.SerializeToString(deterministic=True)`` (features
-    in key order, packed lists), vectorised over the examples: no per-example Python.
+    ``features``: a schema feature set, :data:`~tfrs_ctx.schema.FEATURES` (default) or
+    :data:`~tfrs_ctx.schema.SEQUENCE_FEATURES`. Byte-identical to
+    ``tf.train.Example.SerializeToString(deterministic=True)`` (features in key order, packed
+    lists), vectorised over the examples: no per-example Python.
     """
-    global _LAYOUT
-    layout = _LAYOUT = _LAYOUT or _Layout.of_schema()
+    layout = _layout(S.FEATURES if features is None else features)
     n, f = num_examples(columns), len(layout.names)
     if n == 0:
         return []

@@ -55,6 +55,9 @@ def _subject_as_history(batch: dict, corpus_advertiser: np.ndarray, event_type_i
         schema.HISTORY_ADVERTISER: advertiser,
         schema.HISTORY_EVENT_TYPE: tf.fill(tf.shape(subject), tf.constant(event_type_index, tf.int64)),
         schema.HISTORY_TIME_GAP: tf.fill(tf.shape(subject), tf.constant(schema.time_gap_bucket(0), tf.int64)),
+        # next-event gaps: the old last event's next event is now the subject item, at the request time:
+        # the same gap as before, and the subject's own gap to the request is 0.
+        schema.HISTORY_NEXT_GAP: tf.fill(tf.shape(subject), tf.constant(schema.time_gap_bucket(0), tf.int64)),
     }
     for name, value in newest.items():
         shifted = tf.concat([batch[name][:, 1:], value[:, None]], axis=1)
@@ -74,8 +77,52 @@ def item_popularity(data_dir: str, item_ids: np.ndarray) -> np.ndarray:
     return np.asarray([lookup.get(int(i), 0) for i in item_ids], dtype=np.float32)
 
 
-def score_rows(data_dir: str, contextual, baseline, exclude_history: bool, max_requests: int | None = None) -> dict:
-    """Ranks of every held-out request's label under each row; returns ``{row: ranks}``."""
+EXCLUDE_RULE = (
+    "Ads the user converted on strictly before the request are excluded from every row's ranking "
+    "(all of them, not only the last {max_history} history events; never the label itself): "
+    "train.exclude_history is on, the data says repeats do not happen."
+)
+EXCLUDE_RULE_HISTORY_ONLY = (
+    "Only the ads of the request's kept history (its last {max_history} events) are excluded: this data "
+    "directory has no {consumed}/ (built before it existed; rebuild it for the full rule)."
+)
+
+
+def load_consumed(data_dir: str) -> dict[int, np.ndarray] | None:
+    """Eval request id -> item indices its user converted on before it (``None`` if the data has none)."""
+    import glob
+
+    files = sorted(glob.glob(os.path.join(data_dir, schema.EVAL_CONSUMED_DIR, "part*")))
+    if not files:
+        return None
+    out = {}
+    for path in files:
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    out[int(row[schema.REQUEST_ID])] = np.asarray(row[schema.CONSUMED_ITEMS], dtype=np.int64)
+    return out
+
+
+def consumed_matrix(request_ids: np.ndarray, consumed: dict[int, np.ndarray]) -> np.ndarray:
+    """``[B, M]`` item indices to exclude per request, padded with ``PAD_ID`` (never excluded)."""
+    rows = [consumed.get(int(r), np.zeros(0, np.int64)) for r in request_ids]
+    out = np.zeros((len(rows), max([1, *(len(r) for r in rows)])), dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def score_rows(
+    data_dir: str, contextual, baseline, exclude_history: bool, max_requests: int | None = None, notes=None
+) -> dict:
+    """Ranks of every held-out request's label under each row; returns ``{row: ranks}``.
+
+    With ``exclude_history`` every ad the user converted on before the request is dropped from
+    the ranking (the data's ``eval_consumed``; older data: the kept history). ``notes``: a list
+    the rule applied is appended to.
+    """
     from tfrs_ctx.data import dataset, vocab
     from tfrs_ctx.models.two_tower import without_context
 
@@ -88,6 +135,10 @@ def score_rows(data_dir: str, contextual, baseline, exclude_history: bool, max_r
     )
     ctx_corpus = contextual.corpus_embeddings().numpy()
     base_corpus = baseline.corpus_embeddings().numpy()
+    consumed = load_consumed(data_dir) if exclude_history else None
+    if exclude_history and notes is not None:
+        rule = EXCLUDE_RULE if consumed is not None else EXCLUDE_RULE_HISTORY_ONLY
+        notes.append(rule.format(max_history=schema.MAX_HISTORY, consumed=schema.EVAL_CONSUMED_DIR))
     ranks: dict[str, list[np.ndarray]] = {row: [] for row in ROWS}
     subject_is_ad = []
     ds = dataset.make_dataset(data_dir, schema.SPLIT_EVAL, 1024)
@@ -95,7 +146,10 @@ def score_rows(data_dir: str, contextual, baseline, exclude_history: bool, max_r
         ds = ds.unbatch().take(max_requests).batch(1024)
     for batch in ds:
         labels = batch[schema.LABEL_ITEM].numpy()
-        exclude = batch[schema.HISTORY_ITEM].numpy() if exclude_history else None
+        exclude = None
+        if exclude_history:
+            ids = batch[schema.EX_REQUEST_ID].numpy()
+            exclude = consumed_matrix(ids, consumed) if consumed is not None else batch[schema.HISTORY_ITEM].numpy()
         pop_scores = np.broadcast_to(popularity, (len(labels), len(popularity)))
         ranks["popularity"].append(ranks_from_scores(pop_scores, labels, exclude))
         ranks["baseline"].append(label_ranks(baseline.query_embedding(batch), base_corpus, labels, exclude))
@@ -214,8 +268,10 @@ def evaluate_runs(
     if contextual.context_layer is None:
         raise ValueError(f"{contextual_run} was trained with model.use_context=false: it is a baseline")
     exclude = cfg.train.exclude_history if exclude_history is None else exclude_history
-    ranks = score_rows(data_dir, contextual, baseline, exclude, max_requests)
+    notes: list[str] = []
+    ranks = score_rows(data_dir, contextual, baseline, exclude, max_requests, notes)
     report = build_report(ranks, bootstrap)
+    report["notes"] = notes
     report["data_dir"], report["exclude_history"] = os.path.abspath(data_dir), exclude
     report["runs"] = {"contextual": os.path.abspath(contextual_run), "baseline": os.path.abspath(baseline_run)}
     report["context_trust"] = trust = float(contextual.context_layer.trust.numpy())

@@ -35,7 +35,13 @@ class PositionalEmbedding(keras.layers.Layer):
 
 
 def attention_mask(valid: tf.Tensor, causal: bool) -> tf.Tensor:
-    """``[B, L, L]`` mask: query i may attend key j iff j is a real event (and j <= i if causal)."""
+    """``[B, L, L]`` mask: query i may attend key j iff j is a real event (and j <= i if causal).
+
+    A query with no real key to attend (a padding position before the first event) attends to
+    itself only: an all-masked row would attend uniformly to every key, later events included,
+    and dense training reads the state of the position just before the first event. Real
+    positions' masks are unchanged (their own key is real).
+    """
     mask = valid[:, tf.newaxis, :]
     length = tf.shape(valid)[1]
     if causal:
@@ -43,7 +49,8 @@ def attention_mask(valid: tf.Tensor, causal: bool) -> tf.Tensor:
         mask = tf.logical_and(mask, lower[tf.newaxis])
     else:
         mask = tf.tile(mask, [1, length, 1])
-    return mask
+    diagonal = tf.eye(length, dtype=tf.bool)[tf.newaxis]
+    return tf.logical_or(mask, tf.logical_and(diagonal, tf.logical_not(valid)[:, :, tf.newaxis]))
 
 
 @keras.utils.register_keras_serializable("tfrs_ctx")
@@ -86,8 +93,10 @@ class SequenceEncoder(keras.layers.Layer):
     """N Transformer blocks over an embedded, left-padded history -> last valid hidden state.
 
     Inputs: ``events`` ``[B, L, d]`` (summed event embeddings) and ``length`` ``[B]``.
-    Output ``[B, d]``: the hidden state at the last position (the most recent event). Padding
-    positions are masked out of attention, so padding never changes the output.
+    Output ``[B, d]``: the hidden state at the last position (the most recent event); with
+    ``all_positions=True``, ``[B, L, d]``: every position's state (with ``causal``, position ``i``
+    has seen events ``<= i`` only; dense training scores each against its next event). Padding
+    positions are masked out of attention, so padding never changes a real position's state.
     """
 
     def __init__(
@@ -109,12 +118,17 @@ class SequenceEncoder(keras.layers.Layer):
         self.stack = [TransformerBlock(dim, heads, ff_dim, dropout, causal, name=f"block_{i}") for i in range(blocks)]
         self.norm = keras.layers.LayerNormalization(epsilon=1e-6)
 
-    def call(self, events: tf.Tensor, length: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+    def call(
+        self, events: tf.Tensor, length: tf.Tensor, training: bool | None = None, all_positions: bool = False
+    ) -> tf.Tensor:
         valid = valid_positions(length, tf.shape(events)[1])
         x = self.input_dropout(self.position(events), training=training)
         for block in self.stack:
             x = block(x, valid, training=training)
-        return self.norm(x[:, -1])
+        if not all_positions:
+            return self.norm(x[:, -1])
+        shape = tf.shape(x)  # the norm is per position; flattened, it sees the [B, d] rank it was built on
+        return tf.reshape(self.norm(tf.reshape(x, [-1, self.dim])), shape)
 
     def get_config(self) -> dict:
         return _serializable(

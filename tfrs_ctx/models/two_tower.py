@@ -14,13 +14,26 @@ Candidate tower: ad id + advertiser + confidence-weighted interest categories ->
 L2-normalised ad embedding. Ad, advertiser and category embedding tables are shared by
 both towers.
 
-Loss: full softmax over the whole ad corpus when it has at most
-``full_softmax_max_items`` ads; above that, in-batch negatives with the logQ
+Loss (``model.loss=auto``): full softmax over the whole ad corpus when it has at most
+``full_softmax_max_items`` ads; above that (or with ``model.loss=in_batch``), in-batch negatives with the logQ
 sampling-bias correction and accidental-hit removal (``tfrs.tasks.Retrieval``). The
 contextual model adds, with weight ``no_context_loss_weight``, the same loss for the same
 examples with their context cleared: one history encoding, two heads. That keeps the
 context-missing path (most requests in production) as good as the sequence-only baseline,
 which dropping a share of contexts at random does not (see the ablation).
+
+Dense training (``train.mode=dense``, batches of :data:`tfrs_ctx.schema.SEQUENCE_FEATURES`):
+one causal pass over a window gives every position's state ``[B, L, d]``; the head runs per
+position (its context, the user's demographics repeated, a position with an empty history gets
+the no-history vector) and the same retrieval loss (full softmax, or in-batch logQ over the
+batch's targets) and no-context loss run over every position that holds a target, averaged over
+targets; padding positions contribute nothing. The offline encoder and the served head are the
+same functions as per target: the last valid state is what the feature store holds.
+
+History time gaps (``model.time_gap``): ``to_target`` reads ``HISTORY_TIME_GAP``; ``next_event``
+(dense training) reads ``HISTORY_NEXT_GAP`` where an example carries both (the per-target and
+request splits), else ``HISTORY_TIME_GAP`` (sequence examples, and the exported signatures, whose
+caller computes it in the model's semantics, as ``model_info.json`` says).
 
 The context layer's ``trust`` (the scale of its output, 1 in training) is chosen after
 training on logged requests with their real context (``tfrs_ctx.training.calibrate``): how far real
@@ -37,6 +50,18 @@ import tf_keras as keras
 from tfrs_ctx import schema
 from tfrs_ctx.config import ModelConfig
 from tfrs_ctx.models.layers import MLP, ContextLayer, SequenceEncoder, weighted_average
+
+
+def is_sequence_batch(features: dict[str, tf.Tensor]) -> bool:
+    """A batch of sequence examples (dense training) rather than per-target examples."""
+    return schema.SEQ_LABEL_ITEM in features
+
+
+def position_history_length(length: tf.Tensor, max_length: tf.Tensor | int) -> tf.Tensor:
+    """``[B, L]``: events a causal position of a left-padded history has seen (0 before the first)."""
+    positions = tf.range(max_length, dtype=tf.int64)[tf.newaxis]
+    first = tf.cast(max_length, tf.int64) - tf.cast(tf.reshape(length, [-1, 1]), tf.int64)
+    return tf.maximum(positions - first + 1, 0)
 
 
 def without_context(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -84,19 +109,47 @@ class ContextualTwoTower(tfrs.models.Model):
         self.candidate_mlp = MLP(cfg.mlp_hidden, cfg.output_dim, name="candidate_mlp")
         self.corpus = {name: tf.constant(corpus[name]) for name in schema.CANDIDATE_FEATURES}
         self.corpus_item_ids = tf.constant(corpus[schema.ITEM_ID])
-        self.full_softmax = len(corpus[schema.ITEM_ID]) <= cfg.full_softmax_max_items
+        small = len(corpus[schema.ITEM_ID]) <= cfg.full_softmax_max_items
+        self.full_softmax = cfg.loss == "full_softmax" or (cfg.loss == "auto" and small)
         self.task = tfrs.tasks.Retrieval(temperature=cfg.temperature, remove_accidental_hits=True)
 
     # ---- query tower -------------------------------------------------------------------
-    def encode_history(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        """History -> ``[B, embedding_dim]``: the offline encoder's output."""
+    def time_gaps(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
+        """The history's gap buckets in this model's semantics (``model.time_gap``)."""
+        if self.cfg.time_gap == schema.TIME_GAP_NEXT_EVENT and schema.HISTORY_NEXT_GAP in features:
+            return features[schema.HISTORY_NEXT_GAP]
+        return features[schema.HISTORY_TIME_GAP]
+
+    def encode_history(
+        self, features: dict[str, tf.Tensor], training: bool = False, all_positions: bool = False
+    ) -> tf.Tensor:
+        """History -> ``[B, embedding_dim]``: the offline encoder's output (``[B, L, d]``: every position)."""
         events = (
             self.item_embedding(features[schema.HISTORY_ITEM])
             + self.advertiser_embedding(features[schema.HISTORY_ADVERTISER])
             + self.event_type_embedding(features[schema.HISTORY_EVENT_TYPE])
-            + self.time_gap_embedding(features[schema.HISTORY_TIME_GAP])
+            + self.time_gap_embedding(self.time_gaps(features))
         )
-        return self.encoder(events, features[schema.HISTORY_LENGTH], training=training)
+        return self.encoder(events, features[schema.HISTORY_LENGTH], training=training, all_positions=all_positions)
+
+    def dense_targets(
+        self, features: dict[str, tf.Tensor], training: bool = False
+    ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+        """A batch of sequences -> (state ``[N, d]``, per-target features) of its ``N`` target positions.
+
+        The per-target features use the per-target names (label, context, demographics repeated,
+        ``HISTORY_LENGTH`` = the events the position has seen), so the head and the loss are the
+        per-target ones. Positions without a target are left out.
+        """
+        states = self.encode_history(features, training, all_positions=True)
+        where = tf.where(features[schema.SEQ_LABEL_ITEM] != schema.PAD_ID)  # [N, 2]: (row, position)
+        lengths = position_history_length(features[schema.HISTORY_LENGTH], tf.shape(states)[1])
+        flat = {schema.HISTORY_LENGTH: tf.gather_nd(lengths, where)}
+        for name, per_target in schema.SEQ_TARGET_FEATURES.items():
+            flat[per_target] = tf.gather_nd(features[name], where)
+        for name in schema.DEMOGRAPHIC_FEATURES:
+            flat[name] = tf.gather(features[name], where[:, 0])
+        return tf.gather_nd(states, where), flat
 
     def head(self, encoded: tf.Tensor, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         """Encoded history + context + demographics -> normalised user embedding (online part)."""
@@ -135,7 +188,10 @@ class ContextualTwoTower(tfrs.models.Model):
 
     # ---- loss --------------------------------------------------------------------------
     def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        encoded = self.encode_history(features, training)
+        if is_sequence_batch(features):
+            encoded, features = self.dense_targets(features, training)
+        else:
+            encoded = self.encode_history(features, training)
         queries = [self.head(encoded, features, training)]
         weights = [1.0]
         if self.context_layer is not None and self.cfg.no_context_loss_weight > 0:
@@ -151,11 +207,15 @@ class ContextualTwoTower(tfrs.models.Model):
         if self.full_softmax:
             corpus = self.corpus_embeddings(training)
             rows = features[schema.LABEL_ITEM] - schema.NUM_RESERVED_IDS
+            count = tf.cast(tf.size(rows), tf.float32)
             return [
-                tf.reduce_mean(
-                    tf.nn.sparse_softmax_cross_entropy_with_logits(
-                        rows, tf.matmul(q, corpus, transpose_b=True) / self.cfg.temperature
-                    )
+                tf.math.divide_no_nan(
+                    tf.reduce_sum(
+                        tf.nn.sparse_softmax_cross_entropy_with_logits(
+                            rows, tf.matmul(q, corpus, transpose_b=True) / self.cfg.temperature
+                        )
+                    ),
+                    count,
                 )
                 for q in queries
             ]

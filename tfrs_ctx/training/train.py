@@ -24,7 +24,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from tfrs_ctx import schema
-from tfrs_ctx.config import Config, load_config, save_config
+from tfrs_ctx.config import MODE_DENSE, Config, load_config, save_config
 from tfrs_ctx.data import dataset
 from tfrs_ctx.evaluation.metrics import recall_at_k
 from tfrs_ctx.models.two_tower import without_context
@@ -56,9 +56,60 @@ def mix_context(features: dict[str, tf.Tensor], noise: float, seed: int) -> dict
     return features
 
 
-def training_dataset(cfg: Config, counts: dict[str, int]) -> tuple[tf.data.Dataset, int]:
-    """The training stream for ``train.context_source`` and the number of examples per epoch."""
+def mix_sequence_context(features: dict[str, tf.Tensor], noise: float, seed: int) -> dict[str, tf.Tensor]:
+    """:func:`mix_context` per target position of a batch of sequences (swaps among target positions only)."""
+    features = dict(features)
+    valid = tf.reshape(features[schema.SEQ_LABEL_ITEM], [-1]) != schema.PAD_ID
+    n = tf.size(valid)
+    targets = tf.cast(tf.where(valid)[:, 0], tf.int32)
+    source = tf.tensor_scatter_nd_update(tf.range(n), targets[:, tf.newaxis], tf.random.shuffle(targets, seed=seed))
+    swap = tf.logical_and(valid, tf.random.uniform([n], seed=seed + 1) < noise)
+    for name in (schema.SEQ_CONTEXT_CATEGORIES, schema.SEQ_CONTEXT_WEIGHTS):
+        values = features[name]
+        flat = tf.reshape(values, [n, schema.MAX_CATEGORIES])
+        mixed = tf.where(swap[:, tf.newaxis], tf.gather(flat, source), flat)
+        features[name] = tf.reshape(mixed, tf.shape(values))
+    return features
+
+
+def without_sequence_context(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    features = dict(features)
+    for name in (schema.SEQ_CONTEXT_CATEGORIES, schema.SEQ_CONTEXT_WEIGHTS):
+        features[name] = tf.zeros_like(features[name])
+    return features
+
+
+def sequence_dataset(cfg: Config, counts: dict[str, int]) -> tuple[tf.data.Dataset, int]:
+    """Dense mode: batches of ``train_sequences`` windows and the windows per epoch."""
     t = cfg.train
+    if not counts.get(schema.SPLIT_TRAIN_SEQUENCES):
+        raise ValueError(
+            f"train.mode=dense: {t.data_dir} has no {schema.SPLIT_TRAIN_SEQUENCES} split (rebuild the data with "
+            "beam_pipelines.build_training_data)"
+        )
+    train = dataset.make_dataset(
+        t.data_dir,
+        schema.SPLIT_TRAIN_SEQUENCES,
+        t.sequence_batch_size,
+        shuffle=True,
+        repeat=True,
+        seed=t.seed,
+        shuffle_buffer=t.shuffle_buffer,
+    )
+    if t.context_source == "none":
+        train = train.map(without_sequence_context, num_parallel_calls=tf.data.AUTOTUNE)
+    elif t.context_noise > 0:
+        train = train.map(
+            lambda f: mix_sequence_context(f, t.context_noise, t.seed), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    return train, counts[schema.SPLIT_TRAIN_SEQUENCES]
+
+
+def training_dataset(cfg: Config, counts: dict[str, int]) -> tuple[tf.data.Dataset, int]:
+    """The training stream for ``train.mode`` / ``train.context_source`` and the examples per epoch."""
+    t = cfg.train
+    if t.mode == MODE_DENSE:
+        return sequence_dataset(cfg, counts)
     train = dataset.make_dataset(
         t.data_dir,
         schema.SPLIT_TRAIN,
@@ -87,6 +138,13 @@ def training_dataset(cfg: Config, counts: dict[str, int]) -> tuple[tf.data.Datas
     total = counts[schema.SPLIT_TRAIN] + available
     weights = [counts[schema.SPLIT_TRAIN] / total, available / total]
     return tf.data.Dataset.sample_from_datasets([train, requests], weights, seed=t.seed), total
+
+
+def targets_per_example(mode: str, metadata: dict) -> float:
+    """Labels learned per training example: 1 per target; a sequence window's mean target positions."""
+    if mode != MODE_DENSE:
+        return 1.0
+    return metadata.get("train_sequence_targets", 0) / max(1, metadata["counts"].get(schema.SPLIT_TRAIN_SEQUENCES, 0))
 
 
 class ValidationRecall(keras.callbacks.Callback):
@@ -121,7 +179,8 @@ def train(cfg: Config, run_dir: str, verbose: int = 1) -> dict:
     save_config(cfg, os.path.join(run_dir, CONFIG_FILE))
     meta = dataset.load_metadata(t.data_dir)
     ds, per_epoch = training_dataset(cfg, meta["counts"])
-    steps = t.steps_per_epoch or max(1, per_epoch // t.batch_size)
+    batch_size = t.sequence_batch_size if t.mode == MODE_DENSE else t.batch_size
+    steps = t.steps_per_epoch or max(1, per_epoch // batch_size)
     total_steps = steps * t.epochs
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0,
@@ -145,7 +204,13 @@ def train(cfg: Config, run_dir: str, verbose: int = 1) -> dict:
 
     callbacks: list[keras.callbacks.Callback] = []
     validation = dataset.validation_requests(t.data_dir, meta["counts"], t.validation_examples)
-    if validation:
+    if not validation:
+        print(
+            f"WARNING: {t.data_dir} has no {schema.SPLIT_TRAIN_REQUESTS} (no request before the cutoff): "
+            "NO VALIDATION. Early stopping is off (all epochs run) and the context trust is not calibrated.",
+            file=sys.stderr,
+        )
+    else:
         callbacks.append(ValidationRecall(validation, t.early_stopping_k))
         callbacks.append(
             keras.callbacks.EarlyStopping(
@@ -164,14 +229,20 @@ def train(cfg: Config, run_dir: str, verbose: int = 1) -> dict:
     epochs_run = len(history.epoch)
     calibration = calibrate(model, cfg, meta["counts"], validation)
     save_final(model, run_dir)
+    val_recalls = [float(v) for v in history.history.get("val_recall", []) if v == v]  # no NaN into JSON
+    examples = epochs_run * steps * batch_size
     summary = {
+        "mode": t.mode,
+        "time_gap": cfg.model.time_gap,
         "epochs_run": epochs_run,
         "steps_per_epoch": steps,
-        "batch_size": t.batch_size,
+        "batch_size": batch_size,
         "seconds": round(seconds, 1),
-        "examples_per_second": round(epochs_run * steps * t.batch_size / max(seconds, 1e-9), 1),
+        "examples_per_second": round(examples / max(seconds, 1e-9), 1),
+        "targets_per_second": round(examples * targets_per_example(t.mode, meta) / max(seconds, 1e-9), 1),
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
-        "best_val_recall": max(history.history.get("val_recall", [float("nan")])),
+        "validation": "train_requests" if validation else "none: no request before the cutoff",
+        "best_val_recall": max(val_recalls) if val_recalls else None,
         "full_softmax": bool(model.full_softmax),
         "calibration": calibration,
     }
