@@ -1,7 +1,7 @@
 """A bounded fault-injection load test of the online path: Feast (Redis) read + gRPC Predict.
 
     python -m benchmarks.load_test --workdir DEMO_WORKDIR [--requests 1000] [--clients 8]
-        [--time-limit 300] [--rate R] [--redis-down 3] [--seed 0] [--json PATH]
+        [--time-limit 300] [--rate R] [--redis-down 3] [--seed 0] [--coalesce] [--json PATH]
 
 Uses a finished demo work directory (``tfrs-ctx demo --workdir DIR``: models, store, raw, and
 runs/data for the new model version) and never writes into it. On loopback it starts the model
@@ -10,6 +10,8 @@ store's sources (``benchmarks.redis_store``), then ``clients`` threads, each wit
 ``CandidateClient``, send a fixed, seeded mix of ``requests`` single-request recommend calls
 (known / unknown users; a subject item, none, or an unknown one), paced at ``rate`` per second
 (default: the requests spread over half the time limit). No request starts after the time limit.
+With ``--coalesce`` the threads share one ``CoalescingClient`` instead (their requests merged
+into shared reads and Predicts; a call whose deadline passes fails with ``DeadlineExceeded``).
 
 Faults, one after the other, each when the issued-request count reaches a fraction of the total
 and at least 5% of the requests after the previous fault ended:
@@ -494,6 +496,7 @@ def run_load_test(
     redis_down_s: float = 3.0,
     seed: int = 0,
     deadline_s: float = 1.0,
+    coalesce: bool = False,
 ) -> dict:
     """Run the load with the three faults; returns the summary (see the module docstring)."""
     from benchmarks.redis_store import redis_online_store
@@ -516,9 +519,16 @@ def run_load_test(
         stack.callback(lambda: env["server"].close())
         env["server"].wait_ready(300)
         kind, target = env["server"].kind, env["server"].address
-        pool = [CandidateClient(target, redis.reader(), deadline_s=deadline_s) for _ in range(clients)]
-        for client in pool:
-            stack.callback(client.close)
+        if coalesce:  # every client thread calls one shared CoalescingClient (serving.client.coalescing)
+            from serving.client.coalescing import CoalescingClient
+
+            shared = CoalescingClient(lambda: CandidateClient(target, redis.reader(), deadline_s=deadline_s))
+            stack.callback(shared.close)
+            pool = [shared] * clients
+        else:
+            pool = [CandidateClient(target, redis.reader(), deadline_s=deadline_s) for _ in range(clients)]
+            for client in pool:
+                stack.callback(client.close)
         faults = Faults(env, requests)
         setup_s = time.monotonic() - began
         with RetryLog().capture() as retry_log:
@@ -530,6 +540,7 @@ def run_load_test(
         "server": kind,
         "requests": requests,
         "clients": clients,
+        "client": "one CoalescingClient shared by the client threads" if coalesce else "a CandidateClient per thread",
         "rate_per_s": round(rate, 2),
         "time_limit_s": time_limit,
         "not_sent": requests - result["sent"],
@@ -552,6 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-down", type=float, default=3.0, help="seconds Redis stays down")
     parser.add_argument("--deadline", type=float, default=1.0, help="client deadline per Predict attempt (s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--coalesce", action="store_true", help="the client threads share one CoalescingClient (default: one each)"
+    )
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     result = run_load_test(
@@ -563,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         redis_down_s=args.redis_down,
         seed=args.seed,
         deadline_s=args.deadline,
+        coalesce=args.coalesce,
     )
     emit(result, args.json)
     ok = result["wrong"] == 0 and result["unclassified"] == 0 and result["hung"] == 0 and not result["fault_error"]
