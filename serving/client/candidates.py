@@ -20,7 +20,9 @@ Defined behaviour for the odd cases (each logged, and reported on the result):
 * explicit context category the vocabulary does not know (only with ``known_categories``) ->
   sent as is (the model maps it to the OOV id), logged and noted;
 * model server down or slow -> per-call deadline, bounded retries with backoff, then
-  :class:`ModelServerUnavailable`; the channel reconnects at most 1 s after the server is back;
+  :class:`ModelServerUnavailable`; the channel reconnects at most 1 s after the server is back,
+  and a retry after ``UNAVAILABLE`` waits for that reconnection (within its deadline) rather
+  than failing fast while the channel is still backing off;
 * feature store unreachable -> bounded retries with backoff (``store_retries``), then
   :class:`FeatureStoreUnavailable`.
 
@@ -357,8 +359,11 @@ class CandidateClient:
         request = self._build(rows, version)
         last: grpc.RpcError | None = None
         for attempt in range(self.retries + 1):
+            # After UNAVAILABLE the channel may sit in its reconnect backoff (up to 1 s) though the server
+            # is back: a retry waits for it to reconnect, within its own deadline, instead of failing fast.
+            wait = last is not None and last.code() == grpc.StatusCode.UNAVAILABLE
             try:
-                return self.stub.Predict(request, timeout=self.deadline_s)
+                return self.stub.Predict(request, timeout=self.deadline_s, wait_for_ready=wait)
             except grpc.RpcError as e:
                 code = e.code()
                 if code == grpc.StatusCode.NOT_FOUND and version is not None:
