@@ -69,7 +69,14 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from beam_pipelines.combiners import StatsFn
-from beam_pipelines.runner import NAMESPACE, OutputOptions, cli_main, counters, make_runner
+from beam_pipelines.runner import (
+    NAMESPACE,
+    OutputOptions,
+    cli_main,
+    counters,
+    make_runner,
+    silence_beam_resource_noise,
+)
 from beam_pipelines.tables import (
     DEAD,
     DEAD_LETTER_DIR,
@@ -93,6 +100,8 @@ STAGED_ENCODINGS = "encodings"  # staging prefix of the encoding shards
 SNAPSHOT_TABLES = (S.USERS, S.SUBJECT_ITEMS)
 XLA_FLAGS = "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit"  # XLA auto-clustering, CPU included
 USER_COUNTERS = ("users_encoded", "users_skipped_no_new_activity", "users_without_history")
+
+silence_beam_resource_noise()  # at import: in this process and in every Beam worker that loads the pipeline
 
 
 class EncodeUsersOptions(OutputOptions):

@@ -22,6 +22,28 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 NAMESPACE = "tfrs_ctx"
 DIRECT_RUNNERS = ("directrunner", "direct", "switchingdirectrunner")
+RESOURCE_NOISE = "Resource module is not available"  # RunInference, once per batch, without torch
+
+
+class _BeamResourceNoise(logging.Filter):
+    """Drops RunInference's per-batch "Resource module is not available" warning, and nothing else.
+
+    Beam 2.77's ``apache_beam.ml.inference.base`` imports ``resource`` in the same ``try`` as its
+    torch-based ``ModelManager``: without torch it sets ``resource = None`` and, on every batch,
+    warns on the root logger that memory usage cannot be fetched. The resource module is there;
+    the warning says nothing about this pipeline.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.pathname.replace("\\", "/")
+        return not (str(record.msg).startswith(RESOURCE_NOISE) and path.endswith("apache_beam/ml/inference/base.py"))
+
+
+def silence_beam_resource_noise() -> None:
+    """Install :class:`_BeamResourceNoise` on the root logger (where Beam logs it), once per process."""
+    root = logging.getLogger()
+    if not any(isinstance(f, _BeamResourceNoise) for f in root.filters):
+        root.addFilter(_BeamResourceNoise())
 
 
 class OutputOptions(PipelineOptions):

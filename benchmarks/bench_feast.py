@@ -45,6 +45,8 @@ from tfrs_ctx.data import rawio
 from tfrs_ctx.sources.synthetic import SyntheticConfig, generate
 from tfrs_ctx.testing import local_redis_server
 
+REDIS_MISSING = "redis-server is not on PATH (Debian package redis-server)"
+
 VERSION = 1
 SEED = 3
 
@@ -232,6 +234,9 @@ def run_all(args: argparse.Namespace, workdir: str, report: dict[str, Any]) -> N
             redis_store = F.apply(store, fs_yaml=F.repo_yaml(online="redis"))
             report["materialize"]["redis"] = bench_materialize(redis_store)
             report["online_read"]["redis"] = bench_reads(redis_store, users, args.repeats)
+    else:
+        report["redis_skipped"] = REDIS_MISSING
+        print(f"Redis rows skipped: {REDIS_MISSING}", file=sys.stderr)
     report["load_average_1min"] = round(os.getloadavg()[0], 2)
 
 

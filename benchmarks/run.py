@@ -426,7 +426,15 @@ def headline_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         text = f"p50/p99 {_ms(g('recommend', 'sqlite', 'latency'))} SQLite"
         if g("recommend", "redis"):
             text += f", {_ms(g('recommend', 'redis', 'latency'))} Redis"
-        text += f"; {_n(f['recommend_rps'])} req/s from {g('recommend', 'sqlite', 'throughput', 'threads')} clients"
+        store = "redis" if g("recommend", "redis") else "sqlite"
+        best = g("recommend", store, "throughput") or {}
+        text += f"; {_n(best.get('requests_per_s'))} req/s from {best.get('threads')} clients"
+        plain = [r for r in g("recommend", store, "plain") or [] if r.get("threads") == best.get("threads")]
+        if best.get("p99_ms") is not None:  # measured through the coalescing client
+            text += f" through one CoalescingClient (p99 {best['p99_ms']:.2f} ms)"
+            if plain:
+                text += f", {_n(plain[0]['requests_per_s'])} with a client per thread"
+            text += f", {'Redis' if store == 'redis' else 'SQLite'}"
         rows.append(("recommend end to end (Feast read + Predict)", text, "recommend"))
     return rows
 
@@ -605,6 +613,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += ["", "**Ratios** (both sides measured in this run, on this machine):", ""]
     lines += _table(("ratio", "value", "how to read it"), ratio_rows(results))
     lines += ["", *sizing_note(results.get("sizing") or sizing(results))]
+    skipped = {n: r["redis_skipped"] for n, r in _results(results).items() if r.get("redis_skipped")}
+    if skipped:
+        lines += ["", f"**Skipped**: the Redis rows of {', '.join(skipped)}: {next(iter(skipped.values()))}."]
     failed = {n: b for n, b in (results.get("benches") or {}).items() if not b.get("ok")}
     if failed:
         lines += ["", "**Failed**:", ""]
@@ -612,6 +623,11 @@ def render_markdown(results: dict[str, Any]) -> str:
     benches = (results.get("benches") or {}).items()
     walls = ", ".join(f"{n} {b['wall_s']:.0f} s{_cpu(b)}" for n, b in benches if "wall_s" in b)
     return "\n".join([*lines, "", f"Wall time per bench: {walls}.", ""])
+
+
+def _results(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each bench's own JSON result, by bench (benches without one left out)."""
+    return {n: b["result"] for n, b in (results.get("benches") or {}).items() if isinstance(b.get("result"), dict)}
 
 
 def _cpu(record: dict[str, Any]) -> str:

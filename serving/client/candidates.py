@@ -20,9 +20,15 @@ Defined behaviour for the odd cases (each logged, and reported on the result):
 * explicit context category the vocabulary does not know (only with ``known_categories``) ->
   sent as is (the model maps it to the OOV id), logged and noted;
 * model server down or slow -> per-call deadline, bounded retries with backoff, then
-  :class:`ModelServerUnavailable`; the channel reconnects at most 1 s after the server is back;
+  :class:`ModelServerUnavailable`; the channel reconnects at most 1 s after the server is back,
+  and a retry after ``UNAVAILABLE`` waits for that reconnection (within its deadline) rather
+  than failing fast while the channel is still backing off;
 * feature store unreachable -> bounded retries with backoff (``store_retries``), then
   :class:`FeatureStoreUnavailable`.
+
+Many threads' calls can share one feature-store read and one Predict per model version through
+:class:`serving.client.coalescing.CoalescingClient`, which keeps every behaviour above per request
+and adds a per-call deadline (:class:`DeadlineExceeded`).
 
 Requests of one batch are grouped by the stored vector's model version: each group is one
 Predict call pinned to that version (``model_spec.version``), so a vector only ever meets
@@ -72,6 +78,10 @@ class FeatureStoreUnavailable(ClientError):
 
 class ModelVersionMismatch(ClientError):
     pass
+
+
+class DeadlineExceeded(ClientError):
+    """A call's own deadline passed before its answer came (``CoalescingClient``: the batch it joined was slow)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,43 +190,76 @@ class CandidateClient:
 
     # -- public API
     def recommend(self, requests: Sequence[AdRequest]) -> list[Recommendation]:
-        """Ranked candidate ads for each request (same order as ``requests``)."""
+        """Ranked candidate ads for each request (same order as ``requests``).
+
+        Raises the first failure (of the first model-version group that failed) if any request failed.
+        """
+        outcomes = self.recommend_each(requests)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes  # type: ignore[return-value]
+
+    def recommend_each(self, requests: Sequence[AdRequest]) -> list[Recommendation | ClientError]:
+        """Like :meth:`recommend`, but a failure is returned in the place of each request it hit.
+
+        One feature-store read for every user and subject item of ``requests``, then one Predict per
+        model version. A failed read fails every request (:class:`FeatureStoreUnavailable`); a failed
+        Predict fails only the requests of its version group, exactly the requests that would have
+        failed had each been sent alone. :class:`serving.client.coalescing.CoalescingClient` relies on this to
+        merge the requests of many callers into one read and one Predict per version.
+        """
         if not requests:
             return []
-        users, subjects = self._read_features(requests)
+        try:
+            users, subjects = self._read_features(requests)
+        except ClientError as e:
+            return [e] * len(requests)
         notes: list[list[str]] = [[] for _ in requests]
         rows = [self._row(r, users.get(r.user_id), subjects, n) for r, n in zip(requests, notes, strict=True)]
         groups: dict[int | None, list[int]] = {}
         for i, (_, version) in enumerate(rows):
             groups.setdefault(version, []).append(i)
-        results: list[Recommendation | None] = [None] * len(requests)
+        results: list[Recommendation | ClientError | None] = [None] * len(requests)
         for version, idx in groups.items():
             try:
-                response = self._predict([rows[i][0] for i in idx], version)
-            except ModelVersionMismatch:
-                if self.version_policy == "refuse":
-                    raise
-                log.warning("model version %s not served: cold-start path for %d requests", version, len(idx))
+                response = self._predict_group(rows, notes, idx, version)
+            except ClientError as e:
                 for i in idx:
-                    rows[i] = (self._cold(rows[i][0]), None)
-                    notes[i].append(f"stored vector of model version {version} is not served: cold start")
-                response = self._predict([rows[i][0] for i in idx], None)
+                    results[i] = e
+                continue
             ids, scores = (
-                to_ndarray(response.outputs[schema.TOP_K_IDS]),
-                to_ndarray(response.outputs[schema.TOP_K_SCORES]),
+                to_ndarray(response.outputs[schema.TOP_K_IDS]).tolist(),
+                to_ndarray(response.outputs[schema.TOP_K_SCORES]).tolist(),
             )
             served = int(response.model_spec.version.value)
             for j, i in enumerate(idx):
+                row = rows[i][0]
                 results[i] = Recommendation(
                     requests[i].user_id,
-                    ids[j].tolist(),
-                    scores[j].tolist(),
+                    ids[j],
+                    scores[j],
                     served,
-                    history_used=rows[i][0].has_history,
-                    context_used=rows[i][0].has_context,
+                    history_used=row.has_history,
+                    context_used=row.has_context,
                     notes=notes[i],
                 )
         return results  # type: ignore[return-value]
+
+    def _predict_group(
+        self, rows: list[tuple[HeadRow, int | None]], notes: list[list[str]], idx: list[int], version: int | None
+    ) -> predict_pb2.PredictResponse:
+        """One Predict for the rows ``idx`` pinned to ``version``; ``version_policy`` on a mismatch."""
+        try:
+            return self._predict([rows[i][0] for i in idx], version)
+        except ModelVersionMismatch:
+            if self.version_policy == "refuse":
+                raise
+            log.warning("model version %s not served: cold-start path for %d requests", version, len(idx))
+            for i in idx:
+                rows[i] = (self._cold(rows[i][0]), None)
+                notes[i].append(f"stored vector of model version {version} is not served: cold start")
+            return self._predict([rows[i][0] for i in idx], None)
 
     # -- steps
     def _read_features(self, requests: Sequence[AdRequest]):
@@ -316,8 +359,11 @@ class CandidateClient:
         request = self._build(rows, version)
         last: grpc.RpcError | None = None
         for attempt in range(self.retries + 1):
+            # After UNAVAILABLE the channel may sit in its reconnect backoff (up to 1 s) though the server
+            # is back: a retry waits for it to reconnect, within its own deadline, instead of failing fast.
+            wait = last is not None and last.code() == grpc.StatusCode.UNAVAILABLE
             try:
-                return self.stub.Predict(request, timeout=self.deadline_s)
+                return self.stub.Predict(request, timeout=self.deadline_s, wait_for_ready=wait)
             except grpc.RpcError as e:
                 code = e.code()
                 if code == grpc.StatusCode.NOT_FOUND and version is not None:

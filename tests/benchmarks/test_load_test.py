@@ -1,4 +1,5 @@
-"""The fault-injection load test, short form: server restart, hot swap and Redis outage under load."""
+"""The fault-injection load test, short form: server restart, hot swap and Redis outage under load,
+through a client per thread and through one shared coalescing client."""
 
 from __future__ import annotations
 
@@ -16,16 +17,22 @@ pytestmark = [
     ),
 ]
 
-TYPED_ERRORS = ("ModelServerUnavailable", "FeatureStoreUnavailable", "ModelVersionMismatch", "ClientError")
+TYPED_ERRORS = (
+    "ModelServerUnavailable",
+    "FeatureStoreUnavailable",
+    "ModelVersionMismatch",
+    "DeadlineExceeded",
+    "ClientError",
+)
 STEADY_PHASES = ("steady", "after_restart", "after_swap", "after_redis")
 
 
-@pytest.fixture(scope="module")
-def result(demo_work) -> dict:
+@pytest.fixture(scope="module", params=[False, True], ids=["client_per_thread", "coalescing"])
+def result(demo_work, request) -> dict:
     from benchmarks.load_test import run_load_test
 
     # 300 requests over ~80 s: room for a slow server restart on a busy 2-core machine
-    summary = run_load_test(str(demo_work), requests=300, clients=4, time_limit=150, rate=3.75)
+    summary = run_load_test(str(demo_work), requests=300, clients=4, time_limit=150, rate=3.75, coalesce=request.param)
     print(json.dumps(summary, indent=2))  # shown by pytest when a test fails
     return summary
 

@@ -8,7 +8,6 @@ import time
 from concurrent import futures
 
 import grpc
-import pandas as pd
 import pytest
 
 from serving.client.candidates import (
@@ -18,29 +17,15 @@ from serving.client.candidates import (
     ModelServerUnavailable,
     ModelVersionMismatch,
 )
-from serving.client.features import FeastFeatureReader
-from tfrs_ctx import schema
 from tfrs_ctx.testing import free_port
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def reader(demo_work):
-    return FeastFeatureReader.open(str(demo_work / "store"))
-
-
-@pytest.fixture(scope="module")
 def client(demo_server, reader):
     with CandidateClient(f"127.0.0.1:{demo_server.port}", reader) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def known(demo_work):
-    users = pd.read_parquet(demo_work / "raw" / schema.USERS.name)[schema.USER_ID].tolist()
-    subjects = pd.read_parquet(demo_work / "raw" / schema.SUBJECT_ITEMS.name)[schema.ITEM_ID].tolist()
-    return users, subjects
 
 
 def test_cold_start_user_gets_the_no_history_path(client, known):
@@ -65,31 +50,6 @@ def test_batch_and_explicit_context(client, known, reader):
     via_subject, explicit = client.recommend([AdRequest(user, subject), AdRequest(user, None, cats, weights)])
     assert via_subject.item_ids == explicit.item_ids
     assert via_subject.scores == pytest.approx(explicit.scores, abs=1e-6)
-
-
-@pytest.fixture(scope="module")
-def other_version_server(demo_work, tmp_path_factory):
-    """A server whose context_head has only a different version than the stored vectors'."""
-    from serving.launcher import start_server
-
-    models = tmp_path_factory.mktemp("models_v2")
-    (version,) = [p.name for p in (demo_work / "models" / schema.MODEL_CONTEXT_HEAD).iterdir()]
-    shutil.copytree(
-        demo_work / "models" / schema.MODEL_CONTEXT_HEAD / version, models / schema.MODEL_CONTEXT_HEAD / "1"
-    )
-    with start_server(
-        models,
-        config=None,
-        extra_args=[
-            "--model_name",
-            schema.MODEL_CONTEXT_HEAD,
-            "--model_base_path",
-            str(models / schema.MODEL_CONTEXT_HEAD),
-        ],
-        server="python",
-    ) as server:
-        server.wait_ready(300)
-        yield server
 
 
 def test_version_mismatch_refuses_or_cold_starts(other_version_server, reader, known):

@@ -6,10 +6,12 @@
 
 Reads the user's stored encoding and demographics and the subject item's categories from
 the Feast online store, calls ``context_head`` over gRPC (TF Serving or the compatible
-server), prints rank, ad, advertiser, categories and score (``--raw`` adds ad details from
-the raw ``items`` table), or JSON with ``--json``. With ``--data`` (the ``build-data`` output the
-model was trained on) the client knows the category vocabulary and notes ``--categories`` ids
-the model does not know (they still count, as its out-of-vocabulary id).
+server), prints rank, ad, advertiser, categories and score, or JSON with ``--json``. The
+advertiser and categories of each ad come from ``--raw`` (the raw ``items`` table) or, without
+it, from ``--data`` (the ``build-data`` output the model was trained on: its ad corpus and
+vocabularies); with neither those columns are blank. With ``--data`` the client also knows the
+category vocabulary and notes ``--categories`` ids the model does not know (they still count,
+as its out-of-vocabulary id).
 """
 
 from __future__ import annotations
@@ -33,19 +35,45 @@ def parse_categories(text: str) -> tuple[list[int], list[float]]:
     return ids, weights
 
 
-def ad_details(raw_dir: str | None) -> dict[int, dict]:
-    if not raw_dir:
-        return {}
-    from tfrs_ctx.data.rawio import read_table
+def ad_details(raw_dir: str | None = None, data_dir: str | None = None) -> dict[int, dict]:
+    """Advertiser and categories (raw ids) per ad: from the raw ``items`` table, else from the training
+    data's ad corpus (``corpus.parquet``, its ids mapped back through the vocabularies; an id the
+    vocabulary did not know is shown as ``?``); ``{}`` without either."""
+    if raw_dir:
+        from tfrs_ctx.data.rawio import read_table
 
-    items = read_table(raw_dir, schema.ITEMS)
-    return {
-        int(row[schema.ITEM_ID]): {
-            schema.ADVERTISER_ID: int(row[schema.ADVERTISER_ID]),
-            schema.CATEGORIES: [int(c) for c in row[schema.CATEGORIES]],
+        items = read_table(raw_dir, schema.ITEMS)
+        return {
+            int(row[schema.ITEM_ID]): {
+                schema.ADVERTISER_ID: int(row[schema.ADVERTISER_ID]),
+                schema.CATEGORIES: [int(c) for c in row[schema.CATEGORIES]],
+            }
+            for row in items.to_dict("records")
         }
-        for row in items.to_dict("records")
-    }
+    if data_dir:
+        import os
+
+        import pandas as pd
+
+        from tfrs_ctx.data.vocab import load_vocab
+
+        advertisers = load_vocab(data_dir, schema.VOCAB_ADVERTISER)
+        categories = load_vocab(data_dir, schema.VOCAB_CATEGORY)
+
+        def raw(vocab: list[str], index: int) -> int | str:
+            return int(vocab[index - schema.NUM_RESERVED_IDS]) if index >= schema.NUM_RESERVED_IDS else "?"
+
+        corpus = pd.read_parquet(os.path.join(data_dir, schema.CORPUS_FILE))
+        return {
+            int(row[schema.ITEM_ID]): {
+                schema.ADVERTISER_ID: raw(advertisers, int(row[schema.LABEL_ADVERTISER])),
+                schema.CATEGORIES: [
+                    raw(categories, int(c)) for c in row[schema.LABEL_CATEGORIES] if c != schema.PAD_ID
+                ],
+            }
+            for row in corpus.to_dict("records")
+        }
+    return {}
 
 
 def format_table(rec, details: dict[int, dict], k: int) -> str:
@@ -73,8 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", help="store directory (default: $TFRS_CTX_STORE)")
     parser.add_argument("--repo", help="Feast repo directory (default: the bundled feature_repo)")
     parser.add_argument("--online", choices=("sqlite", "redis"), default="sqlite")
-    parser.add_argument("--raw", help="raw-table directory, for ad details")
-    parser.add_argument("--data", help="training data directory: its category vocabulary, to note unknown --categories")
+    parser.add_argument("--raw", help="raw-table directory: ad details from its items table")
+    parser.add_argument(
+        "--data",
+        help="training data directory: ad details from its corpus (without --raw); its category vocabulary, "
+        "to note unknown --categories",
+    )
     parser.add_argument("--deadline", type=float, default=1.0, help="seconds per Predict attempt")
     parser.add_argument("--version-policy", choices=("refuse", "cold_start"), default="refuse")
     parser.add_argument("--json", action="store_true")
@@ -106,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         out["item_ids"], out["scores"] = rec.item_ids[: args.k], rec.scores[: args.k]
         print(json.dumps(out, indent=2))
     else:
-        print(format_table(rec, ad_details(args.raw), args.k))
+        print(format_table(rec, ad_details(args.raw, args.data), args.k))
     return 0
 
 

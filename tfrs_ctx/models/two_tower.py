@@ -42,6 +42,8 @@ context can be believed (at context strength 0: not at all -> lift ~1x).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -112,6 +114,14 @@ class ContextualTwoTower(tfrs.models.Model):
         small = len(corpus[schema.ITEM_ID]) <= cfg.full_softmax_max_items
         self.full_softmax = cfg.loss == "full_softmax" or (cfg.loss == "auto" and small)
         self.task = tfrs.tasks.Retrieval(temperature=cfg.temperature, remove_accidental_hits=True)
+        # The task holds no weights (no metrics), so it is complete as constructed; built, it is saved with
+        # the model like every other layer instead of being skipped with a warning at each export.
+        self.task.build(None)
+        self._config = {"cfg": dataclasses.asdict(cfg), "vocab_sizes": dict(vocab_sizes), "seed": seed}
+
+    def get_config(self) -> dict:
+        """The JSON-serializable part of the constructor's arguments (the ad corpus is data, not config)."""
+        return dict(self._config)
 
     # ---- query tower -------------------------------------------------------------------
     def time_gaps(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
