@@ -1,11 +1,15 @@
-"""Shared fixtures. TF_USE_LEGACY_KERAS must be set before TensorFlow is imported."""
+"""Shared fixtures. ``tfrs_ctx`` is imported first: it sets TF_USE_LEGACY_KERAS before TensorFlow loads."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 
 import pytest
+
+import tfrs_ctx  # noqa: F401
+from tfrs_ctx import schema
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ML100K = pathlib.Path(os.environ.get("TFRS_CTX_ML100K", REPO.parent / "shared" / "datasets" / "ml-100k"))
@@ -110,5 +114,48 @@ def demo_server(demo_work):
     from serving.launcher import start_server
 
     with start_server(demo_work / "models", server="python") as server:
+        server.wait_ready(300)
+        yield server
+
+
+# ---- the serving client's tests: a Feast reader on the demo's store, its users and subject items, and a
+# server whose context_head serves only another version than the stored vectors'
+@pytest.fixture(scope="module")
+def reader(demo_work):
+    from serving.client.features import FeastFeatureReader
+
+    return FeastFeatureReader.open(str(demo_work / "store"))
+
+
+@pytest.fixture(scope="module")
+def known(demo_work):
+    import pandas as pd
+
+    users = pd.read_parquet(demo_work / "raw" / schema.USERS.name)[schema.USER_ID].tolist()
+    subjects = pd.read_parquet(demo_work / "raw" / schema.SUBJECT_ITEMS.name)[schema.ITEM_ID].tolist()
+    return users, subjects
+
+
+@pytest.fixture(scope="module")
+def other_version_server(demo_work, tmp_path_factory):
+    """A server whose context_head has only a different version than the stored vectors'."""
+    from serving.launcher import start_server
+
+    models = tmp_path_factory.mktemp("models_v2")
+    (version,) = [p.name for p in (demo_work / "models" / schema.MODEL_CONTEXT_HEAD).iterdir()]
+    shutil.copytree(
+        demo_work / "models" / schema.MODEL_CONTEXT_HEAD / version, models / schema.MODEL_CONTEXT_HEAD / "1"
+    )
+    with start_server(
+        models,
+        config=None,
+        extra_args=[
+            "--model_name",
+            schema.MODEL_CONTEXT_HEAD,
+            "--model_base_path",
+            str(models / schema.MODEL_CONTEXT_HEAD),
+        ],
+        server="python",
+    ) as server:
         server.wait_ready(300)
         yield server
