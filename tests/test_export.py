@@ -270,3 +270,20 @@ def test_tiny_corpus_pads_missing_results(tiny_runs, small_data, tmp_path):
     assert out[schema.TOP_K_IDS].shape == (3, n + 5)
     assert (out[schema.TOP_K_IDS][:, n:] == -1).all() and np.isneginf(out[schema.TOP_K_SCORES][:, n:]).all()
     assert (out[schema.TOP_K_IDS][:, :n] >= 0).all()
+
+
+def test_evaluate_ranks_through_the_served_index(models, tiny_runs, small_data):
+    """The served row (exact index here) agrees with exact scoring for labels within the exported K."""
+    from tfrs_ctx.evaluation import evaluate
+    from tfrs_ctx.evaluation.metrics import label_ranks
+    from tfrs_ctx.training.run_dir import load_trained
+
+    served, info = evaluate.served_index_ranks(str(models[0]), str(small_data), False, max_requests=200)
+    model, _ = load_trained(str(tiny_runs["contextual"]), str(small_data))
+    batch = next(iter(dataset.make_dataset(str(small_data), schema.SPLIT_EVAL, 200)))
+    corpus = model.corpus_embeddings().numpy()
+    exact = label_ranks(model.query_embedding(batch), corpus, batch[schema.LABEL_ITEM].numpy())
+    assert info["top_k"] == 20 and len(served) == len(exact) == 200
+    within = exact < 20
+    assert (served[within] == exact[within]).mean() > 0.97  # ties may order differently
+    assert (served[~within] >= 20).all()
