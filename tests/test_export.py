@@ -87,9 +87,17 @@ def _random_raw(data_dir, n: int, seed: int) -> dict[str, np.ndarray]:
     return raw
 
 
-def _call(path: str, inputs: dict) -> dict[str, np.ndarray]:
+def _call(path: str, inputs: dict, k=None) -> dict[str, np.ndarray]:
+    """Run ``serving_default`` in process. A loaded TF2 signature cannot leave an input out (model
+    servers fill it from ``SignatureDef.defaults``), so ``k`` defaults to the exported max here."""
     fn = tf.saved_model.load(path).signatures["serving_default"]
-    return {k: v.numpy() for k, v in fn(**{k: tf.constant(v) for k, v in inputs.items()}).items()}
+    inputs = dict(inputs)
+    if schema.REQUEST_K in fn.structured_input_signature[1]:
+        info_path = os.path.join(path, "assets.extra", export.INFO_FILE)
+        with open(info_path) as f:
+            top_k = json.load(f)["top_k"]
+        inputs[schema.REQUEST_K] = np.asarray([top_k] if k is None else k, np.int64).reshape(-1)
+    return {name: v.numpy() for name, v in fn(**{n: tf.constant(v) for n, v in inputs.items()}).items()}
 
 
 @pytest.mark.parametrize("source", ["random", "real"])
@@ -144,6 +152,8 @@ for path in sys.argv[1:]:
     for name, spec in sig.structured_input_signature[1].items():
         shape = [2] + list(spec.shape[1:])
         args[name] = tf.zeros(shape, spec.dtype) if spec.dtype != tf.string else tf.fill(shape, "")
+    if "k" in args:  # the optional k (servers fill it from the signature's defaults)
+        args["k"] = tf.ones([2], tf.int64)
     out = sig(**args)
     assert all(np.isfinite(v.numpy()).all() for v in out.values() if v.dtype.is_floating)
 bad = [m for m in sys.modules if m.startswith(("tensorflow_recommenders", "tfrs_ctx", "tf_keras"))]
@@ -196,3 +206,133 @@ def test_dense_model_exports_its_time_gap_semantics_and_hybrid_equals_full(small
     full = _call(paths["full"], raw)[schema.USER_EMBEDDING]
     np.testing.assert_allclose(head, full, atol=1e-5)
     np.testing.assert_allclose(full, model.query_embedding(batch).numpy(), atol=1e-5)
+
+
+# ---- the corpus index, k per request, what each SavedModel carries -------------------------------
+
+
+def _head_raw(paths, small_data, n: int = 32, seed: int = 5) -> dict[str, np.ndarray]:
+    raw = _random_raw(small_data, n, seed=seed)
+    enc = _call(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})
+    return {k: raw[k] for k in signatures.HEAD_INPUTS} | {schema.ENCODED_HISTORY: enc[schema.ENCODED_HISTORY]}
+
+
+def test_signature_defaults_make_k_optional(models):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    for name in export.MODEL_NAMES:
+        proto = saved_model_pb2.SavedModel()
+        proto.ParseFromString((models[0] / name / "7" / "saved_model.pb").read_bytes())
+        sig = proto.meta_graphs[0].signature_def["serving_default"]
+        if name == schema.MODEL_ENCODER:
+            assert schema.REQUEST_K not in sig.inputs and not sig.defaults
+        else:
+            assert tf.make_ndarray(sig.defaults[schema.REQUEST_K]).tolist() == [20]
+
+
+def test_k_per_request(models, small_data):
+    paths = models[1]["paths"]
+    inputs = _head_raw(paths, small_data)
+    full = _call(paths["context_head"], inputs)
+    five = _call(paths["context_head"], inputs, k=[5])  # [1]: the same k for every row
+    assert five[schema.TOP_K_IDS].shape == (32, 5)
+    np.testing.assert_array_equal(five[schema.TOP_K_IDS], full[schema.TOP_K_IDS][:, :5])
+    np.testing.assert_array_equal(five[schema.TOP_K_SCORES], full[schema.TOP_K_SCORES][:, :5])
+    ks = np.arange(32) % 20 + 1  # [B]: one k per row; output [B, max(k)], padded beyond each row's k
+    each = _call(paths["context_head"], inputs, k=ks)
+    assert each[schema.TOP_K_IDS].shape == (32, 20)
+    for row, k in enumerate(ks):
+        np.testing.assert_array_equal(each[schema.TOP_K_IDS][row, :k], full[schema.TOP_K_IDS][row, :k])
+        assert (each[schema.TOP_K_IDS][row, k:] == -1).all() and np.isneginf(each[schema.TOP_K_SCORES][row, k:]).all()
+
+
+@pytest.mark.parametrize("k", [[0], [21], [-3], [1, 2, 3]])
+def test_bad_k_fails_in_the_graph(models, small_data, k):
+    paths = models[1]["paths"]
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        _call(paths["context_head"], _head_raw(paths, small_data, n=4), k=k)
+
+
+def _variable_names(path) -> list[str]:
+    return [name for name, _ in tf.train.list_variables(os.path.join(path, "variables", "variables"))]
+
+
+def test_each_model_carries_only_what_it_needs(models):
+    paths = models[1]["paths"]
+    enc, head = _variable_names(paths["encoder"]), _variable_names(paths["context_head"])
+    assert not any(n.startswith("index/") for n in enc), "the encoder must not carry the corpus"
+    assert any(n.startswith("index/embeddings") for n in head)
+    assert any(n.startswith("index/") for n in _variable_names(paths["full"]))
+    info = json.loads((models[0] / "context_head" / "7" / "assets.extra" / export.INFO_FILE).read_text())
+    retrieval = info["retrieval"]
+    assert retrieval["mode"] == "exact" and retrieval["max_k"] == 20 == info["top_k"]
+    assert retrieval["n_items"] == info["n_items"] > 0 and retrieval["build_seconds"] >= 0
+    assert "retrieval" not in json.loads((models[0] / "encoder" / "7" / "assets.extra" / export.INFO_FILE).read_text())
+
+
+def test_every_exported_graph_uses_core_ops_only(models, ivf_models):
+    from tfrs_ctx.retrieval.core_ops import non_core_ops, saved_model_ops
+
+    for result in (models[1], ivf_models[1]):
+        for name, path in result["paths"].items():
+            ops = saved_model_ops(path)
+            assert not non_core_ops(ops), (name, non_core_ops(ops))
+            assert not any("scann" in op.lower() for op in ops)
+    assert "RaggedRange" in saved_model_ops(ivf_models[1]["paths"]["context_head"])
+
+
+@pytest.fixture(scope="module")
+def ivf_models(tiny_runs, small_data, tmp_path_factory):
+    """The same model exported with an IVF index probing every partition (exact: nprobe = all)."""
+    from tfrs_ctx.training.run_dir import load_trained
+
+    model, _ = load_trained(str(tiny_runs["contextual"]), str(small_data))
+    out = tmp_path_factory.mktemp("ivf_models")
+    params = {"n_partitions": 8, "nprobe": 8, "quantization": "none"}
+    result = export.export_all(model, str(small_data), str(out), version=7, top_k=20, index="ivf", index_params=params)
+    return out, result
+
+
+def test_ivf_head_with_every_partition_equals_exact_and_full(models, ivf_models, small_data):
+    assert ivf_models[1]["retrieval"]["mode"] == "ivf" and ivf_models[1]["retrieval"]["n_partitions"] == 8
+    raw = _random_raw(small_data, 48, seed=11)
+    paths = ivf_models[1]["paths"]
+    enc = _call(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})
+    inputs = {k: raw[k] for k in signatures.HEAD_INPUTS} | {schema.ENCODED_HISTORY: enc[schema.ENCODED_HISTORY]}
+    ivf = _call(paths["context_head"], inputs)
+    exact = _call(models[1]["paths"]["context_head"], inputs)
+    for name in (schema.TOP_K_IDS, schema.TOP_K_SCORES):  # same total order, same canonical scores
+        np.testing.assert_array_equal(ivf[name], exact[name])
+    full = _call(paths["full"], raw)
+    np.testing.assert_allclose(full[schema.TOP_K_SCORES], ivf[schema.TOP_K_SCORES], atol=1e-5)
+    assert (full[schema.TOP_K_IDS] == ivf[schema.TOP_K_IDS]).mean() > 0.99
+
+
+def test_tiny_corpus_pads_missing_results(tiny_runs, small_data, tmp_path):
+    from tfrs_ctx.training.run_dir import load_trained
+
+    model, _ = load_trained(str(tiny_runs["contextual"]), str(small_data))
+    n = int(model.corpus_item_ids.shape[0])
+    result = export.export_all(model, str(small_data), str(tmp_path), version=1, top_k=n + 5)
+    paths = result["paths"]
+    out = _call(paths["context_head"], _head_raw(paths, small_data, n=3))
+    assert out[schema.TOP_K_IDS].shape == (3, n + 5)
+    assert (out[schema.TOP_K_IDS][:, n:] == -1).all() and np.isneginf(out[schema.TOP_K_SCORES][:, n:]).all()
+    assert (out[schema.TOP_K_IDS][:, :n] >= 0).all()
+
+
+def test_evaluate_ranks_through_the_served_index(models, tiny_runs, small_data):
+    """The served row (exact index here) agrees with exact scoring for labels within the exported K."""
+    from tfrs_ctx.evaluation import evaluate
+    from tfrs_ctx.evaluation.metrics import label_ranks
+    from tfrs_ctx.training.run_dir import load_trained
+
+    served, info = evaluate.served_index_ranks(str(models[0]), str(small_data), False, max_requests=200)
+    model, _ = load_trained(str(tiny_runs["contextual"]), str(small_data))
+    batch = next(iter(dataset.make_dataset(str(small_data), schema.SPLIT_EVAL, 200)))
+    corpus = model.corpus_embeddings().numpy()
+    exact = label_ranks(model.query_embedding(batch), corpus, batch[schema.LABEL_ITEM].numpy())
+    assert info["top_k"] == 20 and len(served) == len(exact) == 200
+    within = exact < 20
+    assert (served[within] == exact[within]).mean() > 0.97  # ties may order differently
+    assert (served[~within] >= 20).all()

@@ -26,6 +26,7 @@ job stores it next to the vector so the online client never mixes versions.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -38,6 +39,8 @@ import tensorflow as tf
 from tfrs_ctx import schema, signatures
 from tfrs_ctx.data import vocab
 from tfrs_ctx.models.two_tower import ContextualTwoTower
+from tfrs_ctx.retrieval import IVFIndex
+from tfrs_ctx.retrieval.ivf import QUANTIZATIONS
 from tfrs_ctx.signatures import Input
 
 MODEL_NAMES = (schema.MODEL_ENCODER, schema.MODEL_CONTEXT_HEAD, schema.MODEL_FULL)
@@ -56,10 +59,10 @@ def tensor_specs(inputs: dict[str, Input]) -> dict[str, tf.TensorSpec]:
 class _Lookups(tf.Module):
     """Raw value -> vocab index tables (core HashTable ops), from the training vocabularies."""
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, inputs: dict[str, Input]):
         super().__init__()
         self.tables = {}
-        for name in {spec.vocab for spec in signatures.full_inputs_spec().values() if spec.vocab}:
+        for name in sorted({spec.vocab for spec in inputs.values() if spec.vocab}):
             values = vocab.load_vocab(data_dir, name)
             is_int = name in (schema.VOCAB_ITEM, schema.VOCAB_ADVERTISER, schema.VOCAB_CATEGORY)
             keys = np.asarray([int(v) for v in values], np.int64) if is_int else np.asarray(values, object)
@@ -84,52 +87,109 @@ class _Lookups(tf.Module):
         return out
 
 
-class ExportModule(tf.Module):
-    """Holds the trained model, its lookups and the ad-corpus embeddings for the signatures."""
+INDEX_CHOICES = ("auto", "exact", "ivf")
 
-    def __init__(self, model: ContextualTwoTower, data_dir: str, version: int, top_k: int):
+
+def build_index(model: ContextualTwoTower, top_k: int, index: str = "auto", **params) -> IVFIndex:
+    """The corpus index the head (and ``full``) search: brute force or IVF (:mod:`tfrs_ctx.retrieval.ivf`).
+
+    ``index``: ``"auto"`` (exact up to ``exact_threshold`` ads, default 100,000; IVF above),
+    ``"exact"`` or ``"ivf"`` (whatever the size; an empty corpus is always exact). ``params``:
+    :func:`tfrs_ctx.retrieval.ivf.build_tables` keywords (``n_partitions``, ``nprobe``,
+    ``quantization``, ``rescore``, ...); ``None`` values take the defaults.
+    """
+    if index not in INDEX_CHOICES:
+        raise ValueError(f"index must be one of {INDEX_CHOICES}, got {index!r}")
+    params = {k: v for k, v in params.items() if v is not None}
+    embeddings = model.corpus_embeddings().numpy()
+    ids = model.corpus_item_ids.numpy().astype(np.int64)
+    if index == "exact":
+        params["exact_threshold"] = len(ids)
+    elif index == "ivf":
+        params["exact_threshold"] = 0
+    return IVFIndex.build(embeddings, ids, max_k=top_k, **params)
+
+
+class _Exported(tf.Module):
+    """What one SavedModel tracks: the model, the lookups its inputs need and, for the head and
+    ``full``, the corpus index (the encoder's SavedModel holds no corpus)."""
+
+    def __init__(self, model, lookups: _Lookups, version: int, index: IVFIndex | None = None):
         super().__init__()
+        self.model, self.lookups, self.version = model, lookups, tf.constant(version, tf.int64)
+        if index is not None:
+            self.index = index
+
+
+class ExportModule:
+    """The signatures' computations over the trained model, its lookups and the corpus index.
+
+    ``top_k`` is the exported maximum k: outputs are ``[B, max(k)]`` with (-1, -inf) where the
+    corpus (or the probed partitions) holds fewer ads than k.
+    """
+
+    def __init__(
+        self, model: ContextualTwoTower, data_dir: str, version: int, top_k: int, index: IVFIndex | None = None
+    ):
         self.model = model
-        self.lookups = _Lookups(data_dir)
-        self.version = tf.constant(version, tf.int64)
-        self.top_k = min(top_k, int(model.corpus_item_ids.shape[0]))
-        self.corpus_embeddings = tf.Variable(model.corpus_embeddings().numpy(), trainable=False, name="corpus")
-        self.corpus_ids = tf.Variable(
-            model.corpus_item_ids.numpy().astype(np.int64), trainable=False, name="corpus_ids"
-        )
-
-    def _versions(self, batch_of: tf.Tensor) -> tf.Tensor:
-        return tf.fill(tf.shape(batch_of)[:1], self.version)
-
-    def encode(self, raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        features = self.lookups(raw, signatures.ENCODER_INPUTS)
-        encoded = self.model.encode_history(features, training=False)
-        return {schema.ENCODED_HISTORY: encoded, schema.MODEL_VERSION: self._versions(encoded)}
-
-    def head(self, raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        features = self.lookups(raw, signatures.HEAD_INPUTS)
-        user = self.model.head(raw[schema.ENCODED_HISTORY], features, training=False)
-        scores, rows = tf.math.top_k(tf.matmul(user, self.corpus_embeddings, transpose_b=True), k=self.top_k)
-        return {
-            schema.USER_EMBEDDING: user,
-            schema.TOP_K_IDS: tf.gather(self.corpus_ids, rows),
-            schema.TOP_K_SCORES: scores,
-            schema.MODEL_VERSION: self._versions(user),
+        self.version = version
+        self.top_k = int(top_k)
+        self.index = index if index is not None else build_index(model, self.top_k)
+        self.lookups = {
+            schema.MODEL_ENCODER: _Lookups(data_dir, signatures.ENCODER_INPUTS),
+            schema.MODEL_CONTEXT_HEAD: _Lookups(data_dir, signatures.HEAD_INPUTS),
+            schema.MODEL_FULL: _Lookups(data_dir, signatures.full_inputs_spec()),
         }
 
-    def full(self, raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        encoded = self.encode(raw)[schema.ENCODED_HISTORY]
-        return self.head({**raw, schema.ENCODED_HISTORY: encoded})
+    def module(self, name: str) -> _Exported:
+        """The ``tf.Module`` saved as model ``name`` (only the tables its signature uses)."""
+        return _Exported(
+            self.model, self.lookups[name], self.version, None if name == schema.MODEL_ENCODER else self.index
+        )
+
+    @staticmethod
+    def _versions(module: _Exported, batch_of: tf.Tensor) -> tf.Tensor:
+        return tf.fill(tf.shape(batch_of)[:1], module.version)
+
+    def encode(self, module: _Exported, raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        features = module.lookups(raw, signatures.ENCODER_INPUTS)
+        encoded = self.model.encode_history(features, training=False)
+        return {schema.ENCODED_HISTORY: encoded, schema.MODEL_VERSION: self._versions(module, encoded)}
+
+    def head(self, module: _Exported, raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        features = module.lookups(raw, signatures.HEAD_INPUTS)
+        user = self.model.head(raw[schema.ENCODED_HISTORY], features, training=False)
+        # k: [B], or [1] for every row (the default); any other length fails in BroadcastTo.
+        k = tf.broadcast_to(tf.reshape(raw[schema.REQUEST_K], [-1]), tf.shape(user)[:1])
+        found = module.index.search(user, k)
+        return {
+            schema.USER_EMBEDDING: user,
+            schema.TOP_K_IDS: found["top_k_ids"],
+            schema.TOP_K_SCORES: found["top_k_scores"],
+            schema.MODEL_VERSION: self._versions(module, user),
+        }
+
+    def full(self, module: _Exported, raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        encoded = self.encode(module, raw)[schema.ENCODED_HISTORY]
+        return self.head(module, {**raw, schema.ENCODED_HISTORY: encoded})
 
 
-def _signature(fn, specs: dict[str, tf.TensorSpec]):
+def _signature(fn, specs: dict[str, tf.TensorSpec], defaults: dict[str, tf.Tensor] | None = None):
+    """``serving_default`` over ``specs``; inputs in ``defaults`` (the last ones) are optional: the
+    Python defaults become ``SignatureDef.defaults``, which model servers fill omitted inputs from."""
     names = list(specs)
+    defaults = defaults or {}
+    if list(defaults) != names[len(names) - len(defaults) :]:
+        raise ValueError("inputs with defaults must come last")
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
-    @tf.function(input_signature=[specs[n] for n in names])
     def serving_default(*args):
         return fn(dict(zip(names, args, strict=True)))
 
-    return serving_default
+    serving_default.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, kind, **({"default": defaults[n]} if n in defaults else {})) for n in names]
+    )
+    return tf.function(serving_default, input_signature=[specs[n] for n in names])
 
 
 def _write_warmup(path: str, model_name: str, inputs: dict[str, Input]) -> None:
@@ -146,45 +206,68 @@ def _write_warmup(path: str, model_name: str, inputs: dict[str, Input]) -> None:
 
 
 def export_all(
-    model: ContextualTwoTower, data_dir: str, out_dir: str, version: int | None = None, top_k: int = 100
+    model: ContextualTwoTower,
+    data_dir: str,
+    out_dir: str,
+    version: int | None = None,
+    top_k: int = 100,
+    index: str = "auto",
+    index_params: dict | None = None,
 ) -> dict:
-    """Write the three SavedModels atomically; returns ``{name: final path}`` and the version."""
+    """Write the three SavedModels atomically; returns the version, ``{name: final path}``, the
+    exported max k and the index's config (``retrieval``, with its build seconds).
+
+    ``index`` / ``index_params``: see :func:`build_index`. The corpus index is built once and
+    saved into ``context_head`` and ``full`` (the encoder carries no corpus).
+    """
     version = int(version if version is not None else time.time())
     for name in MODEL_NAMES:
         final = os.path.join(out_dir, name, str(version))
         if os.path.exists(final):
             raise FileExistsError(f"{final} exists: model versions are immutable, pick another --version")
-    module = ExportModule(model, data_dir, version, top_k)
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    built = build_index(model, top_k, index, **(index_params or {}))
+    exporter = ExportModule(model, data_dir, version, top_k, built)
     dim = model.cfg.embedding_dim
+    k_default = {schema.REQUEST_K: tf.constant([top_k], tf.int64)}
     plans = {
-        schema.MODEL_ENCODER: (module.encode, signatures.encoder_inputs_spec()),
-        schema.MODEL_CONTEXT_HEAD: (module.head, signatures.head_inputs_spec(dim)),
-        schema.MODEL_FULL: (module.full, signatures.full_inputs_spec()),
+        schema.MODEL_ENCODER: (exporter.encode, signatures.encoder_inputs_spec(), {}),
+        schema.MODEL_CONTEXT_HEAD: (exporter.head, signatures.head_inputs_spec(dim), k_default),
+        schema.MODEL_FULL: (exporter.full, signatures.full_inputs_spec(), k_default),
     }
+    retrieval = {**built.get_config(), "memory_bytes": built.memory_bytes()}
     info = {
         "model_version": version,
         "schema_version": schema.SCHEMA_VERSION,
         "embedding_dim": dim,
-        "top_k": module.top_k,
+        "top_k": top_k,
+        "n_items": int(built.n_items),
         "use_context": model.context_layer is not None,
         # How the caller computes the history's gap buckets (beam_pipelines.encode_users reads it).
         "time_gap": model.cfg.time_gap,
         "exported_at": int(time.time()),
     }
     paths = {}
-    for name, (fn, inputs) in plans.items():
+    for name, (fn, inputs, defaults) in plans.items():
         base = os.path.join(out_dir, name)
         final, tmp = os.path.join(base, str(version)), os.path.join(base, f".tmp-{version}")
         shutil.rmtree(tmp, ignore_errors=True)
-        tf.saved_model.save(module, tmp, signatures={"serving_default": _signature(fn, tensor_specs(inputs))})
+        module = exporter.module(name)
+        specs = tensor_specs({**inputs, **{n: signatures.OPTIONAL_HEAD_INPUTS[n] for n in defaults}})
+        bound = _signature(lambda raw, fn=fn, module=module: fn(module, raw), specs, defaults)
+        tf.saved_model.save(module, tmp, signatures={"serving_default": bound})
         extra = os.path.join(tmp, "assets.extra")
         os.makedirs(extra, exist_ok=True)
         _write_warmup(os.path.join(extra, WARMUP_FILE), name, inputs)
+        model_info = {**info, "model_name": name}
+        if name != schema.MODEL_ENCODER:
+            model_info["retrieval"] = retrieval
         with open(os.path.join(extra, INFO_FILE), "w") as f:
-            json.dump({**info, "model_name": name}, f, indent=2)
+            json.dump(model_info, f, indent=2)
         os.rename(tmp, final)
         paths[name] = final
-    return {"version": version, "paths": paths, "top_k": module.top_k}
+    return {"version": version, "paths": paths, "top_k": top_k, "retrieval": retrieval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,12 +276,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="models directory (TF Serving layout)")
     parser.add_argument("--data", help="TFRecord directory holding the vocabularies (default: the run's)")
     parser.add_argument("--version", type=int, help="integer model version (default: unix time now)")
-    parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--top-k", type=int, default=100, help="the exported maximum k (requests may ask fewer)")
+    parser.add_argument(
+        "--index", choices=INDEX_CHOICES, default="auto",
+        help="corpus index: auto = exact up to --exact-threshold ads, IVF above (default auto)",
+    )  # fmt: skip
+    parser.add_argument("--exact-threshold", type=int, help="auto: brute force up to this many ads (default 100000)")
+    parser.add_argument("--n-partitions", type=int, help="IVF partitions (default 8*sqrt(N), at most 16384)")
+    parser.add_argument("--nprobe", type=int, help="IVF partitions probed per query (default P/256, >= 8)")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, help="IVF first-pass copy (default int8)")
+    parser.add_argument("--rescore", type=int, help="int8/bf16: re-score rescore*k candidates exactly (default 4)")
     args = parser.parse_args(argv)
     from tfrs_ctx.training.run_dir import load_trained
 
     model, cfg = load_trained(args.run, args.data)
-    result = export_all(model, cfg.train.data_dir, args.out, args.version, args.top_k)
+    params = {
+        "exact_threshold": args.exact_threshold,
+        "n_partitions": args.n_partitions,
+        "nprobe": args.nprobe,
+        "quantization": args.quantization,
+        "rescore": args.rescore,
+    }
+    start = time.perf_counter()
+    result = export_all(model, cfg.train.data_dir, args.out, args.version, args.top_k, args.index, params)
+    r = result["retrieval"]
+    print(
+        f"index: {r['mode']} over {r['n_items']} ads (P={r['n_partitions']}, nprobe={r['nprobe']}, "
+        f"{r['quantization']}), built in {r['build_seconds']:.1f} s, {r['memory_bytes'] / 2**20:.1f} MiB; "
+        f"export {time.perf_counter() - start:.1f} s",
+        file=sys.stderr,
+    )
     print(json.dumps(result, indent=2))
     return 0
 

@@ -372,6 +372,7 @@ MODEL_VERSION = "model_version"  # every model's output, [B]: the integer versio
 USER_EMBEDDING = "user_embedding"
 TOP_K_IDS = "top_k_ids"  # raw ad ids, [B, K], best first
 TOP_K_SCORES = "top_k_scores"
+REQUEST_K = "k"  # optional head input, [B] or [1] int64: results wanted, 1..exported top_k
 
 
 def feature_spec(features: dict[str, Feature] | None = None) -> dict[str, Any]:

@@ -7,9 +7,10 @@ client builds requests without importing TensorFlow; export turns them into ``tf
 
 * ``encoder``: :data:`ENCODER_INPUTS` (the history) -> ``encoded_history``, ``model_version``;
 * ``context_head``: :func:`head_inputs_spec` (the stored ``encoded_history`` and
-  ``history_length``, the live context, demographics) -> user embedding, top-K, version;
+  ``history_length``, the live context, demographics) and the optional ``k``
+  (:data:`OPTIONAL_HEAD_INPUTS`) -> user embedding, top-k, version;
 * ``full``: :func:`full_inputs_spec` (the encoder's and the head's inputs minus
-  ``encoded_history``) -> the head's outputs.
+  ``encoded_history``), ``k`` optional too -> the head's outputs.
 
 :func:`head_inputs` builds the head's input arrays from one :class:`HeadRow` per request (stored
 user state + live context + demographics): the client, the load test's reference, the
@@ -57,6 +58,12 @@ HEAD_INPUTS: dict[str, Input] = {
         for column, feature in S.DEMOGRAPHIC_FEATURE_OF_COLUMN.items()
     },
 }
+
+
+# Inputs a request may leave out: the signature's ``defaults`` fill them (SignatureDef.defaults,
+# honoured by tensorflow_model_server and the compatible server). ``k``: results per row, [B] or
+# [1] (one k for every row), 1 <= k <= the exported top_k; default: the exported top_k.
+OPTIONAL_HEAD_INPUTS: dict[str, Input] = {S.REQUEST_K: Input("int64", ())}
 
 
 def encoder_inputs_spec() -> dict[str, Input]:

@@ -84,6 +84,10 @@ class DeadlineExceeded(ClientError):
     """A call's own deadline passed before its answer came (``CoalescingClient``: the batch it joined was slow)."""
 
 
+class InvalidK(ClientError, ValueError):
+    """A requested k outside 1..the served head's exported maximum (checked before sending)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class UserState:
     """What the feature store holds for one user (any part may be missing)."""
@@ -110,6 +114,7 @@ class AdRequest:
     subject_item_id: int | None = None
     context_categories: Sequence[int] | None = None  # raw category ids, instead of a subject item
     context_weights: Sequence[float] | None = None
+    k: int | None = None  # results wanted (1..the exported top_k); None: the client's k
 
 
 @dataclasses.dataclass
@@ -130,6 +135,12 @@ class CandidateClient:
     ``known_categories``: the raw category ids the model knows, e.g. the training data's category
     vocabulary (``tfrs_ctx.data.vocab.load_vocab(data_dir, schema.VOCAB_CATEGORY)``, as ints). With it,
     an unknown id in explicit context is logged and noted; without it the client cannot tell.
+
+    ``k``: results per request (an :class:`AdRequest` may ask its own); ``None``: the exported
+    maximum. It must lie in 1..the head's exported top_k (``max_k``, read from the served
+    signature's ``defaults``), else :class:`InvalidK` before anything is sent. ``k`` is always sent
+    as ``[B]`` (batch-first, so server-side batching can merge requests); results are truncated to
+    each request's k, and padding (id -1, score -inf: fewer ads than k) is dropped.
     """
 
     def __init__(
@@ -146,6 +157,7 @@ class CandidateClient:
         channel: grpc.Channel | None = None,
         store_retries: int = 1,
         known_categories: Collection[int] | None = None,
+        k: int | None = None,
     ):
         if version_policy not in ("refuse", "cold_start"):
             raise ValueError(f"version_policy must be 'refuse' or 'cold_start', got {version_policy!r}")
@@ -160,24 +172,59 @@ class CandidateClient:
         self.known_categories = None if known_categories is None else frozenset(int(c) for c in known_categories)
         self.channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self._max_k: int | None = None
+        self._has_k = False
+        self.k = k
+        if k is not None:
+            self._check_k(k)
+
+    def _metadata(self) -> None:
+        """The served signature's ``encoded_history`` width and exported max k (its ``k`` default)."""
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.name = self.model_name
+        try:
+            response = self.stub.GetModelMetadata(request, timeout=self.deadline_s * (self.retries + 1))
+        except grpc.RpcError as e:
+            raise ModelServerUnavailable(f"GetModelMetadata failed: {e.code().name}: {e.details()}") from e
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signatures)
+        sig = signatures.signature_def["serving_default"]
+        if self._dim is None:
+            self._dim = int(sig.inputs[schema.ENCODED_HISTORY].tensor_shape.dim[-1].size)
+        self._has_k = schema.REQUEST_K in sig.inputs
+        if self._has_k and schema.REQUEST_K in sig.defaults:
+            self._max_k = int(to_ndarray(sig.defaults[schema.REQUEST_K]).reshape(-1)[0])
+        else:  # an export without a k input: its output width is the only k
+            self._max_k = int(sig.outputs[schema.TOP_K_IDS].tensor_shape.dim[-1].size)
 
     @property
     def embedding_dim(self) -> int:
         """Width of ``encoded_history``, from the served signature unless given."""
         if self._dim is None:
-            from tensorflow_serving.apis import get_model_metadata_pb2
-
-            request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
-            request.model_spec.name = self.model_name
-            try:
-                response = self.stub.GetModelMetadata(request, timeout=self.deadline_s * (self.retries + 1))
-            except grpc.RpcError as e:
-                raise ModelServerUnavailable(f"GetModelMetadata failed: {e.code().name}: {e.details()}") from e
-            signatures = get_model_metadata_pb2.SignatureDefMap()
-            response.metadata["signature_def"].Unpack(signatures)
-            shape = signatures.signature_def["serving_default"].inputs[schema.ENCODED_HISTORY].tensor_shape
-            self._dim = int(shape.dim[-1].size)
+            self._metadata()
         return self._dim
+
+    @property
+    def max_k(self) -> int:
+        """The served head's exported maximum k (its ``k`` input's default)."""
+        if self._max_k is None:
+            self._metadata()
+        return self._max_k
+
+    def _check_k(self, k) -> int:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer):
+            raise InvalidK(f"k must be an int, got {k!r}")
+        if k < 1 or k > self.max_k:
+            raise InvalidK(f"k must be in 1..{self.max_k} (the served {self.model_name}'s exported top_k), got {k}")
+        return int(k)
+
+    def _k_of(self, request: AdRequest) -> int | None:
+        """The request's k, validated; ``None`` (no k asked) is the exported max when the metadata is
+        known, else left to the signature's default (no metadata call just for that)."""
+        k = request.k if request.k is not None else self.k
+        return self._max_k if k is None else self._check_k(k)
 
     def close(self) -> None:
         self.channel.close()
@@ -212,18 +259,24 @@ class CandidateClient:
         if not requests:
             return []
         try:
+            ks = [self._k_of(r) for r in requests]  # bad k: InvalidK before any read or call
+        except ClientError as e:
+            return [e] * len(requests)
+        try:
             users, subjects = self._read_features(requests)
         except ClientError as e:
             return [e] * len(requests)
         notes: list[list[str]] = [[] for _ in requests]
         rows = [self._row(r, users.get(r.user_id), subjects, n) for r, n in zip(requests, notes, strict=True)]
+        if self._max_k is not None:  # known now (embedding_dim read the metadata): send k as [B]
+            ks = [self._max_k if k is None else k for k in ks]
         groups: dict[int | None, list[int]] = {}
         for i, (_, version) in enumerate(rows):
             groups.setdefault(version, []).append(i)
         results: list[Recommendation | ClientError | None] = [None] * len(requests)
         for version, idx in groups.items():
             try:
-                response = self._predict_group(rows, notes, idx, version)
+                response = self._predict_group(rows, notes, idx, version, [ks[i] for i in idx])
             except ClientError as e:
                 for i in idx:
                     results[i] = e
@@ -235,10 +288,12 @@ class CandidateClient:
             served = int(response.model_spec.version.value)
             for j, i in enumerate(idx):
                 row = rows[i][0]
+                row_ids, row_scores = ids[j][: ks[i]], scores[j][: ks[i]]  # [: None] keeps all
+                keep = [n for n, item in enumerate(row_ids) if item != -1]  # padding: fewer ads than k
                 results[i] = Recommendation(
                     requests[i].user_id,
-                    ids[j],
-                    scores[j],
+                    [row_ids[n] for n in keep],
+                    [row_scores[n] for n in keep],
                     served,
                     history_used=row.has_history,
                     context_used=row.has_context,
@@ -247,11 +302,16 @@ class CandidateClient:
         return results  # type: ignore[return-value]
 
     def _predict_group(
-        self, rows: list[tuple[HeadRow, int | None]], notes: list[list[str]], idx: list[int], version: int | None
+        self,
+        rows: list[tuple[HeadRow, int | None]],
+        notes: list[list[str]],
+        idx: list[int],
+        version: int | None,
+        ks: Sequence[int | None],
     ) -> predict_pb2.PredictResponse:
         """One Predict for the rows ``idx`` pinned to ``version``; ``version_policy`` on a mismatch."""
         try:
-            return self._predict([rows[i][0] for i in idx], version)
+            return self._predict([rows[i][0] for i in idx], version, ks)
         except ModelVersionMismatch:
             if self.version_policy == "refuse":
                 raise
@@ -259,7 +319,7 @@ class CandidateClient:
             for i in idx:
                 rows[i] = (self._cold(rows[i][0]), None)
                 notes[i].append(f"stored vector of model version {version} is not served: cold start")
-            return self._predict([rows[i][0] for i in idx], None)
+            return self._predict([rows[i][0] for i in idx], None, ks)
 
     # -- steps
     def _read_features(self, requests: Sequence[AdRequest]):
@@ -344,7 +404,9 @@ class CandidateClient:
     def _cold(row: HeadRow) -> HeadRow:
         return dataclasses.replace(row, encoded_history=None, history_length=0)
 
-    def _build(self, rows: list[HeadRow], version: int | None) -> predict_pb2.PredictRequest:
+    def _build(
+        self, rows: list[HeadRow], version: int | None, ks: Sequence[int | None] | None = None
+    ) -> predict_pb2.PredictRequest:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = self.model_name
         request.model_spec.signature_name = "serving_default"
@@ -352,11 +414,15 @@ class CandidateClient:
             request.model_spec.version.value = int(version)
         for name, value in head_inputs(rows, self.embedding_dim).items():
             request.inputs[name].CopyFrom(to_tensor_proto(value))
+        if ks is not None and self._has_k and None not in ks:
+            request.inputs[schema.REQUEST_K].CopyFrom(to_tensor_proto(np.asarray(ks, np.int64)))
         request.output_filter.extend([schema.TOP_K_IDS, schema.TOP_K_SCORES])
         return request
 
-    def _predict(self, rows: list[HeadRow], version: int | None) -> predict_pb2.PredictResponse:
-        request = self._build(rows, version)
+    def _predict(
+        self, rows: list[HeadRow], version: int | None, ks: Sequence[int | None] | None = None
+    ) -> predict_pb2.PredictResponse:
+        request = self._build(rows, version, ks)
         last: grpc.RpcError | None = None
         for attempt in range(self.retries + 1):
             # After UNAVAILABLE the channel may sit in its reconnect backoff (up to 1 s) though the server

@@ -11,9 +11,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2
-from tensorflow.python.framework import kernels, op_def_registry
 
+from tfrs_ctx.retrieval.core_ops import non_core_ops, saved_model_ops
 from tfrs_ctx.retrieval.ivf import IVFIndex, assign, build_tables
 
 D = 16
@@ -228,18 +227,6 @@ def test_saved_model_in_v1_session(saved):
     assert got_default["top_k_ids"].shape == (6, 20)
 
 
-def saved_model_ops(path: str) -> set[str]:
-    proto = saved_model_pb2.SavedModel()
-    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-        proto.ParseFromString(f.read())
-    ops = set()
-    for meta in proto.meta_graphs:
-        ops |= {n.op for n in meta.graph_def.node}
-        for fn in meta.graph_def.library.function:
-            ops |= {n.op for n in fn.node_def}
-    return ops
-
-
 def test_core_ops_only(saved):
     """Core = registered in the installed TF's op registry, compiled into TensorFlow itself
     (has a ``tf.raw_ops`` endpoint: ops of ``tf.load_op_library`` libraries, e.g. ScaNN's, have
@@ -248,13 +235,7 @@ def test_core_ops_only(saved):
     _, path = saved
     ops = saved_model_ops(path)
     print(f"\nSavedModel op types ({len(ops)}): {sorted(ops)}")
-    not_core = sorted(
-        op
-        for op in ops
-        if op_def_registry.get(op) is None
-        or not hasattr(tf.raw_ops, op)
-        or not {kd.device_type for kd in kernels.get_registered_kernels_for_op(op).kernel} & {"CPU", "DEFAULT"}
-    )
+    not_core = non_core_ops(ops)
     assert not not_core, not_core
     assert not any("scann" in op.lower() for op in ops)
     assert {"RaggedRange", "TopKV2", "ResourceGather"} <= ops

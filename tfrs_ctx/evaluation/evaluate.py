@@ -11,7 +11,11 @@ negatives): Recall@10/50/100/200 and NDCG@10 with 95% bootstrap intervals, and t
 * ``contextual``: the contextual model with the request's real context;
 * ``contextual_no_context``: the contextual model with the context missing;
 * ``baseline_subject_as_history``: the baseline given the subject item as a fresh history
-  event (a reference for how much the context carries; only where subject items are ads).
+  event (a reference for how much the context carries; only where subject items are ads);
+* ``contextual_served_index`` (with ``--models DIR``, an export of the contextual run): what is
+  served: the ``full`` SavedModel's top-K through its exported corpus index (exact or IVF). The
+  rank is the label's position in the returned top-K (history ads dropped when excluded); a label
+  beyond K is not retrieved, so its Recall@K' is meaningful for K' <= the exported K only.
 
 Writes ``report.json`` (every figure), ``report.md`` and ``recall_at_k.png``.
 """
@@ -167,6 +171,62 @@ def score_rows(
     return out
 
 
+def raw_inputs(batch: dict, data_dir: str) -> dict[str, np.ndarray]:
+    """Vocab indices of a dataset batch -> the raw values the exported signatures take (PAD/OOV -> 0 / "")."""
+    from tfrs_ctx import signatures
+    from tfrs_ctx.data import vocab
+
+    out = {}
+    for name, spec in signatures.full_inputs_spec().items():
+        value = np.asarray(batch[name])
+        if spec.vocab:
+            table = np.asarray(["", "", *vocab.load_vocab(data_dir, spec.vocab)], object)[value]
+            if spec.dtype == "int64":
+                value = np.asarray([int(v) if v else 0 for v in table.ravel()], np.int64).reshape(value.shape)
+            else:
+                value = table.astype(bytes).astype(object)
+        out[name] = value if spec.dtype == "string" else value.astype(spec.numpy_dtype)
+    return out
+
+
+def served_index_ranks(
+    models_dir: str, data_dir: str, exclude_history: bool, max_requests: int | None = None
+) -> tuple[np.ndarray, dict]:
+    """Ranks of the held-out labels in the exported ``full`` model's top-K (its latest version);
+    ``K`` (the exported max) when not retrieved. Returns the ranks and the export's model_info."""
+    import tensorflow as tf
+
+    from tfrs_ctx.data import dataset
+
+    base = os.path.join(models_dir, schema.MODEL_FULL)
+    version = max(int(v) for v in os.listdir(base) if v.isdigit())
+    path = os.path.join(base, str(version))
+    with open(os.path.join(path, "assets.extra", schema.MODEL_INFO_FILE)) as f:
+        info = json.load(f)
+    k = int(info["top_k"])
+    fn = tf.saved_model.load(path).signatures["serving_default"]
+    corpus_ids = dataset.load_corpus(data_dir)[schema.ITEM_ID].astype(np.int64)
+    order = np.argsort(corpus_ids)
+    ranks = []
+    ds = dataset.make_dataset(data_dir, schema.SPLIT_EVAL, 256)
+    if max_requests:
+        ds = ds.unbatch().take(max_requests).batch(256)
+    for batch in ds:
+        batch = {name: v.numpy() for name, v in batch.items()}
+        raw = {name: tf.constant(v) for name, v in raw_inputs(batch, data_dir).items()}
+        ids = fn(**raw, k=tf.constant([k], tf.int64))[schema.TOP_K_IDS].numpy()
+        pos = np.searchsorted(corpus_ids, ids, sorter=order).clip(0, len(corpus_ids) - 1)
+        index = np.where(ids >= 0, order[pos] + schema.NUM_RESERVED_IDS, -1)  # raw id -> item index
+        for row, label in enumerate(batch[schema.LABEL_ITEM]):
+            got = index[row]
+            if exclude_history:
+                history = batch[schema.HISTORY_ITEM][row]
+                got = got[~np.isin(got, history[(history >= schema.NUM_RESERVED_IDS) & (history != label)])]
+            hit = np.flatnonzero(got == label)
+            ranks.append(int(hit[0]) if len(hit) else max(k, len(corpus_ids)))
+    return np.asarray(ranks, np.int64), info
+
+
 def build_report(ranks: dict[str, np.ndarray], bootstrap: int = 1000, seed: int = 0) -> dict:
     """Figures with 95% bootstrap intervals and the paired lift per K."""
     n = len(next(iter(ranks.values())))
@@ -259,8 +319,11 @@ def evaluate_runs(
     bootstrap: int = 1000,
     exclude_history: bool | None = None,
     max_requests: int | None = None,
+    models_dir: str | None = None,
 ) -> dict:
-    """Load both trained runs, score every row on the same requests, write the report."""
+    """Load both trained runs, score every row on the same requests, write the report.
+
+    ``models_dir``: an export of the contextual run: adds the ``contextual_served_index`` row."""
     from tfrs_ctx.training.run_dir import load_trained, read_summary
 
     contextual, cfg = load_trained(contextual_run, data_dir)
@@ -270,6 +333,9 @@ def evaluate_runs(
     exclude = cfg.train.exclude_history if exclude_history is None else exclude_history
     notes: list[str] = []
     ranks = score_rows(data_dir, contextual, baseline, exclude, max_requests, notes)
+    served = None
+    if models_dir:
+        ranks["contextual_served_index"], served = served_index_ranks(models_dir, data_dir, exclude, max_requests)
     report = build_report(ranks, bootstrap)
     report["notes"] = notes
     report["data_dir"], report["exclude_history"] = os.path.abspath(data_dir), exclude
@@ -281,6 +347,15 @@ def evaluate_runs(
         chosen = f"chosen on {calibration.get('examples', '?')} {calibration.get('source', 'requests')}"
     note = f"Context trust of the contextual model: {trust:g} (1 = as trained, 0 = context ignored); {chosen}."
     report.setdefault("notes", []).append(note)
+    if served:
+        r = served.get("retrieval", {})
+        report["served_index"] = {"models_dir": os.path.abspath(models_dir), "top_k": served["top_k"], **r}
+        report["notes"].append(
+            f"contextual_served_index: the exported full model's top-{served['top_k']} through its "
+            f"{r.get('mode', '?')} index (P={r.get('n_partitions')}, nprobe={r.get('nprobe')}, "
+            f"{r.get('quantization')}); contextual is scored exactly. A label beyond the exported K is not "
+            f"retrieved: its Recall@K is meaningful for K <= {served['top_k']} only, NDCG from the same ranks."
+        )
     if out_dir:
         write_report(report, out_dir)
     return report
@@ -295,10 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--exclude-history", choices=("yes", "no"), help="default: the contextual run's config")
     parser.add_argument("--max-requests", type=int)
+    parser.add_argument("--models", help="an export of the contextual run: adds the contextual_served_index row")
     args = parser.parse_args(argv)
     exclude = None if args.exclude_history is None else args.exclude_history == "yes"
     report = evaluate_runs(
-        args.data, args.contextual, args.baseline, args.out, args.bootstrap, exclude, args.max_requests
+        args.data, args.contextual, args.baseline, args.out, args.bootstrap, exclude, args.max_requests, args.models
     )
     with open(os.path.join(args.out, "report.md")) as f:
         print(f.read())

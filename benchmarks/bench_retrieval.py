@@ -1,0 +1,201 @@
+"""The served corpus index on a trained model: exact vs IVF head, recall, memory, server latency.
+
+``python -m benchmarks.bench_retrieval --ads N [--run RUN] [--json FILE]``
+
+Without ``--run``: synthetic raw tables with N ads (``tfrs_ctx.sources.synthetic``, few users),
+the Beam build, and a small model (the tests' tiny config) trained for ``--steps`` steps; the
+queries are the user embeddings of held-out (eval split) requests, so overlap and recall are
+measured on a trained model's towers, not random vectors. ``--run``: an existing run directory
+(its data directory must hold N ads).
+
+The model is exported twice through ``tfrs_ctx.export.export_all``: ``--index exact`` and
+``--index ivf`` (defaults from ``tfrs_ctx.retrieval.ivf`` unless ``--n-partitions`` /
+``--nprobe`` / ``--quantization``). Measured: index build seconds; the ``context_head``
+SavedModel's batch-1 p50/p99 in process for both (same run); overlap@100 of IVF vs exact and
+Recall@100 of both over ``--queries`` eval requests; SavedModel size and load seconds; the
+compatible model server's RSS (psutil) serving the IVF export, and Predict p50/p99 through it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import tfrs_ctx  # noqa: F401  (the Keras setting, before TensorFlow)
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, files in os.walk(path) for f in files)
+
+
+def _percentiles(times: list[float]) -> tuple[float, float]:
+    return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3)
+
+
+def prepare(args, work: str) -> tuple[str, str]:
+    """(run dir, data dir): a small model trained on synthetic data with ``args.ads`` ads."""
+    from beam_pipelines import build_training_data
+    from tfrs_ctx.config import load_config
+    from tfrs_ctx.sources.synthetic import SyntheticConfig, generate
+    from tfrs_ctx.training import train
+
+    raw, data, run = (os.path.join(work, n) for n in ("raw", "data", "run"))
+    t0 = time.perf_counter()
+    generate(raw, SyntheticConfig(users=args.users, items=args.ads, subject_items=2000, seed=7), progress=False)
+    t1 = time.perf_counter()
+    build_training_data.run(["--input", raw, "--output", data])
+    t2 = time.perf_counter()
+    tiny = [
+        "model.embedding_dim=16", "model.ff_dim=32", "model.mlp_hidden=[32]", "model.output_dim=16",
+        "model.category_dim=8", "model.context_dim=16", "train.batch_size=64", "train.epochs=1",
+        f"train.steps_per_epoch={args.steps}", "train.validation_examples=200",
+    ]  # fmt: skip
+    cfg = load_config("synthetic", tiny)
+    cfg.train.data_dir = data
+    train.train(cfg, run, verbose=0)
+    print(f"data: generate {t1 - t0:.0f} s, beam {t2 - t1:.0f} s, train {time.perf_counter() - t2:.0f} s", flush=True)
+    return run, data
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ads", type=int, default=100_000)
+    p.add_argument("--run", help="an existing run directory (else one is trained here)")
+    p.add_argument("--users", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--reps", type=int, default=300, help="batch-1 calls timed per index")
+    p.add_argument("--requests", type=int, default=300, help="Predict calls through the server")
+    p.add_argument("--n-partitions", type=int)
+    p.add_argument("--nprobe", type=int)
+    p.add_argument("--quantization", default=None)
+    p.add_argument("--json")
+    p.add_argument("--keep", help="keep the work directory here")
+    args = p.parse_args(argv)
+
+    import psutil
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from serving.launcher import start_server
+    from serving.tensor_codec import to_tensor_proto
+    from tfrs_ctx import export, schema, signatures
+    from tfrs_ctx.data import dataset
+    from tfrs_ctx.evaluation.evaluate import raw_inputs
+    from tfrs_ctx.training.run_dir import load_trained
+
+    work = args.keep or tempfile.mkdtemp(prefix="bench_retrieval_")
+    os.makedirs(work, exist_ok=True)
+    try:
+        run, data = (args.run, None) if args.run else prepare(args, work)
+        model, cfg = load_trained(run, data)
+        data = cfg.train.data_dir
+        n_items = int(model.corpus_item_ids.shape[0])
+        params = {"n_partitions": args.n_partitions, "nprobe": args.nprobe, "quantization": args.quantization}
+        exported = {}
+        for mode in ("exact", "ivf"):
+            out = os.path.join(work, f"models_{mode}")
+            t0 = time.perf_counter()
+            result = export.export_all(model, data, out, version=1, top_k=100, index=mode, index_params=params)
+            exported[mode] = {**result, "export_seconds": time.perf_counter() - t0, "out": out}
+            print(f"{mode}: {json.dumps(result['retrieval'])}", flush=True)
+
+        # held-out requests -> raw signature inputs, encoded history, labels (raw ad ids)
+        rows, labels = [], []
+        for batch in dataset.make_dataset(data, schema.SPLIT_EVAL, 250):
+            batch = {k: v.numpy() for k, v in batch.items()}
+            rows.append(raw_inputs(batch, data))
+            labels.append(model.corpus_item_ids.numpy()[batch[schema.LABEL_ITEM] - schema.NUM_RESERVED_IDS])
+            if sum(len(x) for x in labels) >= args.queries:
+                break
+        raw = {k: np.concatenate([r[k] for r in rows])[: args.queries] for k in rows[0]}
+        labels = np.concatenate(labels)[: args.queries]
+        enc_fn = tf.saved_model.load(exported["exact"]["paths"]["encoder"]).signatures["serving_default"]
+        encoded = enc_fn(**{k: tf.constant(raw[k]) for k in signatures.ENCODER_INPUTS})[schema.ENCODED_HISTORY]
+        head_in = {k: raw[k] for k in signatures.HEAD_INPUTS} | {schema.ENCODED_HISTORY: encoded.numpy()}
+        nq = len(labels)
+
+        figures: dict = {"ads": n_items, "queries": nq, "train_steps": args.steps, "trained_here": not args.run}
+        top = {}
+        for mode, result in exported.items():
+            path = result["paths"]["context_head"]
+            t0 = time.perf_counter()
+            head = tf.saved_model.load(path).signatures["serving_default"]
+            figures[f"{mode}_load_seconds"] = time.perf_counter() - t0
+            figures[f"{mode}_saved_model_mib"] = _dir_bytes(path) / 2**20
+            figures[f"{mode}_build_seconds"] = result["retrieval"]["build_seconds"]
+            ids = []
+            for s in range(0, nq, 50):
+                part = {k: tf.constant(v[s : s + 50]) for k, v in head_in.items()}
+                ids.append(head(**part, k=tf.constant([100], tf.int64))[schema.TOP_K_IDS].numpy())
+            top[mode] = np.concatenate(ids)
+            one = [{k: tf.constant(v[i : i + 1]) for k, v in head_in.items()} for i in range(min(nq, args.reps))]
+            k1 = tf.constant([100], tf.int64)
+            for x in one[:20]:
+                head(**x, k=k1)
+            times = []
+            for i in range(args.reps):
+                t0 = time.perf_counter()
+                head(**one[i % len(one)], k=k1)
+                times.append(time.perf_counter() - t0)
+            figures[f"{mode}_p50_ms"], figures[f"{mode}_p99_ms"] = _percentiles(times)
+            figures[f"recall_at_100_{mode}"] = float(np.mean([labels[i] in top[mode][i] for i in range(nq)]))
+            del head
+        figures["index_p50_ms"], figures["index_p99_ms"] = figures.pop("ivf_p50_ms"), figures.pop("ivf_p99_ms")
+        figures["recall_at_100_index"] = figures.pop("recall_at_100_ivf")
+        figures["speedup_p50"] = figures["exact_p50_ms"] / figures["index_p50_ms"]
+        figures["overlap_at_100"] = float(
+            np.mean([len(set(top["ivf"][i]) & set(top["exact"][i]) - {-1}) / 100 for i in range(nq)])
+        )
+        figures["retrieval"] = exported["ivf"]["retrieval"]
+
+        # the compatible model server on the IVF export (context_head only): RSS and Predict latency
+        serve = exported["ivf"]["paths"]["context_head"]
+        t0 = time.perf_counter()
+        with start_server(
+            None,
+            config=None,
+            server="python",
+            extra_args=[f"--model_name={schema.MODEL_CONTEXT_HEAD}", f"--model_base_path={os.path.dirname(serve)}"],
+        ) as server:
+            server.wait_ready(600)
+            figures["server_ready_seconds"] = time.perf_counter() - t0
+            import grpc
+
+            channel = grpc.insecure_channel(server.address)
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            times = []
+            for i in range(args.requests + 20):
+                req = predict_pb2.PredictRequest()
+                req.model_spec.name = schema.MODEL_CONTEXT_HEAD
+                for name, value in head_in.items():
+                    req.inputs[name].CopyFrom(to_tensor_proto(value[i % nq : i % nq + 1]))
+                req.inputs[schema.REQUEST_K].CopyFrom(to_tensor_proto(np.asarray([100], np.int64)))
+                t0 = time.perf_counter()
+                stub.Predict(req, timeout=30)
+                if i >= 20:
+                    times.append(time.perf_counter() - t0)
+            figures["predict_p50_ms"], figures["predict_p99_ms"] = _percentiles(times)
+            proc = psutil.Process(server.process.pid)
+            rss = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+            figures["server_rss_gib"] = rss / 2**30
+            channel.close()
+        print(json.dumps(figures, indent=2))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(figures, f, indent=2)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
