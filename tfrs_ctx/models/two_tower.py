@@ -22,6 +22,12 @@ examples with their context cleared: one history encoding, two heads. That keeps
 context-missing path (most requests in production) as good as the sequence-only baseline,
 which dropping a share of contexts at random does not (see the ablation).
 
+Under a distribution strategy (multi-worker training) each replica computes the loss of its share
+of the global batch and the gradients are summed: the full softmax is scaled to the global mean
+(:func:`global_mean`); TFRS's in-batch loss is a sum over the batch, which summed over replicas is
+already the global sum, but each replica's negatives are its own share of the batch only
+(``batch_size / replicas`` negatives per query instead of ``batch_size``).
+
 The context layer's ``trust`` (the scale of its output, 1 in training) is chosen after
 training on logged requests with their real context (``tfrs_ctx.training.calibrate``): how far real
 context can be believed (at context strength 0: not at all -> lift ~1x).
@@ -45,6 +51,19 @@ def without_context(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     features[schema.CONTEXT_CATEGORIES] = tf.zeros_like(features[schema.CONTEXT_CATEGORIES])
     features[schema.CONTEXT_WEIGHTS] = tf.zeros_like(features[schema.CONTEXT_WEIGHTS])
     return features
+
+
+def global_mean(per_example: tf.Tensor) -> tf.Tensor:
+    """The mean over the *global* batch: this replica's sum / (its batch x replicas in sync).
+
+    TFRS's ``train_step`` takes the gradient of ``compute_loss`` as it is and the optimizer sums
+    gradients across replicas, so each replica's loss must be its share of the global mean for
+    one worker and N workers to take the same step (and the logged loss, summed over replicas,
+    is the global mean). Outside a strategy (one replica) it is the plain mean.
+    """
+    context = tf.distribute.get_replica_context()
+    replicas = context.num_replicas_in_sync if context is not None else 1
+    return tf.reduce_sum(per_example) / tf.cast(tf.shape(per_example)[0] * replicas, per_example.dtype)
 
 
 class ContextualTwoTower(tfrs.models.Model):
@@ -152,7 +171,7 @@ class ContextualTwoTower(tfrs.models.Model):
             corpus = self.corpus_embeddings(training)
             rows = features[schema.LABEL_ITEM] - schema.NUM_RESERVED_IDS
             return [
-                tf.reduce_mean(
+                global_mean(
                     tf.nn.sparse_softmax_cross_entropy_with_logits(
                         rows, tf.matmul(q, corpus, transpose_b=True) / self.cfg.temperature
                     )
