@@ -130,6 +130,17 @@ class ValidationRecall(keras.callbacks.Callback):
         print(f"\nepoch {epoch + 1}: validation Recall@{self.k} = {recall:.4f}")
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """``logs['epoch_seconds']``: each epoch's wall time (training steps and validation), into the history."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self.started
+
+
 class CheckpointEveryEpoch(keras.callbacks.Callback):
     """Save at every epoch end; a non-chief worker's save goes to a temporary directory, then is deleted."""
 
@@ -199,7 +210,7 @@ def train(cfg: Config, run_dir: str, verbose: int = 1, strategy=None) -> dict:
         model(dummy_batch(1))  # build, so a pending restore lands before fit reads the epoch
     initial_epoch = int(epoch.numpy())
 
-    callbacks: list[keras.callbacks.Callback] = []
+    callbacks: list[keras.callbacks.Callback] = [EpochTimer()]
     validation = dataset.validation_requests(t.data_dir, meta["counts"], t.validation_examples)
     if validation:
         callbacks.append(ValidationRecall(validation, t.early_stopping_k, strategy if multi else None))
