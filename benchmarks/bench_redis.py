@@ -12,13 +12,17 @@ the repo's Redis feature store yaml with ``key_ttl_seconds`` added
 ``feature_store.apply``, ``feature_store.materialize``, ``feature_store.read_user_features``.
 
 Reports (JSON):
-* ``materialize``: the first (full) materialization of every user: seconds, rows/s;
+* ``materialize``: the first (full) materialization of every user: seconds, rows/s, rows per CPU
+  second of this process (Feast; the Redis server's CPU is not counted);
 * ``memory``: Redis ``used_memory`` before and after, bytes per user; ``used_memory_rss``; this
   process's peak RSS (Feast materializes a whole date range in memory);
 * ``key_ttl``: the configured TTL and the TTL Redis reports on sampled keys;
 * ``online_read``: p50 / p99 ms of ``read_user_features`` for one user and for 100 users;
-* ``delta``: ``--delta`` of the users re-encoded (a new Parquet file, stamped one hour ago) and
-  ``materialize-incremental``: seconds, rows/s (Feast reads the source and filters by time).
+* ``delta``: ``--delta`` of the users re-encoded (a new Parquet file, stamped 30 minutes after the
+  first materialization) and ``materialize-incremental``: seconds, rows/s (Feast reads the whole
+  source and filters by time);
+* ``delta_pushed``: another ``--delta`` of the users written with ``write_to_online_store`` from
+  the new rows alone (what a daily job that knows its new rows can do instead).
 """
 
 from __future__ import annotations
@@ -114,6 +118,28 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def bench_push(store: Any, store_dir: str, user_ids: np.ndarray, dim: int, at: dt.datetime) -> dict[str, Any]:
+    """The same delta written straight to Redis (``FeatureStore.write_to_online_store``) from the
+    new rows alone, instead of ``materialize-incremental``'s scan of the whole offline source."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_encodings(tmp, user_ids, dim, at, "push", seed=2)
+        frame = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+    start, cpu = time.perf_counter(), time.process_time()
+    store.write_to_online_store(S.FV_USER_SEQUENCE, frame)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    back = F.read_user_features(store, [int(user_ids[0])])[0]
+    return {
+        "rows": len(user_ids),
+        "seconds": round(seconds, 2),
+        "rows_per_second": round(len(user_ids) / seconds),
+        "cpu_seconds": round(cpu, 2),
+        "read_back_timestamp_is_pushed": back[S.EVENT_TIMESTAMP] == int(at.timestamp()),
+    }
+
+
 def run_all(args: argparse.Namespace, workdir: str, report: dict[str, Any]) -> None:
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     store_dir = os.path.join(workdir, "store")
@@ -132,14 +158,16 @@ def run_all(args: argparse.Namespace, workdir: str, report: dict[str, Any]) -> N
         with F.store_env(store_dir, REDIS_CONNECTION_STRING=server.address):
             store = F.apply(store_dir, fs_yaml=fs_yaml)
             before = redis_memory(server)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             assert set(F.materialize(store, now).values()) == {"full"}
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
             after = redis_memory(server)
             report["materialize"] = {
                 "rows": args.users,
                 "seconds": round(seconds, 1),
                 "rows_per_second": round(args.users / seconds),
+                "cpu_seconds": round(cpu, 1),  # this process (Feast, its threads), not redis-server
+                "rows_per_cpu_second": round(args.users / cpu),
             }
             report["memory"] = {
                 "redis_used_memory_before_mib": round(before["used_memory"] / 2**20, 1),
@@ -153,17 +181,21 @@ def run_all(args: argparse.Namespace, workdir: str, report: dict[str, Any]) -> N
             report["key_ttl"] = {"configured_seconds": ttl, "sampled_min": min(ttls), "sampled_max": max(ttls)}
             report["online_read"] = bench_reads(store, users.tolist(), args.repeats)
 
-            delta = np.random.default_rng(1).choice(users, max(1, int(args.users * args.delta)), replace=False)
-            write_encodings(store_dir, np.sort(delta), args.dim, now + dt.timedelta(minutes=30), "delta", seed=1)
+            rng = np.random.default_rng(1)
+            deltas = rng.choice(users, (2, max(1, int(args.users * args.delta))), replace=False)
+            delta = np.sort(deltas[0])
+            write_encodings(store_dir, delta, args.dim, now + dt.timedelta(minutes=30), "delta", seed=1)
             later = now + dt.timedelta(hours=1)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             assert set(F.materialize(store, later).values()) == {"incremental"}
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
             report["delta"] = {
                 "rows": len(delta),
                 "seconds": round(seconds, 1),
                 "rows_per_second": round(len(delta) / seconds),
+                "cpu_seconds": round(cpu, 1),
             }
+            report["delta_pushed"] = bench_push(store, store_dir, np.sort(deltas[1]), args.dim, later)
             report["memory"]["redis_used_memory_after_delta_mib"] = round(
                 redis_memory(server)["used_memory"] / 2**20, 1
             )
