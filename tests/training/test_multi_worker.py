@@ -118,11 +118,14 @@ def test_workers_share_the_files_or_else_the_examples(small_data):
     whole = keys(dataset.make_dataset(data, schema.SPLIT_TRAIN, 512))
     files = sorted(os.listdir(os.path.join(data, schema.SPLIT_TRAIN)))
     assert len(files) == 4  # the pipeline's default --num_shards
-    for workers in (2, 3, 5):  # by file (2, 3: uneven), and by example: fewer files than workers
+    # By file (2, 3: uneven), and by example (5: fewer files than workers), in file order and shuffled
+    # (the shuffled shares must still be disjoint: every worker reads the files in the same order).
+    for workers, shuffle in ((2, False), (3, False), (5, True)):
         shares = [
-            keys(dataset.make_dataset(data, schema.SPLIT_TRAIN, 512, worker=(i, workers))) for i in range(workers)
+            keys(dataset.make_dataset(data, schema.SPLIT_TRAIN, 512, shuffle=shuffle, seed=3, worker=(i, workers)))
+            for i in range(workers)
         ]
-        assert all(shares) and sum(shares, collections.Counter()) == whole, workers
+        assert all(shares) and sum(shares, collections.Counter()) == whole, (workers, shuffle)
     mine, by_example = dataset.worker_share(files, 1, 2)
     assert mine == files[1::2] and by_example is None
     assert dataset.worker_share(files[:1], 1, 2) == (files[:1], (2, 1))

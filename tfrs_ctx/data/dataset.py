@@ -115,13 +115,14 @@ def make_dataset(
     else:
         mine, by_example = worker_share(files, *worker)
         files = tf.data.Dataset.from_tensor_slices(mine)
-        if shuffle:
+        if shuffle and by_example is None:
             files = files.shuffle(len(mine), seed=seed, reshuffle_each_iteration=True)
     ds = files.interleave(
         lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
         cycle_length=tf.data.AUTOTUNE,
         num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=not shuffle,
+        # Sharding by example needs the same order on every worker: every N-th of one sequence.
+        deterministic=not shuffle or by_example is not None,
     )
     if by_example is not None:
         ds = ds.shard(*by_example)
