@@ -35,7 +35,17 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results"
-BENCHES = ("generator", "beam", "training", "feast", "serving", "head_vs_full", "recommend")
+BENCHES = (
+    "generator",
+    "beam",
+    "training",
+    "multi_worker",
+    "feast",
+    "redis",
+    "serving",
+    "head_vs_full",
+    "recommend",
+)
 NEEDS_DEMO = ("head_vs_full", "recommend")
 DEMO = "demo"  # the preparation step's name in results.json
 
@@ -45,7 +55,9 @@ SIZES: dict[str, dict[str, list[str]]] = {
         "generator": ["--users", "100000"],
         "beam": ["--events", "100000", "--workers", "2"],
         "training": ["--users", "1500", "--steps", "15", "--dense_steps", "6", "--warmup", "3"],
+        "multi_worker": ["--users", "600", "--steps", "30"],
         "feast": ["--users", "2000", "--repeats", "100"],
+        "redis": ["--users", "100000", "--repeats", "200"],
         "serving": ["--requests", "400", "--seconds", "1.5"],
         "head_vs_full": ["--requests", "200"],
         "recommend": ["--requests", "200", "--seconds", "2"],
@@ -68,6 +80,20 @@ ASSUMPTIONS: dict[str, float] = {
     "qps": 10_000,
     "cores_per_replica": 8,
     "target_utilization": 0.6,
+    # Training (multi-worker): examples = users x events_per_user per epoch.
+    "training_epochs": 8,  # train.epochs of configs/synthetic.yaml (early stopping may stop sooner)
+    "training_hours": 12,  # wall-clock target of one full training run
+    "cores_per_training_worker": 16,
+    "mwms_scaling_efficiency": 0.7,  # per-worker throughput kept by N workers (ring all-reduce); stated, not measured
+    "embedding_dim": 64,  # item-embedding table width (model.embedding_dim)
+    "adam_slots": 2,  # Adam keeps two slot variables per weight (m, v)
+    "corpus_bytes_per_ad": 8 + 8 + 5 * 12,  # the corpus features the model holds: ids + MAX_CATEGORIES ids/weights
+    "training_worker_ram_gib": 64,
+    "mirrored_state_max_fraction": 0.5,  # above this share of a worker's RAM: shard the embeddings (PS / TPU)
+    # Redis online store.
+    "redis_node_gib": 64,  # memory of one Redis node (shard)
+    "redis_fill": 0.7,  # used_memory / node memory kept (fragmentation, fork for snapshots, growth)
+    "materialize_window_hours": 2,  # the daily materialization must fit in this
 }
 
 
@@ -322,6 +348,61 @@ def sizing(results: dict[str, Any], assumptions: dict[str, float] | None = None)
     rec, rec_cpus = f["recommend_rps"], f["recommend_cpus"]
     out["recommend_rps_per_core"] = rec / rec_cpus if rec and rec_cpus else None
     out["recommend_cores"] = _cores(a, out["recommend_rps_per_core"])
+    out.update(_training_sizing(results, a))
+    out.update(_redis_sizing(results, a))
+    return out
+
+
+def _training_sizing(results: dict[str, Any], a: dict[str, float]) -> dict[str, Any]:
+    """Training workers and hours from one process's examples/s per core, and each worker's memory.
+
+    MultiWorkerMirroredStrategy mirrors every variable on every worker: the item-embedding table and
+    Adam's two slots of it are the whole model at 10M ads, so per-worker memory does not fall as
+    workers are added (only the examples per worker do).
+    """
+    out: dict[str, Any] = {}
+    eps = get(results, "training", "contextual", "examples_per_second")
+    cpus = get(results, "training", "cpus") or (results.get("machine") or {}).get("cpu_count")
+    out["training_examples_per_core_s"] = eps / cpus if eps and cpus else None
+    out["training_examples"] = a["users"] * a["events_per_user"] * a["training_epochs"]
+    out["training_core_hours"] = _hours(out["training_examples"], out["training_examples_per_core_s"])
+    per_worker = a["cores_per_training_worker"] * a["mwms_scaling_efficiency"]
+    hours = out["training_core_hours"]
+    out["training_workers"] = math.ceil(hours / (a["training_hours"] * per_worker)) if hours else None
+    out["training_mwms_measured"] = {
+        k: get(results, "multi_worker", k) for k in ("workers_1", "workers_2", "two_over_one_examples_per_second")
+    }
+    table = a["ads"] * a["embedding_dim"] * 4
+    out["item_table_bytes"] = table
+    out["item_table_with_adam_bytes"] = table * (1 + a["adam_slots"])
+    out["corpus_feature_bytes"] = a["ads"] * a["corpus_bytes_per_ad"]
+    out["training_worker_state_bytes"] = out["item_table_with_adam_bytes"] + out["corpus_feature_bytes"]
+    limit = a["training_worker_ram_gib"] * 2**30 * a["mirrored_state_max_fraction"]
+    out["mirrored_state_fits"] = out["training_worker_state_bytes"] <= limit
+    out["ads_at_mirrored_limit"] = limit / (a["embedding_dim"] * 4 * (1 + a["adam_slots"]) + a["corpus_bytes_per_ad"])
+    return out
+
+
+def _redis_sizing(results: dict[str, Any], a: dict[str, float]) -> dict[str, Any]:
+    """Redis memory and nodes from the measured bytes per user; materialization hours from rows/s."""
+    out: dict[str, Any] = {}
+    per_user = get(results, "redis", "memory", "bytes_per_user")
+    out["redis_users_measured"] = get(results, "redis", "users")
+    out["redis_bytes_per_user"] = per_user
+    out["redis_bytes"] = a["users"] * a["versions_kept"] * per_user if per_user else None
+    node = a["redis_node_gib"] * 2**30 * a["redis_fill"]
+    out["redis_nodes"] = math.ceil(out["redis_bytes"] / node) if out["redis_bytes"] else None
+    # One Feast process: per CPU-second where measured (other load on a shared machine left out).
+    rps = get(results, "redis", "materialize", "rows_per_cpu_second") or get(
+        results, "redis", "materialize", "rows_per_second"
+    )
+    out["redis_materialize_rows_per_s"] = rps
+    out["redis_full_materialize_hours"] = _hours(a["users"], rps)
+    daily = _hours(a["users"] * a["daily_active_fraction"], rps)
+    out["redis_daily_materialize_core_hours"] = daily
+    out["redis_daily_materialize_processes"] = math.ceil(daily / a["materialize_window_hours"]) if daily else None
+    out["redis_delta"] = get(results, "redis", "delta")
+    out["redis_read"] = get(results, "redis", "online_read")
     return out
 
 
@@ -388,6 +469,19 @@ def headline_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         in_batch = g("training", "dense_in_batch_targets_per_s")
         text = f"{_n(dense)} targets/s vs {_n(per_target)} per target ({_n(in_batch)} with in-batch negatives)"
         rows.append((f"dense training, {g('training', 'dense', 'batch_size')} windows/step", text, "training"))
+    for n in (1, 2):
+        w = g("multi_worker", f"workers_{n}")
+        if w:
+            rows.append(
+                (
+                    f"training, {n} MWMS worker{'s' if n > 1 else ''} on this machine"
+                    if n > 1
+                    else "training, 1 process (multi-worker bench)",
+                    f"{_n(w['last_epoch_examples_per_second'])} examples/s (last epoch), "
+                    f"validation Recall@100 {w['final_val_recall']:.3f}",
+                    "multi_worker",
+                )
+            )
     enc, pipe = f["encoder"], f["encoder_pipeline"]
     if enc[False]:
         xla = f" ({_n(enc[True]['users_per_second'])} with XLA)" if enc[True] else ""
@@ -407,6 +501,25 @@ def headline_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
             redis = g("feast", "online_read", "redis", size)
             text = f"p50/p99 {_ms(sqlite)} SQLite" + (f", {_ms(redis)} Redis" if redis else "")
             rows.append((f"Feast online read, {label}", text, "feast"))
+    if g("redis", "materialize"):
+        users = _n(g("redis", "users"))
+        rows.append(
+            (
+                f"Redis at {users} users: materialize, memory",
+                f"{_n(g('redis', 'materialize', 'rows_per_second'))} rows/s; "
+                f"{_n(g('redis', 'memory', 'bytes_per_user'))} B/user (used_memory); "
+                f"{_n(g('redis', 'delta', 'rows'))}-user delta in {g('redis', 'delta', 'seconds')} s",
+                "redis",
+            )
+        )
+        rows.append(
+            (
+                f"Redis at {users} users: online read",
+                f"p50/p99 {_ms(g('redis', 'online_read', 'one_user'))} 1 user, "
+                f"{_ms(g('redis', 'online_read', 'batch_100_users'))} 100 users",
+                "redis",
+            )
+        )
     if g("serving", "predict"):
         text = f"p50/p99 {_ms(g('serving', 'predict'))} vs {_ms(g('serving', 'echo'))}"
         text += f"; model alone p50 {g('serving', 'model_compute', 'p50_ms'):.2f} ms"
@@ -581,6 +694,58 @@ def sizing_note(s: dict[str, Any]) -> list[str]:
                 f"{_n(s['recommend_cores'])} cores"
             )
         lines.append(line + ".")
+    lines += _training_note(s, ads)
+    lines += _redis_note(s, users, active)
+    return lines
+
+
+def _training_note(s: dict[str, Any], ads: str) -> list[str]:
+    a, lines = s["assumptions"], []
+    if s["training_workers"] is not None:
+        lines.append(
+            f"- **Training**: {a['users'] / 1e6:g}M users x {a['events_per_user']:g} examples x "
+            f"{a['training_epochs']:g} epochs = {s['training_examples'] / 1e9:g}B examples at "
+            f"{_n(s['training_examples_per_core_s'])} examples/core-s (one process): "
+            f"{_n(s['training_core_hours'])} core-hours; in {a['training_hours']:g} h on workers of "
+            f"{a['cores_per_training_worker']:g} cores at {a['mwms_scaling_efficiency']:.0%} MWMS scaling "
+            f"efficiency (stated): **{s['training_workers']} workers**."
+        )
+    m = s.get("training_mwms_measured") or {}
+    if m.get("two_over_one_examples_per_second") is not None:
+        lines.append(
+            f"- **MultiWorkerMirroredStrategy measured here**: 2 workers / 1 worker examples/s = "
+            f"{m['two_over_one_examples_per_second']:.2f}x on this machine's shared cores (not a scaling figure)."
+        )
+    fits = "fits" if s["mirrored_state_fits"] else "does not fit"
+    lines.append(
+        f"- **Per training worker (mirrored)**: the {ads}-ad item table x {a['embedding_dim']:g} x 4 B = "
+        f"{_bytes(s['item_table_bytes'])}, x{1 + a['adam_slots']:g} with Adam's slots = "
+        f"{_bytes(s['item_table_with_adam_bytes'])}, + corpus features {_bytes(s['corpus_feature_bytes'])} = "
+        f"{_bytes(s['training_worker_state_bytes'])} on **every** worker (activations and tf.data on top); "
+        f"{fits} in {a['mirrored_state_max_fraction']:.0%} of {a['training_worker_ram_gib']:g} GiB. "
+        f"Mirroring stops fitting at ~{s['ads_at_mirrored_limit'] / 1e6:,.0f}M ads: beyond, "
+        f"ParameterServerStrategy or sharded embeddings (TPUEmbedding / a sharded table) hold each row once."
+    )
+    return lines
+
+
+def _redis_note(s: dict[str, Any], users: str, active: str) -> list[str]:
+    a, lines = s["assumptions"], []
+    if s["redis_bytes"] is not None:
+        lines.append(
+            f"- **Redis online store**: {_n(s['redis_bytes_per_user'])} B/user measured (`used_memory` delta over "
+            f"{_n(s['redis_users_measured'])} users, {a['vector_dim']:g}-float encoding) x {users} users x "
+            f"{a['versions_kept']:g} versions = {_bytes(s['redis_bytes'])}: {s['redis_nodes']} nodes of "
+            f"{a['redis_node_gib']:g} GiB filled to {a['redis_fill']:.0%} (replicas on top)."
+        )
+    if s["redis_materialize_rows_per_s"]:
+        lines.append(
+            f"- **Redis materialization**: {_n(s['redis_materialize_rows_per_s'])} rows/s per Feast process: "
+            f"{_n(s['redis_full_materialize_hours'], 1)} h for all {users} users from one process; the daily "
+            f"{active} = {_n(s['redis_daily_materialize_core_hours'], 1)} process-hours, "
+            f"{s['redis_daily_materialize_processes']} processes (users split by id) to fit "
+            f"{a['materialize_window_hours']:g} h."
+        )
     return lines
 
 

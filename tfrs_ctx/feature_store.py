@@ -110,6 +110,25 @@ def repo_yaml(repo: str | os.PathLike | None = None, online: str = "sqlite") -> 
     return pathlib.Path(repo or default_repo_dir()) / names[online]
 
 
+def redis_yaml_with_ttl(key_ttl_seconds: int, dest_dir: str | os.PathLike, repo: str | os.PathLike | None = None):
+    """A copy of the repo's Redis yaml (in ``dest_dir``) whose keys expire ``key_ttl_seconds`` after
+    their last write (Feast's ``key_ttl_seconds``; every materialization of a user renews it).
+
+    A user's key holds all of its feature views, so a user the daily job has not re-encoded for the
+    TTL drops out of Redis altogether and reads as unknown (``None``): keep the TTL above the
+    longest gap between re-encodings you want served (the sequence view's own TTL is 2 days).
+    """
+    if key_ttl_seconds <= 0:
+        raise ValueError(f"key_ttl_seconds must be > 0, got {key_ttl_seconds}")
+    text = repo_yaml(repo, online="redis").read_text()
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("connection_string:"))
+    lines.insert(at + 1, f"  key_ttl_seconds: {int(key_ttl_seconds)}")
+    out = pathlib.Path(dest_dir) / f"feature_store.redis.ttl{int(key_ttl_seconds)}.yaml"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
 @contextlib.contextmanager
 def store_env(store_dir: str | os.PathLike, **extra: str) -> Iterator[None]:
     """Set ``$TFRS_CTX_STORE`` (and any ``extra`` variables) for the duration of the block."""

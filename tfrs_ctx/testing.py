@@ -1,17 +1,21 @@
-"""Test and benchmark infrastructure: a private ``redis-server`` and free loopback ports.
+"""Test and benchmark infrastructure: a private ``redis-server``, free loopback ports, and a
+local multi-worker training cluster.
 
 The tests, the benchmarks and the load test start real services with these (a private Redis
-server; model servers on a free port: ``serving.launcher.start_server(port=0)``); no serving or
-training path depends on them.
+server; model servers on a free port: ``serving.launcher.start_server(port=0)``; training workers
+on loopback: :func:`run_training_cluster`); no serving or training path depends on them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -103,3 +107,80 @@ def local_redis_server() -> Iterator[str]:
             yield server.address
         finally:
             server.stop()
+
+
+@dataclasses.dataclass
+class WorkerResult:
+    """One training worker's exit: ``returncode`` (``None``: killed by the launcher) and its output."""
+
+    returncode: int | None
+    output: str
+    killed: bool = False
+
+
+PORT_CLASH = ("Address already in use", "Failed to start server")
+
+
+def run_training_cluster(
+    argv: list[str],
+    workers: int,
+    timeout_s: float,
+    *,
+    env: dict[str, str] | None = None,
+    grace_s: float = 20.0,
+    attempts: int = 3,
+    log_dir: str | None = None,
+) -> list[WorkerResult]:
+    """Run ``tfrs-ctx train ARGV`` as ``workers`` workers of one cluster on loopback; their results.
+
+    Each worker is ``python -m tfrs_ctx.training.train ARGV --worker_hosts ... --task_index i`` in a
+    process group of its own, so a hung collective can never outlive the call: when one worker
+    fails the others get ``grace_s`` to fail or finish, then their groups are killed (SIGKILL), and
+    everything still running at ``timeout_s`` is killed. A start that lost a race for a free port
+    (another process took it) is retried with new ports, ``attempts`` times in all.
+    """
+    base_env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    base_env.update({"PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})})
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, base_env.get("PYTHONPATH", "")) if p)
+    deadline = time.monotonic() + timeout_s
+    for attempt in range(attempts):
+        hosts = ",".join(f"{LOOPBACK}:{free_port()}" for _ in range(workers))
+        with tempfile.TemporaryDirectory(prefix="tfrs-ctx-workers-", dir=log_dir) as logs:
+            results = _run_workers(argv, hosts, workers, deadline, base_env, grace_s, logs)
+        clash = any(r.returncode and any(m in r.output for m in PORT_CLASH) for r in results)
+        if not clash or attempt == attempts - 1 or time.monotonic() > deadline:
+            return results
+    return results
+
+
+def _run_workers(argv, hosts, workers, deadline, env, grace_s, logs) -> list[WorkerResult]:
+    procs, files = [], []
+    for i in range(workers):
+        out = open(os.path.join(logs, f"worker{i}.log"), "w+")  # noqa: SIM115 (closed below)
+        cmd = [sys.executable, "-m", "tfrs_ctx.training.train", *argv, "--worker_hosts", hosts, "--task_index", str(i)]
+        procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        files.append(out)
+    killed = [False] * workers
+    failed_at = None
+    try:
+        while any(p.poll() is None for p in procs):
+            now = time.monotonic()
+            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+                failed_at = now
+            if now > deadline or (failed_at is not None and now > failed_at + grace_s):
+                break
+            time.sleep(0.2)
+    finally:
+        for i, p in enumerate(procs):
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                killed[i] = True
+    results = []
+    for p, out, k in zip(procs, files, killed, strict=True):
+        out.seek(0)
+        results.append(WorkerResult(None if k else p.returncode, out.read(), k))
+        out.close()
+    return results

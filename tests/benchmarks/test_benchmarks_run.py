@@ -54,6 +54,22 @@ def results() -> dict:
                     "dense_in_batch_targets_per_s": 18000.0,
                 }
             ),
+            "multi_worker": _bench(
+                {
+                    "workers_1": {"last_epoch_examples_per_second": 1000.0, "final_val_recall": 0.5},
+                    "workers_2": {"last_epoch_examples_per_second": 400.0, "final_val_recall": 0.48},
+                    "two_over_one_examples_per_second": 0.4,
+                }
+            ),
+            "redis": _bench(
+                {
+                    "users": 1_000_000,
+                    "materialize": {"rows": 1_000_000, "seconds": 200.0, "rows_per_second": 5000},
+                    "memory": {"bytes_per_user": 500.0},
+                    "online_read": {"one_user": lat, "batch_100_users": lat},
+                    "delta": {"rows": 10_000, "seconds": 20.0, "rows_per_second": 500},
+                }
+            ),
             "feast": _bench(
                 {
                     "encoder": {
@@ -141,10 +157,45 @@ def test_sizing_by_hand(results):
     assert s["recommend_cores"] == pytest.approx(10_000 / 125 / 0.6)
 
 
+def test_sizing_training_workers_and_memory_by_hand(results):
+    s = run.sizing(results)
+    # 1500 examples/s on 2 cores = 750 per core; 100M x 30 x 8 epochs = 24B examples -> 8,888.9 core-hours;
+    # per worker 16 cores x 0.7 = 11.2 effective cores over 12 h -> ceil(8888.9 / 134.4) = 67 workers.
+    assert s["training_examples_per_core_s"] == 750
+    assert s["training_examples"] == 24e9
+    assert s["training_core_hours"] == pytest.approx(24e9 / 750 / 3600)
+    assert s["training_workers"] == 67
+    assert s["training_mwms_measured"]["two_over_one_examples_per_second"] == 0.4
+    # Mirrored on every worker: 10M x 64 x 4 B = 2.56 GB, x3 with Adam = 7.68 GB, + 10M x 76 B corpus features.
+    assert s["item_table_bytes"] == 2.56e9
+    assert s["item_table_with_adam_bytes"] == pytest.approx(7.68e9)
+    assert s["training_worker_state_bytes"] == pytest.approx(7.68e9 + 0.76e9)
+    assert s["mirrored_state_fits"] is True  # 8.44 GB <= 32 GiB (half of 64 GiB)
+    assert s["ads_at_mirrored_limit"] == pytest.approx(32 * 2**30 / (64 * 4 * 3 + 76))
+    assert run.sizing(results, {"ads": 100e6})["mirrored_state_fits"] is False  # 84 GB
+    note = "\n".join(run.sizing_note(s))
+    assert "67 workers" in note and "ParameterServerStrategy" in note and "0.40x" in note
+
+
+def test_sizing_redis_by_hand(results):
+    s = run.sizing(results)
+    # 100M users x 2 versions x 500 B = 100 GB; nodes of 64 GiB x 0.7 -> ceil(100e9 / 48.1e9) = 3.
+    assert s["redis_bytes"] == pytest.approx(100e9)
+    assert s["redis_nodes"] == 3
+    # 5000 rows/s: 100M in 5.56 h; 20M daily = 1.11 process-hours -> 1 process within 2 h.
+    assert s["redis_full_materialize_hours"] == pytest.approx(1e8 / 5000 / 3600)
+    assert s["redis_daily_materialize_core_hours"] == pytest.approx(2e7 / 5000 / 3600)
+    assert s["redis_daily_materialize_processes"] == 1
+    note = "\n".join(run.sizing_note(s))
+    assert "Redis online store" in note and "3 nodes" in note and "Redis materialization" in note
+
+
 def test_sizing_states_assumptions_and_tolerates_missing_benches():
     s = run.sizing({"benches": {}}, {"users": 1e6, "versions_kept": 1})
     assert s["assumptions"]["users"] == 1e6
     assert s["encoder_core_hours"] is None and s["beam_core_hours"] is None and s["serving_replicas"] is None
+    assert s["training_workers"] is None and s["redis_nodes"] is None and s["redis_full_materialize_hours"] is None
+    assert s["item_table_with_adam_bytes"] == 10e6 * 64 * 4 * 3  # arithmetic on the assumptions alone
     assert s["store_row_bytes_measured"] is False
     assert s["store_bytes"] == 1e6 * (64 * 4 + 100)  # stated: the vector plus 100 B per row
     assert "Online store" in "\n".join(run.sizing_note(s))

@@ -92,25 +92,40 @@ def make_dataset(
     seed: int = 0,
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     drop_remainder: bool = False,
+    worker: tuple[int, int] | None = None,
 ) -> tf.data.Dataset:
     """Batches of parsed examples of one split (its schema feature set: :func:`schema.split_features`).
 
     Without ``shuffle`` the order is deterministic (files sorted, interleave deterministic);
     with it, files and examples are shuffled (seeded) and parallel reads may reorder. The
     split's files are verified first (:func:`verify_tfrecords`).
+
+    ``worker=(index, count)``: only worker ``index``'s share of ``count`` (multi-worker training):
+    the files ``index::count`` when the split has at least ``count`` files, else (too few files
+    to share out) every ``count``-th example of all of them (:func:`worker_share`).
     """
     pattern = schema.tfrecord_pattern(data_dir, split)
     files = sorted(tf.io.gfile.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no TFRecords for split '{split}' at {pattern}")
     verify_tfrecords(data_dir, split, files)
-    files = tf.data.Dataset.list_files(pattern, shuffle=shuffle, seed=seed if shuffle else None)
+    by_example = None
+    if worker is None:
+        files = tf.data.Dataset.list_files(pattern, shuffle=shuffle, seed=seed if shuffle else None)
+    else:
+        mine, by_example = worker_share(files, *worker)
+        files = tf.data.Dataset.from_tensor_slices(mine)
+        if shuffle and by_example is None:
+            files = files.shuffle(len(mine), seed=seed, reshuffle_each_iteration=True)
     ds = files.interleave(
         lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
         cycle_length=tf.data.AUTOTUNE,
         num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=not shuffle,
+        # Sharding by example needs the same order on every worker: every N-th of one sequence.
+        deterministic=not shuffle or by_example is not None,
     )
+    if by_example is not None:
+        ds = ds.shard(*by_example)
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
@@ -119,6 +134,25 @@ def make_dataset(
     spec = schema.feature_spec(schema.split_features(split))
     ds = ds.map(lambda s: tf.io.parse_example(s, spec), num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def worker_share(files: list[str], index: int, count: int) -> tuple[list[str], tuple[int, int] | None]:
+    """Worker ``index`` of ``count``'s files, and ``(count, index)`` when it must shard by example.
+
+    By file when there are at least as many files as workers (each worker reads only its own; with
+    a count that does not divide the files, some workers read one file more, so keep the pipeline's
+    ``--num_shards`` a multiple of the workers); else every worker reads every file and keeps every
+    ``count``-th example (tf.data's DATA sharding: correct, but each worker reads all the data).
+    """
+    if not 0 <= index < count:
+        raise ValueError(f"worker {index} of {count}")
+    if len(files) >= count:
+        return files[index::count], None
+    print(
+        f"only {len(files)} file(s) for {count} workers: sharding by example (every worker reads every file); "
+        f"rebuild the data with --num_shards a multiple of {count} to shard by file"
+    )
+    return files, (count, index)
 
 
 def history_mask(history_length: tf.Tensor, max_len: int = schema.MAX_HISTORY) -> tf.Tensor:

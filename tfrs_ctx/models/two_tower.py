@@ -35,6 +35,12 @@ History time gaps (``model.time_gap``): ``to_target`` reads ``HISTORY_TIME_GAP``
 request splits), else ``HISTORY_TIME_GAP`` (sequence examples, and the exported signatures, whose
 caller computes it in the model's semantics, as ``model_info.json`` says).
 
+Under a distribution strategy (multi-worker training) each replica computes the loss of its share
+of the global batch and the gradients are summed: the full softmax is scaled to the global mean
+(:func:`global_mean`); TFRS's in-batch loss is a sum over the batch, which summed over replicas is
+already the global sum, but each replica's negatives are its own share of the batch only
+(``batch_size / replicas`` negatives per query instead of ``batch_size``).
+
 The context layer's ``trust`` (the scale of its output, 1 in training) is chosen after
 training on logged requests with their real context (``tfrs_ctx.training.calibrate``): how far real
 context can be believed (at context strength 0: not at all -> lift ~1x).
@@ -72,6 +78,20 @@ def without_context(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     features[schema.CONTEXT_CATEGORIES] = tf.zeros_like(features[schema.CONTEXT_CATEGORIES])
     features[schema.CONTEXT_WEIGHTS] = tf.zeros_like(features[schema.CONTEXT_WEIGHTS])
     return features
+
+
+def global_mean(per_example: tf.Tensor) -> tf.Tensor:
+    """The mean over the *global* batch: this replica's sum / (its batch x replicas in sync).
+
+    TFRS's ``train_step`` takes the gradient of ``compute_loss`` as it is and the optimizer sums
+    gradients across replicas, so each replica's loss must be its share of the global mean for
+    one worker and N workers to take the same step (and the logged loss, summed over replicas,
+    is the global mean). Outside a strategy (one replica) it is the plain mean.
+    """
+    context = tf.distribute.get_replica_context()
+    replicas = context.num_replicas_in_sync if context is not None else 1
+    count = tf.cast(tf.shape(per_example)[0] * replicas, per_example.dtype)
+    return tf.math.divide_no_nan(tf.reduce_sum(per_example), count)  # 0 with no target (dense: all padding)
 
 
 class ContextualTwoTower(tfrs.models.Model):
@@ -217,15 +237,11 @@ class ContextualTwoTower(tfrs.models.Model):
         if self.full_softmax:
             corpus = self.corpus_embeddings(training)
             rows = features[schema.LABEL_ITEM] - schema.NUM_RESERVED_IDS
-            count = tf.cast(tf.size(rows), tf.float32)
             return [
-                tf.math.divide_no_nan(
-                    tf.reduce_sum(
-                        tf.nn.sparse_softmax_cross_entropy_with_logits(
-                            rows, tf.matmul(q, corpus, transpose_b=True) / self.cfg.temperature
-                        )
-                    ),
-                    count,
+                global_mean(
+                    tf.nn.sparse_softmax_cross_entropy_with_logits(
+                        rows, tf.matmul(q, corpus, transpose_b=True) / self.cfg.temperature
+                    )
                 )
                 for q in queries
             ]
