@@ -730,7 +730,7 @@ def _redis_note(s: dict[str, Any], users: str, active: str) -> list[str]:
             f"- **Redis materialization**: {_n(s['redis_materialize_rows_per_s'])} rows/s per Feast process: "
             f"{_n(s['redis_full_materialize_hours'], 1)} h for all {users} users from one process; the daily "
             f"{active} = {_n(s['redis_daily_materialize_core_hours'], 1)} process-hours, "
-            f"{s['redis_daily_materialize_processes']} processes (users split by id) to fit "
+            f"{s['redis_daily_materialize_processes']} process(es) (users split by id) to fit "
             f"{a['materialize_window_hours']:g} h."
         )
     if s["materialize_rows_per_process"]:
