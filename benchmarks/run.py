@@ -55,7 +55,7 @@ SIZES: dict[str, dict[str, list[str]]] = {
         "generator": ["--users", "100000"],
         "beam": ["--events", "100000", "--workers", "2"],
         "training": ["--users", "1500", "--steps", "15", "--warmup", "3"],
-        "multi_worker": ["--users", "600", "--steps", "30"],
+        "multi_worker": ["--users", "600", "--steps", "15"],
         "feast": ["--users", "2000", "--repeats", "100"],
         "redis": ["--users", "100000", "--repeats", "200"],
         "serving": ["--requests", "400", "--seconds", "1.5"],
