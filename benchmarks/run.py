@@ -55,7 +55,7 @@ SIZES: dict[str, dict[str, list[str]]] = {
         "generator": ["--users", "100000"],
         "beam": ["--events", "100000", "--workers", "2"],
         "training": ["--users", "1500", "--steps", "15", "--dense_steps", "6", "--warmup", "3"],
-        "multi_worker": ["--users", "600", "--steps", "30"],
+        "multi_worker": ["--users", "600", "--steps", "15"],
         "feast": ["--users", "2000", "--repeats", "100"],
         "redis": ["--users", "100000", "--repeats", "200"],
         "serving": ["--requests", "400", "--seconds", "1.5"],
@@ -94,6 +94,7 @@ ASSUMPTIONS: dict[str, float] = {
     "redis_node_gib": 64,  # memory of one Redis node (shard)
     "redis_fill": 0.7,  # used_memory / node memory kept (fragmentation, fork for snapshots, growth)
     "materialize_window_hours": 2,  # the daily materialization must fit in this
+    "materialize_process_ram_gib": 16,  # memory of one Feast materialization process
 }
 
 
@@ -402,7 +403,16 @@ def _redis_sizing(results: dict[str, Any], a: dict[str, float]) -> dict[str, Any
     out["redis_daily_materialize_core_hours"] = daily
     out["redis_daily_materialize_processes"] = math.ceil(daily / a["materialize_window_hours"]) if daily else None
     out["redis_delta"] = get(results, "redis", "delta")
+    out["redis_delta_pushed"] = get(results, "redis", "delta_pushed")
     out["redis_read"] = get(results, "redis", "online_read")
+    # Feast's local materialization holds a whole date range in memory: rows per process are bounded.
+    peak, rows = get(results, "redis", "memory", "bench_process_peak_rss_mib"), get(results, "redis", "users")
+    per_row = peak * 2**20 / rows if peak and rows else None
+    out["materialize_rss_bytes_per_row"] = per_row
+    out["materialize_rows_per_process"] = a["materialize_process_ram_gib"] * 2**30 / per_row if per_row else None
+    rows_daily = a["users"] * a["daily_active_fraction"]
+    chunks = out["materialize_rows_per_process"]
+    out["materialize_daily_chunks"] = math.ceil(rows_daily / chunks) if chunks else None
     return out
 
 
@@ -743,9 +753,25 @@ def _redis_note(s: dict[str, Any], users: str, active: str) -> list[str]:
             f"- **Redis materialization**: {_n(s['redis_materialize_rows_per_s'])} rows/s per Feast process: "
             f"{_n(s['redis_full_materialize_hours'], 1)} h for all {users} users from one process; the daily "
             f"{active} = {_n(s['redis_daily_materialize_core_hours'], 1)} process-hours, "
-            f"{s['redis_daily_materialize_processes']} processes (users split by id) to fit "
+            f"{s['redis_daily_materialize_processes']} process(es) (users split by id) to fit "
             f"{a['materialize_window_hours']:g} h."
         )
+    if s["materialize_rows_per_process"]:
+        line = (
+            f"- **Materialization memory**: Feast's local engine holds a whole range in memory: "
+            f"{s['materialize_rss_bytes_per_row'] / 1e3:,.1f} KB of process RSS per row measured, so at most "
+            f"{s['materialize_rows_per_process'] / 1e6:,.1f}M rows per {a['materialize_process_ram_gib']:g} GiB "
+            f"process: the daily {active} in at least {s['materialize_daily_chunks']} chunks (by user-id range or "
+            f"time window)"
+        )
+        delta, pushed = s["redis_delta"], s["redis_delta_pushed"]
+        if delta and pushed:
+            line += (
+                f". materialize-incremental scans the whole offline source: a {_n(delta['rows'])}-row delta took "
+                f"{delta['seconds']:g} s over {_n(s['redis_users_measured'])} users, the same rows pushed with "
+                f"`write_to_online_store` {pushed['seconds']:g} s"
+            )
+        lines.append(line + ".")
     return lines
 
 

@@ -65,9 +65,10 @@ def results() -> dict:
                 {
                     "users": 1_000_000,
                     "materialize": {"rows": 1_000_000, "seconds": 200.0, "rows_per_second": 5000},
-                    "memory": {"bytes_per_user": 500.0},
+                    "memory": {"bytes_per_user": 500.0, "bench_process_peak_rss_mib": 4096.0},
                     "online_read": {"one_user": lat, "batch_100_users": lat},
                     "delta": {"rows": 10_000, "seconds": 20.0, "rows_per_second": 500},
+                    "delta_pushed": {"rows": 10_000, "seconds": 2.0, "rows_per_second": 5000},
                 }
             ),
             "feast": _bench(
@@ -186,8 +187,13 @@ def test_sizing_redis_by_hand(results):
     assert s["redis_full_materialize_hours"] == pytest.approx(1e8 / 5000 / 3600)
     assert s["redis_daily_materialize_core_hours"] == pytest.approx(2e7 / 5000 / 3600)
     assert s["redis_daily_materialize_processes"] == 1
+    # 4 GiB peak RSS for 1M rows = 4,295 B/row: 16 GiB -> 4M rows per process; 20M daily rows -> 5 chunks.
+    assert s["materialize_rss_bytes_per_row"] == pytest.approx(4 * 2**30 / 1e6)
+    assert s["materialize_rows_per_process"] == pytest.approx(4e6)
+    assert s["materialize_daily_chunks"] == 5
     note = "\n".join(run.sizing_note(s))
     assert "Redis online store" in note and "3 nodes" in note and "Redis materialization" in note
+    assert "at least 5 chunks" in note and "write_to_online_store" in note
 
 
 def test_sizing_states_assumptions_and_tolerates_missing_benches():
