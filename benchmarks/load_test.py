@@ -41,6 +41,7 @@ import collections
 import contextlib
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -358,9 +359,12 @@ class Reference:
         self.users = dict(zip(users, fs.read_user_features(store, users), strict=True))
         self.subjects = dict(zip(subjects, fs.read_subject_items(store, subjects), strict=True))
         self.heads = {}
+        self.top_k = {}  # the exported max k: a loaded signature cannot leave ``k`` to its default
         for version in served_versions(models_dir):
             path = os.path.join(models_dir, schema.MODEL_CONTEXT_HEAD, str(version))
             self.heads[version] = tf.saved_model.load(path).signatures["serving_default"]
+            with open(os.path.join(path, "assets.extra", schema.MODEL_INFO_FILE)) as f:
+                self.top_k[version] = int(json.load(f)["top_k"])
         spec = next(iter(self.heads.values())).structured_input_signature[1][schema.ENCODED_HISTORY]
         self.dim = int(spec.shape[-1])
         self.cache: dict[tuple[int, int | None, int], tuple[list[int], np.ndarray]] = {}
@@ -391,7 +395,10 @@ class Reference:
         key = (p.user_id, p.subject_item_id, version)
         if key not in self.cache:
             tf = self.tf
-            out = self.heads[version](**{k: tf.constant(v) for k, v in self.inputs(p).items()})
+            inputs = self.inputs(p)
+            if schema.REQUEST_K in self.heads[version].structured_input_signature[1]:
+                inputs[schema.REQUEST_K] = np.asarray([self.top_k[version]], np.int64)
+            out = self.heads[version](**{k: tf.constant(v) for k, v in inputs.items()})
             self.cache[key] = (out[schema.TOP_K_IDS].numpy()[0].tolist(), out[schema.TOP_K_SCORES].numpy()[0])
         return self.cache[key]
 

@@ -45,6 +45,7 @@ BENCHES = (
     "serving",
     "head_vs_full",
     "recommend",
+    "retrieval",
 )
 NEEDS_DEMO = ("head_vs_full", "recommend")
 DEMO = "demo"  # the preparation step's name in results.json
@@ -61,9 +62,12 @@ SIZES: dict[str, dict[str, list[str]]] = {
         "serving": ["--requests", "400", "--seconds", "1.5"],
         "head_vs_full": ["--requests", "200"],
         "recommend": ["--requests", "200", "--seconds", "2"],
+        "retrieval": ["--ads", "100000", "--reps", "200", "--requests", "200"],
         DEMO: ["--users", "400", "--epochs", "1", "--bootstrap", "100"],
     },
-    "full": {name: [] for name in BENCHES} | {DEMO: ["--users", "8000", "--epochs", "1", "--bootstrap", "100"]},
+    "full": {name: [] for name in BENCHES}
+    | {"retrieval": ["--ads", "1000000"]}
+    | {DEMO: ["--users", "8000", "--epochs", "1", "--bootstrap", "100"]},
 }
 TIMEOUT_S = {"quick": 420, "full": 3600}  # per bench
 
@@ -545,6 +549,13 @@ def headline_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         text += f"{g('head_vs_full', 'predict_context_head', 'p50_ms'):.2f} vs "
         text += f"{g('head_vs_full', 'predict_full', 'p50_ms'):.2f} ms"
         rows.append((f"context_head vs full, {_n(g('head_vs_full', 'corpus'))} ads", text, "head_vs_full"))
+    if g("retrieval", "index_p50_ms"):
+        text = f"head p50 {g('retrieval', 'exact_p50_ms'):.2f} ms exact vs {g('retrieval', 'index_p50_ms'):.2f} ms "
+        text += f"index ({g('retrieval', 'speedup_p50'):.1f}x); overlap@100 {g('retrieval', 'overlap_at_100'):.3f}; "
+        text += f"Recall@100 {g('retrieval', 'recall_at_100_exact'):.3f} exact vs "
+        text += f"{g('retrieval', 'recall_at_100_index'):.3f} index; "
+        text += f"server RSS {g('retrieval', 'server_rss_gib'):.2f} GiB"
+        rows.append((f"served corpus index, {_n(g('retrieval', 'ads'))} ads", text, "retrieval"))
     if g("recommend", "sqlite"):
         text = f"p50/p99 {_ms(g('recommend', 'sqlite', 'latency'))} SQLite"
         if g("recommend", "redis"):

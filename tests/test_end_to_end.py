@@ -68,6 +68,7 @@ def test_predict_equals_the_in_process_full_model(demo_work, demo_server):
     for column, feature in schema.DEMOGRAPHIC_FEATURE_OF_COLUMN.items():
         inputs[feature] = np.asarray([demo_row[column] or ""], object)
     full = tf.saved_model.load(str(demo_work / "models" / schema.MODEL_FULL / str(state["model_version"])))
+    inputs[schema.REQUEST_K] = np.asarray([len(rec.item_ids)], np.int64)  # the exported max (the client's default)
     out = full.signatures["serving_default"](**{k: tf.constant(v) for k, v in inputs.items()})
     expected_ids = out[schema.TOP_K_IDS].numpy()[0].tolist()
     np.testing.assert_allclose(rec.scores, out[schema.TOP_K_SCORES].numpy()[0], atol=1e-5)
@@ -86,7 +87,16 @@ def signature_specs(model_dir) -> dict:
             for name, t in sorted(tensors.items())
         }
 
-    return {"inputs": specs(sig.inputs), "outputs": specs(sig.outputs), "method_name": sig.method_name}
+    defaults = {
+        name: {"dtype": tf.dtypes.as_dtype(t.dtype).name, "value": tf.make_ndarray(t).tolist()}
+        for name, t in sorted(sig.defaults.items())
+    }
+    return {
+        "inputs": specs(sig.inputs),
+        "outputs": specs(sig.outputs),
+        "defaults": defaults,
+        "method_name": sig.method_name,
+    }
 
 
 def test_exported_signatures_are_the_recorded_interface(demo_work):

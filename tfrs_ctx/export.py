@@ -1,6 +1,7 @@
 """Hybrid export: ``encoder``, ``context_head`` and ``full`` SavedModels of one model version.
 
-``tfrs-ctx export --run RUN_DIR --out models/ [--version V] [--top-k 100]``
+``tfrs-ctx export --run RUN_DIR --out models/ [--version V] [--top-k 100] [--index auto|exact|ivf]
+[--n-partitions P] [--nprobe N] [--quantization int8|bf16|none] [--rescore R] [--exact-threshold T]``
 
 Layout is TF Serving's: ``models/<name>/<integer version>/``. Each export is written under a
 temporary name (``models/<name>/.tmp-<version>``) and renamed to its version, so a server
@@ -14,10 +15,16 @@ Inputs are *raw* values: vocabularies are looked up inside the graph, so no clie
   buckets, left-padded) + ``history_length`` -> ``encoded_history`` ``[B, d]``,
   ``model_version`` ``[B]``.
 * ``context_head``: ``encoded_history``, ``history_length``, context (raw category ids +
-  confidences), demographics (raw strings; "" = missing) -> ``user_embedding``,
+  confidences), demographics (raw strings; "" = missing), optional ``k`` -> ``user_embedding``,
   ``top_k_ids`` (raw ad ids), ``top_k_scores``, ``model_version``.
 * ``full``: the encoder's and the head's inputs, minus ``encoded_history`` -> the head's
   outputs (the reference, and the latency baseline).
+
+The corpus is searched by one :class:`tfrs_ctx.retrieval.IVFIndex` (brute force up to the
+exact threshold, IVF above), built here and saved into ``context_head`` and ``full`` only (the
+encoder carries no corpus); ``model_info.json`` records its config as ``retrieval``. ``k``
+(``[B]``, or ``[1]`` for every row; 1..``top_k``) defaults through ``SignatureDef.defaults`` to
+the exported ``top_k``; outputs are ``[B, max(k)]``, padded with (-1, -inf) where fewer ads.
 
 ``model_version`` is the integer version directory, the same for all three; the offline
 job stores it next to the vector so the online client never mixes versions.
