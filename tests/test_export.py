@@ -327,12 +327,12 @@ def test_evaluate_ranks_through_the_served_index(models, tiny_runs, small_data):
     from tfrs_ctx.evaluation.metrics import label_ranks
     from tfrs_ctx.training.run_dir import load_trained
 
-    served, info = evaluate.served_index_ranks(str(models[0]), str(small_data), False, max_requests=200)
+    served, info = evaluate.served_index_ranks(str(models[0]), str(small_data), False, max_requests=150)
     model, _ = load_trained(str(tiny_runs["contextual"]), str(small_data))
-    batch = next(iter(dataset.make_dataset(str(small_data), schema.SPLIT_EVAL, 200)))
+    batch = next(iter(dataset.make_dataset(str(small_data), schema.SPLIT_EVAL, 150)))
     corpus = model.corpus_embeddings().numpy()
     exact = label_ranks(model.query_embedding(batch), corpus, batch[schema.LABEL_ITEM].numpy())
-    assert info["top_k"] == 20 and len(served) == len(exact) == 200
+    assert info["top_k"] == 20 and len(served) == len(exact) == 150  # the eval split holds more than 150
     within = exact < 20
     assert (served[within] == exact[within]).mean() > 0.97  # ties may order differently
     assert (served[~within] >= 20).all()
