@@ -140,7 +140,10 @@ class CandidateClient:
     maximum. It must lie in 1..the head's exported top_k (``max_k``, read from the served
     signature's ``defaults``), else :class:`InvalidK` before anything is sent. ``k`` is always sent
     as ``[B]`` (batch-first, so server-side batching can merge requests); results are truncated to
-    each request's k, and padding (id -1, score -inf: fewer ads than k) is dropped.
+    each request's k, and padding (id -1, score -inf: fewer ads than k) is dropped. Caveat: with
+    ``embedding_dim`` given and no k asked, the client never reads the metadata and leaves k to the
+    signature's ``[1]`` default, which server-side batching only merges for one-row calls; against a
+    batching server, give ``k`` (or let the client read ``embedding_dim``).
     """
 
     def __init__(
