@@ -112,3 +112,52 @@ def demo_server(demo_work):
     with start_server(demo_work / "models", server="python") as server:
         server.wait_ready(300)
         yield server
+
+
+# ---- the serving client's tests (tests/serving): a reader, the demo's ids, a server of another version
+@pytest.fixture(scope="module")
+def reader(demo_work):
+    """A Feast reader on the demo's SQLite store."""
+    from serving.client.features import FeastFeatureReader
+
+    return FeastFeatureReader.open(str(demo_work / "store"))
+
+
+@pytest.fixture(scope="module")
+def known(demo_work):
+    """The demo's user ids and subject item ids."""
+    import pandas as pd
+
+    from tfrs_ctx import schema
+
+    users = pd.read_parquet(demo_work / "raw" / schema.USERS.name)[schema.USER_ID].tolist()
+    subjects = pd.read_parquet(demo_work / "raw" / schema.SUBJECT_ITEMS.name)[schema.ITEM_ID].tolist()
+    return users, subjects
+
+
+@pytest.fixture(scope="module")
+def other_version_server(demo_work, tmp_path_factory):
+    """A server whose context_head has only a different version than the stored vectors'."""
+    import shutil
+
+    from serving.launcher import start_server
+    from tfrs_ctx import schema
+
+    models = tmp_path_factory.mktemp("models_v2")
+    (version,) = [p.name for p in (demo_work / "models" / schema.MODEL_CONTEXT_HEAD).iterdir()]
+    shutil.copytree(
+        demo_work / "models" / schema.MODEL_CONTEXT_HEAD / version, models / schema.MODEL_CONTEXT_HEAD / "1"
+    )
+    with start_server(
+        models,
+        config=None,
+        extra_args=[
+            "--model_name",
+            schema.MODEL_CONTEXT_HEAD,
+            "--model_base_path",
+            str(models / schema.MODEL_CONTEXT_HEAD),
+        ],
+        server="python",
+    ) as server:
+        server.wait_ready(300)
+        yield server
