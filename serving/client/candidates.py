@@ -99,7 +99,11 @@ class UserState:
 
 
 class FeatureReader(Protocol):
-    """Online feature reads the client needs (a Feast-backed one is in ``serving.client.features``)."""
+    """Online feature reads the client needs (a Feast-backed one is in ``serving.client.features``).
+
+    A reader may also offer ``request_features(user_ids, item_ids) -> (users, subject_items)``, the
+    two in one read; the client uses it when present.
+    """
 
     def users(self, user_ids: Sequence[int]) -> dict[int, UserState]: ...
 
@@ -336,6 +340,9 @@ class CandidateClient:
             if attempt:
                 time.sleep(self.backoff_s * (2 ** (attempt - 1)))
             try:
+                both = getattr(self.features, "request_features", None)  # one read for both, where offered
+                if both is not None and wanted:
+                    return both(user_ids, wanted)
                 return self.features.users(user_ids), self.features.subject_items(wanted) if wanted else {}
             except ClientError:
                 raise

@@ -3,12 +3,13 @@
     client = CoalescingClient(lambda: CandidateClient(target, FeastFeatureReader.open(store)))
     rec = client.recommend([AdRequest(user_id, subject_item_id)])[0]   # from any number of threads
 
-One ``recommend`` through a plain client costs two Feast online reads and one Predict whatever
-its size, and the Feast SDK's fixed cost per read dominates a single request. Here callers'
+One ``recommend`` through a plain client costs one Feast online read (users and subject items
+together) and one Predict whatever its size, and the Feast SDK's fixed cost per read dominates a
+single request. Here callers'
 requests go into one queue; each of ``workers`` threads takes what is queued (up to
 ``max_batch`` requests, waiting at most ``max_delay_s`` after the oldest arrived for more to
-come) and runs them as one batch: one ``get_online_features`` for all their users, one for all
-their subject items, one Predict per model version (``CandidateClient.recommend_each``). Under
+come) and runs them as one batch: one ``get_online_features`` for all their users and subject
+items, one Predict per model version (``CandidateClient.recommend_each``). Under
 load, batches grow by themselves while the workers are busy; alone, a request waits at most
 ``max_delay_s`` (default 0: it never waits for company).
 

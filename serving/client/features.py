@@ -36,25 +36,39 @@ class FeastFeatureReader:
         return cls(fs.open_store(store_dir, repo, fs_yaml), **bounds)
 
     def users(self, user_ids: Sequence[int]) -> dict[int, UserState]:
-        out = {}
-        for user_id, row in zip(user_ids, fs.read_user_features(self.store, user_ids), strict=True):
-            if row is None:
-                continue
-            version = row.get(schema.MODEL_VERSION)
-            out[int(user_id)] = UserState(
-                encoded_history=row.get(schema.ENCODED_HISTORY),
-                history_length=int(row.get(schema.HISTORY_LENGTH) or 0),
-                model_version=None if version is None else int(version),
-                demographics={c: row.get(c) for c in schema.DEMOGRAPHIC_COLUMNS},
-            )
-        return out
+        return _users(user_ids, fs.read_user_features(self.store, user_ids))
 
     def subject_items(self, item_ids: Sequence[int]) -> dict[int, tuple[list[int], list[float]] | None]:
-        rows = fs.read_subject_items(self.store, item_ids)
-        return {
-            int(i): None if row is None else (list(row[schema.CATEGORIES]), list(row[schema.CONFIDENCES]))
-            for i, row in zip(item_ids, rows, strict=True)
-        }
+        return _subjects(item_ids, fs.read_subject_items(self.store, item_ids))
+
+    def request_features(
+        self, user_ids: Sequence[int], item_ids: Sequence[int]
+    ) -> tuple[dict[int, UserState], dict[int, tuple[list[int], list[float]] | None]]:
+        """``users(user_ids)`` and ``subject_items(item_ids)`` in one Feast online read."""
+        users, subjects = fs.read_request_features(self.store, user_ids, item_ids)
+        return _users(user_ids, users), _subjects(item_ids, subjects)
+
+
+def _users(user_ids: Sequence[int], rows: list) -> dict[int, UserState]:
+    out = {}
+    for user_id, row in zip(user_ids, rows, strict=True):
+        if row is None:
+            continue
+        version = row.get(schema.MODEL_VERSION)
+        out[int(user_id)] = UserState(
+            encoded_history=row.get(schema.ENCODED_HISTORY),
+            history_length=int(row.get(schema.HISTORY_LENGTH) or 0),
+            model_version=None if version is None else int(version),
+            demographics={c: row.get(c) for c in schema.DEMOGRAPHIC_COLUMNS},
+        )
+    return out
+
+
+def _subjects(item_ids: Sequence[int], rows: list) -> dict[int, tuple[list[int], list[float]] | None]:
+    return {
+        int(i): None if row is None else (list(row[schema.CATEGORIES]), list(row[schema.CONFIDENCES]))
+        for i, row in zip(item_ids, rows, strict=True)
+    }
 
 
 def bound_redis_client(store: Any, retries: int, timeout_s: float) -> bool:

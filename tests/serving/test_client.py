@@ -113,3 +113,30 @@ def test_online_store_unreachable(demo_work, demo_server, known):
         with client, pytest.raises(FeatureStoreUnavailable):
             client.recommend([AdRequest(known[0][0], known[1][0])])
         assert time.monotonic() - start < 30
+
+
+def test_one_read_for_users_and_subject_items_equals_two(reader, known):
+    """The client's single Feast read of both entities (either id list the longer) gives the two reads' rows."""
+    import numpy as np
+
+    users, subjects = known
+    unknown_user, unknown_subject = max(users) + 1000, 999_999_999
+    for u, s in (
+        ([*users[:9], unknown_user], [*subjects[:3], unknown_subject]),
+        (users[:2], [*subjects[:7], unknown_subject]),
+    ):
+        got_users, got_subjects = reader.request_features(u, s)
+        want_users, want_subjects = reader.users(u), reader.subject_items(s)
+        assert got_subjects == want_subjects and got_subjects[unknown_subject] is None
+        assert got_users.keys() == want_users.keys() and unknown_user not in got_users
+        for user, state in want_users.items():
+            other = got_users[user]
+            assert (other.history_length, other.model_version, other.demographics) == (
+                state.history_length,
+                state.model_version,
+                state.demographics,
+            )
+            if state.encoded_history is None:
+                assert other.encoded_history is None
+            else:
+                np.testing.assert_array_equal(other.encoded_history, state.encoded_history)
