@@ -699,8 +699,8 @@ def sizing_note(s: dict[str, Any]) -> list[str]:
             f" Brute-force top-K inside the head, scaled linearly from its measured compute "
             f"({s['head_compute_ms']:.2f} ms p50 at {_n(s['head_corpus'])} ads; an upper bound, fixed costs included), "
             f"would take ~{_n(s['bruteforce_ms_per_request'])} ms of one core per request, "
-            f"{_n(s['bruteforce_cores'])} cores at {qps} QPS: at 10M ads the head needs ANN (ScaNN / HNSW) "
-            f"or a sharded corpus."
+            f"{_n(s['bruteforce_cores'])} cores at {qps} QPS: at 10M ads the head serves the IVF index "
+            f"exported with it (tfrs_ctx.retrieval.ivf, core TF ops; docs/retrieval/ivf_report.md)."
         )
     lines.append(line)
     if s["serving_replicas"] is not None:
