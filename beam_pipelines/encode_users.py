@@ -55,7 +55,6 @@ if __name__ == "__main__":
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -65,10 +64,11 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from beam_pipelines.combiners import StatsFn
+from beam_pipelines.encoder_inference import EncoderModelHandler
 from beam_pipelines.runner import (
     NAMESPACE,
     OutputOptions,
@@ -76,6 +76,14 @@ from beam_pipelines.runner import (
     counters,
     make_runner,
     silence_beam_resource_noise,
+)
+from beam_pipelines.store_rows import (
+    demographics_row,
+    demographics_schema,
+    encoding_row,
+    encoding_schema,
+    subject_item_row,
+    subject_items_schema,
 )
 from beam_pipelines.tables import (
     DEAD,
@@ -92,13 +100,10 @@ from tfrs_ctx import feature_store as F
 from tfrs_ctx import schema as S
 from tfrs_ctx.data import examples as T
 from tfrs_ctx.data import rawio
-from tfrs_ctx.data.vocab import is_missing
 
-ENCODER_INPUTS = (*S.HISTORY_FEATURES, S.HISTORY_LENGTH)  # the encoder signature's inputs
 SUMMARY_FILE = "summary.json"  # in the run's staging directory: as_of and the newest conversion
 STAGED_ENCODINGS = "encodings"  # staging prefix of the encoding shards
 SNAPSHOT_TABLES = (S.USERS, S.SUBJECT_ITEMS)
-XLA_FLAGS = "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit"  # XLA auto-clustering, CPU included
 USER_COUNTERS = ("users_encoded", "users_skipped_no_new_activity", "users_without_history")
 
 silence_beam_resource_noise()  # at import: in this process and in every Beam worker that loads the pipeline
@@ -326,170 +331,11 @@ class BuildHistories(beam.DoFn):
 # --------------------------------------------------------------------------------------
 # Inference
 # --------------------------------------------------------------------------------------
-class _Encoder:
-    """A loaded encoder: the SavedModel (kept alive) and its ``serving_default`` signature."""
-
-    def __init__(self, path: str):
-        import tensorflow as tf
-
-        try:
-            self.saved_model = tf.saved_model.load(path)
-            self.signature = self.saved_model.signatures["serving_default"]
-        except Exception as e:  # corrupt saved_model.pb, missing or truncated variables, ...
-            raise ValueError(f"cannot load the encoder SavedModel at {path}: {type(e).__name__}: {e}") from e
-        names = set(self.signature.structured_input_signature[1])
-        if names != set(ENCODER_INPUTS):
-            raise ValueError(f"{path} is not an encoder: its inputs are {sorted(names)}, want {sorted(ENCODER_INPUTS)}")
-
-    def __call__(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        import tensorflow as tf
-
-        out = self.signature(**{name: tf.constant(value) for name, value in inputs.items()})
-        return out[S.ENCODED_HISTORY].numpy(), out[S.MODEL_VERSION].numpy()
-
-
-def encode_batch(
-    encoder: _Encoder, batch: Sequence[Mapping[str, np.ndarray]], size: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Stack per-user inputs into one batch (padded to ``size`` rows) and run the encoder.
-
-    Returns ``([B, d] float32, [B] int64)`` for the ``B = len(batch)`` real rows; padding
-    rows repeat the first one (rows are independent in the encoder).
-    """
-    inputs = {name: np.stack([example[name] for example in batch]) for name in ENCODER_INPUTS}
-    n = len(batch)
-    if size is not None and size > n:
-        inputs = {name: np.concatenate([v, np.repeat(v[:1], size - n, axis=0)]) for name, v in inputs.items()}
-    encoded, versions = encoder(inputs)
-    return encoded[:n], versions[:n]
-
-
-class EncoderModelHandler(ModelHandler[dict, PredictionResult, _Encoder]):
-    """RunInference handler of the encoder SavedModel: dict examples in, ``(vector, version)`` out.
-
-    The signature takes several named inputs, so the stock TensorFlow handler (one tensor
-    in) does not fit. The model is loaded once per worker process (RunInference shares it
-    between the process's threads); batch sizes are RunInference's.
-
-    ``xla``: run the graph with XLA auto-clustering (``TF_XLA_FLAGS``, set by RunInference
-    before the model loads; it takes effect only in a process that has not imported
-    TensorFlow yet, e.g. a fresh worker) and pad every batch to ``max_batch_size`` rows, so
-    the graph compiles once (about a second) instead of once per batch size.
-    """
-
-    def __init__(self, model_path: str, min_batch_size: int = 64, max_batch_size: int = 512, xla: bool = False):
-        env = {"TF_XLA_FLAGS": XLA_FLAGS} if xla else {}
-        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size, env_vars=env)
-        self.model_path = model_path
-        self.pad_to = max_batch_size if xla else None
-
-    def set_environment_vars(self) -> None:
-        if self.pad_to and "tensorflow" in sys.modules and XLA_FLAGS not in os.environ.get("TF_XLA_FLAGS", ""):
-            logging.warning("--xla: TensorFlow is already loaded in this process, so the encoder runs without XLA")
-        super().set_environment_vars()
-
-    def load_model(self) -> _Encoder:
-        return _Encoder(self.model_path)
-
-    def run_inference(
-        self, batch: Sequence[dict], model: _Encoder, inference_args: dict[str, Any] | None = None
-    ) -> Iterable[PredictionResult]:
-        encoded, versions = encode_batch(model, batch, self.pad_to)
-        return [PredictionResult(example, (encoded[i], int(versions[i]))) for i, example in enumerate(batch)]
-
-    def get_num_bytes(self, batch: Sequence[dict]) -> int:
-        return sum(v.nbytes for example in batch for v in example.values())
-
-    def get_metrics_namespace(self) -> str:
-        return "EncodeUsers"
 
 
 # --------------------------------------------------------------------------------------
 # Output rows
 # --------------------------------------------------------------------------------------
-def _timestamp_type() -> Any:
-    import pyarrow as pa
-
-    return pa.timestamp("us", tz="UTC")
-
-
-def encoding_schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            (S.USER_ID, pa.int64()),
-            (S.EVENT_TIMESTAMP, _timestamp_type()),
-            (S.ENCODED_HISTORY, pa.list_(pa.float32())),
-            (S.HISTORY_LENGTH, pa.int64()),
-            (S.MODEL_VERSION, pa.int64()),
-        ]
-    )
-
-
-def demographics_schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            (S.USER_ID, pa.int64()),
-            *((c, pa.string()) for c in S.DEMOGRAPHIC_COLUMNS),
-            (S.EVENT_TIMESTAMP, _timestamp_type()),
-        ]
-    )
-
-
-def subject_items_schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            (S.SUBJECT_ITEM_ID, pa.int64()),
-            (S.CATEGORIES, pa.list_(pa.int64())),
-            (S.CONFIDENCES, pa.list_(pa.float32())),
-            (S.EVENT_TIMESTAMP, _timestamp_type()),
-        ]
-    )
-
-
-def encoding_row(keyed: tuple[int, PredictionResult], event_us: int) -> dict[str, Any]:
-    """One Parquet row of ``user_encodings``."""
-    Metrics.counter(NAMESPACE, "users_encoded").inc()
-    user_id, result = keyed
-    vector, version = result.inference
-    return {
-        S.USER_ID: user_id,
-        S.EVENT_TIMESTAMP: event_us,
-        S.ENCODED_HISTORY: vector.astype(np.float32).reshape(-1).tolist(),
-        S.HISTORY_LENGTH: int(result.example[S.HISTORY_LENGTH]),
-        S.MODEL_VERSION: version,
-    }
-
-
-def demographics_row(row: Mapping[str, Any], event_us: int) -> dict[str, Any]:
-    """One Parquet row of ``user_demographics``: raw strings, ``None`` when missing."""
-    values = {c: None if is_missing(row.get(c)) else str(row[c]) for c in S.DEMOGRAPHIC_COLUMNS}
-    return {S.USER_ID: int(row[S.USER_ID]), **values, S.EVENT_TIMESTAMP: event_us}
-
-
-def top_raw_categories(categories: Sequence[int], confidences: Sequence[float]) -> tuple[list[int], list[float]]:
-    """The top ``MAX_CATEGORIES`` categories by confidence (ties: listed order), as raw ids.
-
-    The order of :func:`tfrs_ctx.data.examples.top_categories` (what the training examples hold).
-    """
-    order = sorted(range(len(categories)), key=lambda i: -float(confidences[i]))[: S.MAX_CATEGORIES]
-    return [int(categories[i]) for i in order], [float(confidences[i]) for i in order]
-
-
-def subject_item_row(row: Mapping[str, Any], event_us: int) -> dict[str, Any]:
-    """One Parquet row of ``subject_items`` (keyed by ``subject_item_id``)."""
-    categories, confidences = top_raw_categories(row[S.CATEGORIES], row[S.CONFIDENCES])
-    return {
-        S.SUBJECT_ITEM_ID: int(row[S.ITEM_ID]),
-        S.CATEGORIES: categories,
-        S.CONFIDENCES: confidences,
-        S.EVENT_TIMESTAMP: event_us,
-    }
 
 
 def resolve_as_of(stats: tuple, as_of: int | None) -> int:

@@ -57,7 +57,7 @@ def write_encodings(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from beam_pipelines.encode_users import encoding_schema
+    from beam_pipelines.store_rows import encoding_schema
 
     paths = F.store_paths(store_dir)
     os.makedirs(paths.encodings, exist_ok=True)
@@ -88,7 +88,7 @@ def write_side_sources(store_dir: str, user_ids: np.ndarray, at: dt.datetime) ->
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from beam_pipelines.encode_users import demographics_schema, subject_items_schema
+    from beam_pipelines.store_rows import demographics_schema, subject_items_schema
 
     paths, ts = F.store_paths(store_dir), pa.array([at] * len(user_ids), pa.timestamp("us", "UTC"))
     demo = {S.USER_ID: pa.array(user_ids, pa.int64()), S.EVENT_TIMESTAMP: ts}

@@ -24,6 +24,7 @@ import pytest
 import tensorflow as tf
 
 from beam_pipelines import encode_users
+from beam_pipelines.encoder_inference import ENCODER_INPUTS, EncoderModelHandler
 from tfrs_ctx import export
 from tfrs_ctx import feature_store as F
 from tfrs_ctx import schema as S
@@ -46,7 +47,7 @@ def reference_inputs(raw_dir, user_ids, as_of: int) -> dict[str, np.ndarray]:
     conv = conv[conv[S.TIMESTAMP] <= as_of].sort_values([S.TIMESTAMP, S.ITEM_ID, S.ADVERTISER_ID, S.EVENT_TYPE])
     groups = {u: g.tail(S.MAX_HISTORY) for u, g in conv.groupby(S.USER_ID)}
     L = S.MAX_HISTORY
-    out = {name: [] for name in encode_users.ENCODER_INPUTS}
+    out = {name: [] for name in ENCODER_INPUTS}
     for u in user_ids:
         g = groups[u]
         out[S.HISTORY_ITEM].append(S.pad_left(g[S.ITEM_ID].tolist(), L, 0))
@@ -382,8 +383,8 @@ def test_model_version_change_forces_a_full_run(first, models, raw):
 def test_padded_batches_give_the_same_vectors(models, raw):
     inputs = reference_inputs(raw, [1, 2, 3, 4, 5], as_of=2_000_000_000)
     examples = [{k: v[i] for k, v in inputs.items()} for i in range(5)]
-    plain = encode_users.EncoderModelHandler(models[1], 2, 8)
-    padded = encode_users.EncoderModelHandler(models[1], 2, 8, xla=True)  # pads to 8 rows (XLA needs a fresh process)
+    plain = EncoderModelHandler(models[1], 2, 8)
+    padded = EncoderModelHandler(models[1], 2, 8, xla=True)  # pads to 8 rows (XLA needs a fresh process)
     model = plain.load_model()
     a, b = list(plain.run_inference(examples, model)), list(padded.run_inference(examples, model))
     assert len(b) == 5 and all(x.example is e for x, e in zip(b, examples, strict=True))
