@@ -71,8 +71,16 @@ def test_predict_equals_the_in_process_full_model(demo_work, demo_server):
     inputs[schema.REQUEST_K] = np.asarray([len(rec.item_ids)], np.int64)  # the exported max (the client's default)
     out = full.signatures["serving_default"](**{k: tf.constant(v) for k, v in inputs.items()})
     expected_ids = out[schema.TOP_K_IDS].numpy()[0].tolist()
-    np.testing.assert_allclose(rec.scores, out[schema.TOP_K_SCORES].numpy()[0], atol=1e-5)
-    assert rec.item_ids == expected_ids
+    expected_scores = out[schema.TOP_K_SCORES].numpy()[0]
+    np.testing.assert_allclose(rec.scores, expected_scores, atol=1e-5)
+    # The stored vector was encoded in a Beam batch, the reference in a batch of one: ads whose scores
+    # tie within 1e-5 may come in another order (another matmul kernel); every other rank must match.
+    close = np.abs(np.diff(expected_scores)) <= 1e-5
+    tied = np.r_[close, False] | np.r_[False, close]
+    assert [a for a, t in zip(rec.item_ids, tied, strict=True) if not t] == [
+        b for b, t in zip(expected_ids, tied, strict=True) if not t
+    ]
+    assert len(set(rec.item_ids) & set(expected_ids)) >= len(expected_ids) - int(tied[-1])
 
 
 def signature_specs(model_dir) -> dict:
