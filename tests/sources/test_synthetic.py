@@ -13,7 +13,7 @@ from tfrs_ctx import schema
 from tfrs_ctx.apps import cli
 from tfrs_ctx.data.rawio import read_table, table_files
 from tfrs_ctx.data.validation import check_raw_dir
-from tfrs_ctx.sources.synthetic import SyntheticConfig, generate
+from tfrs_ctx.sources.synthetic import SUBJECT_ID_OFFSET, SyntheticConfig, generate
 
 SMALL = {"users": 300, "items": 600, "subject_items": 800, "advertisers": 60}
 
@@ -144,3 +144,34 @@ def test_context_strength_controls_label_subject_agreement(tmp_path):
     expected_mid = 0.5 + 0.5 * shares[0.0]  # half from the subject's leaf, half as at strength 0
     assert shares[0.0] < shares[0.5] < shares[1.0], shares
     assert shares[0.5] == pytest.approx(expected_mid, abs=0.05), shares
+
+
+def test_ad_categories_are_the_leaf_its_parent_and_distinct_siblings_by_confidence(tmp_path):
+    """Many leaves per parent (as at millions of ads), ads written in several parts."""
+    _generate(tmp_path / "raw", items=4000, leaves_per_top=40, chunk_items=1500, seed=2)
+    items = _contents(tmp_path / "raw")[schema.ITEMS.name]
+    assert len(table_files(str(tmp_path / "raw"), schema.ITEMS)) == 3
+    assert items[schema.ITEM_ID].tolist() == list(range(1, 4001))
+    sibling_slots = []
+    for cats, confs in zip(items[schema.CATEGORIES].map(list), items[schema.CONFIDENCES].map(list), strict=True):
+        assert 3 <= len(cats) <= schema.MAX_CATEGORIES and len(confs) == len(cats)
+        leaf, parent, *siblings = cats
+        assert parent == leaf // 1000 * 1000 and leaf % 1000 >= 1
+        assert len(set(cats)) == len(cats)  # distinct, never the own leaf again
+        assert all(s // 1000 * 1000 == parent and s % 1000 >= 1 for s in siblings)
+        assert confs == sorted(confs, reverse=True)
+        sibling_slots += [s % 1000 for s in siblings]
+    # siblings cover the parent's leaves roughly uniformly (40 leaves: each ~1/40 of the draws)
+    counts = np.bincount(sibling_slots, minlength=41)[1:]
+    assert counts.min() > 0.5 * counts.mean() and counts.max() < 1.5 * counts.mean()
+
+
+def test_corpus_scaled_defaults_and_limits():
+    small, large = SyntheticConfig().resolved(), SyntheticConfig(items=1_000_000).resolved()
+    assert (small.advertisers, small.leaves_per_top) == (500, 15)  # the 10k-ad default world
+    assert (large.advertisers, large.leaves_per_top) == (50_000, 150)
+    assert SyntheticConfig(items=1_000_000, advertisers=7).resolved().advertisers == 7
+    with pytest.raises(ValueError, match="subject item ids"):
+        SyntheticConfig(items=SUBJECT_ID_OFFSET + 1).resolved()
+    with pytest.raises(ValueError, match="cannot cover"):
+        generate("/nonexistent-never-written", SyntheticConfig(users=1, items=100), progress=False)

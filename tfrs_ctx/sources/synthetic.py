@@ -6,7 +6,11 @@ The world
   ``leaves_per_top`` leaf interests (category ids ``top*1000`` and ``top*1000 + leaf``).
 * The ad corpus (``items``): each ad belongs to one leaf, has an advertiser (advertisers
   specialise in one top-level interest) and 3-5 categories with confidences (its leaf,
-  its parent, sibling leaves). Popularity within a leaf is skewed.
+  its parent, sibling leaves). Popularity within a leaf is skewed (an ad's conversion share
+  falls with its rank ``r`` in the leaf as ``r^-0.6``), on top of the Zipf-like popularity of
+  leaves, so most ads of a large corpus are a long tail that is rarely or never converted.
+  ``--ads N`` goes up to 10M: advertisers (``N / 20``) and leaves per top-level interest
+  (``15 sqrt(N / 10k)``) scale with it unless given.
 * ``subject_items``: what a user can be looking at on a related-items surface, built the
   same way as ads but a separate corpus.
 * Users hold a few long-term interests (leaves), each of which may drift to another leaf at
@@ -17,8 +21,9 @@ The world
   current interests otherwise. The context (subject item) is real and never derived from the
   label. Each request's conversion also enters the conversion log.
 
-Everything is vectorised per chunk of users and written chunk by chunk, so memory stays
-bounded whatever ``--users`` is; the output depends only on the arguments (``chunk_users``
+Everything is vectorised per chunk of users (and of ads) and written chunk by chunk, so memory
+stays bounded whatever ``--users`` and ``--ads`` are (per ad only its leaf and advertiser stay in
+memory, 12 bytes); the output depends only on the arguments (``chunk_users`` and ``chunk_items``
 included: each chunk draws from its own seeded stream) and the seed. Subject items are not
 ads: their ids start at ``SUBJECT_ID_OFFSET`` so they never collide with ad ids.
 """
@@ -33,12 +38,14 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 
 from tfrs_ctx import schema
 from tfrs_ctx.data.rawio import TableWriter
 
 START_TIMESTAMP = 1_704_067_200  # 2024-01-01 UTC
 SUBJECT_ID_OFFSET = 10_000_000
+MAX_LEAVES_PER_TOP = 998  # category ids are top * 1000 + leaf + 1
 AGE_BUCKETS = ("18-24", "25-34", "35-44", "45-54", "55-64", "65+")
 COUNTRIES = ("US", "GB", "DE", "FR", "BR", "MX", "CA", "JP", "IN", "AU", "ES", "IT", "NL", "SE", "PL")
 GENDERS = ("female", "male", "unspecified")
@@ -49,11 +56,11 @@ EVENT_TYPE_PROBS = (0.35, 0.3, 0.1, 0.05, 0.2)  # aligned with schema.EVENT_TYPE
 class SyntheticConfig:
     users: int = 20_000
     seed: int = 0
-    items: int = 10_000
+    items: int = 10_000  # the ad corpus (``--ads``); up to SUBJECT_ID_OFFSET
     subject_items: int = 20_000
-    advertisers: int = 500
+    advertisers: int = 0  # 0: scale with the corpus, items / 20 (500 at 10k ads)
     num_top: int = 20
-    leaves_per_top: int = 15
+    leaves_per_top: int = 0  # 0: scale with the corpus, 15 sqrt(items / 10k), at least 15
     interests_per_user: int = 3
     events_per_user: float = 25.0
     requests_per_user: float = 3.0
@@ -63,6 +70,19 @@ class SyntheticConfig:
     days: int = 180
     missing_demographic: float = 0.05
     chunk_users: int = 50_000
+    chunk_items: int = 500_000  # ads (and subject items) drawn and written per Parquet part
+
+    def resolved(self) -> SyntheticConfig:
+        """This config with the corpus-scaled defaults (``0``) filled in, and checked."""
+        advertisers = self.advertisers or max(self.num_top, self.items // 20)
+        leaves = self.leaves_per_top or int(min(MAX_LEAVES_PER_TOP, max(15, round(15 * (self.items / 1e4) ** 0.5))))
+        if not 2 < leaves <= MAX_LEAVES_PER_TOP:
+            raise ValueError(f"leaves_per_top must be in [3, {MAX_LEAVES_PER_TOP}], got {leaves}")
+        if not 0 < self.items <= SUBJECT_ID_OFFSET:
+            raise ValueError(
+                f"items must be in [1, {SUBJECT_ID_OFFSET:,}] (subject item ids start above), got {self.items}"
+            )
+        return dataclasses.replace(self, advertisers=advertisers, leaves_per_top=leaves)
 
 
 class _World:
@@ -89,36 +109,58 @@ class _World:
         return (self.leaf_top[leaf] + 1) * 1000
 
     def _corpus(self, n: int, rng: np.random.Generator, with_advertiser: bool) -> dict:
-        # Every leaf gets at least one entry; the rest follow leaf popularity (flattened).
+        """Leaf (sorted, so each leaf's entries are contiguous) and advertiser of ``n`` entries.
+
+        Every leaf gets at least one entry; the rest follow leaf popularity (flattened). The
+        categories are drawn per chunk when written (:meth:`categories`), never all held.
+        """
+        if n < self.num_leaves:
+            raise ValueError(f"{n} items cannot cover {self.num_leaves} leaf interests (one each at least)")
         weights = np.sqrt(self.leaf_pop)
         leaf = np.concatenate(
             [np.arange(self.num_leaves), rng.choice(self.num_leaves, n - self.num_leaves, p=weights / weights.sum())]
         )
-        leaf = np.sort(leaf)
-        offsets = np.searchsorted(leaf, np.arange(self.num_leaves + 1))
-        cats, confs = [], []
-        n_cats = rng.integers(3, schema.MAX_CATEGORIES + 1, size=n)
-        for i in range(n):
-            lf = int(leaf[i])
-            siblings = rng.choice(self.cfg.leaves_per_top - 1, n_cats[i] - 2, replace=False)
-            siblings = siblings + (siblings >= self.leaf_index[lf])  # skip the own leaf
-            sib_leaves = self.leaf_top[lf] * self.cfg.leaves_per_top + siblings
-            c = [int(self.category_id(lf)), int(self.top_category_id(lf))] + [
-                int(x) for x in self.category_id(sib_leaves)
-            ]
-            minor = sorted(rng.uniform(0.05, 0.3, n_cats[i] - 2), reverse=True)
-            w = [rng.uniform(0.6, 0.95), rng.uniform(0.3, 0.6), *minor]
-            order = np.argsort(w)[::-1]
-            cats.append([c[j] for j in order])
-            confs.append([round(float(w[j]), 4) for j in order])
-        corpus = {"leaf": leaf, "offsets": offsets, "categories": cats, "confidences": confs}
+        leaf = np.sort(leaf).astype(np.int32)
+        corpus = {"leaf": leaf, "offsets": np.searchsorted(leaf, np.arange(self.num_leaves + 1))}
         if with_advertiser:
             adv = np.empty(n, dtype=np.int64)
+            top = self.leaf_top[leaf]
             for t in range(self.cfg.num_top):
-                idx = np.flatnonzero(self.leaf_top[leaf] == t)
+                idx = np.flatnonzero(top == t)
                 adv[idx] = rng.choice(self.advertisers_of_top[t], size=len(idx))
             corpus["advertiser"] = adv + 1
         return corpus
+
+    def categories(self, leaf: np.ndarray, rng: np.random.Generator) -> tuple[pa.Array, pa.Array]:
+        """3-5 categories per entry, by confidence: its leaf, its parent, then sibling leaves.
+
+        Vectorised: the siblings are distinct uniform draws among the parent's other leaves
+        (the j-th from ``m - j`` values, shifted past the earlier draws in ascending order).
+        """
+        n, c = len(leaf), schema.MAX_CATEGORIES
+        n_cats = rng.integers(3, c + 1, size=n)
+        m = self.cfg.leaves_per_top - 1
+        others = np.empty((n, c - 2), dtype=np.int64)
+        for j in range(c - 2):
+            x = rng.integers(0, m - j, size=n)
+            for prev in np.sort(others[:, :j], axis=1).T:  # skip earlier picks, smallest first
+                x += x >= prev
+            others[:, j] = x
+        others = others + (others >= self.leaf_index[leaf][:, None])  # skip the own leaf
+        sib_leaves = self.leaf_top[leaf][:, None] * self.cfg.leaves_per_top + others
+        cats = np.concatenate(
+            [self.category_id(leaf)[:, None], self.top_category_id(leaf)[:, None], self.category_id(sib_leaves)],
+            axis=1,
+        ).astype(np.int64)
+        minor = -np.sort(-rng.uniform(0.05, 0.3, (n, c - 2)), axis=1)  # descending
+        conf = np.concatenate([rng.uniform(0.6, 0.95, (n, 1)), rng.uniform(0.3, 0.6, (n, 1)), minor], axis=1)
+        conf = np.round(conf, 4).astype(np.float32)  # leaf > parent > siblings: already by confidence
+        keep = np.arange(c)[None, :] < n_cats[:, None]
+        offsets = np.concatenate([[0], np.cumsum(n_cats)]).astype(np.int32)
+        return (
+            pa.ListArray.from_arrays(offsets, pa.array(cats[keep], pa.int64())),
+            pa.ListArray.from_arrays(offsets, pa.array(conf[keep], pa.float32())),
+        )
 
     def pick(self, corpus: dict, leaf: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One entry of ``corpus`` per leaf, skewed towards each leaf's popular entries."""
@@ -204,24 +246,25 @@ def _user_chunk(world: _World, cfg: SyntheticConfig, first_user: int, n: int, rn
 def generate(out_dir: str, cfg: SyntheticConfig, progress: bool = True) -> dict:
     """Write the raw tables under ``out_dir``; returns a summary (row counts, timings)."""
     t0 = time.perf_counter()
+    cfg = cfg.resolved()
     rng = np.random.default_rng(cfg.seed)
     world = _World(cfg, rng)
     writers = {t.name: TableWriter(out_dir, t) for t in schema.RAW_TABLES.values()}
-    writers["items"].write(
-        {
-            schema.ITEM_ID: np.arange(cfg.items, dtype=np.int64) + 1,
-            schema.ADVERTISER_ID: world.ads["advertiser"],
-            schema.CATEGORIES: world.ads["categories"],
-            schema.CONFIDENCES: world.ads["confidences"],
-        }
-    )
-    writers["subject_items"].write(
-        {
-            schema.ITEM_ID: np.arange(cfg.subject_items, dtype=np.int64) + SUBJECT_ID_OFFSET + 1,
-            schema.CATEGORIES: world.subjects["categories"],
-            schema.CONFIDENCES: world.subjects["confidences"],
-        }
-    )
+    for stream, (name, corpus, n, first_id) in enumerate(
+        (
+            ("items", world.ads, cfg.items, 1),
+            ("subject_items", world.subjects, cfg.subject_items, SUBJECT_ID_OFFSET + 1),
+        )
+    ):
+        for start in range(0, n, cfg.chunk_items):
+            stop = min(n, start + cfg.chunk_items)
+            cats, confs = world.categories(
+                corpus["leaf"][start:stop], np.random.default_rng([cfg.seed, 1 + stream, start])
+            )
+            columns = {schema.ITEM_ID: np.arange(start, stop, dtype=np.int64) + first_id}
+            if "advertiser" in corpus:
+                columns[schema.ADVERTISER_ID] = corpus["advertiser"][start:stop]
+            writers[name].write({**columns, schema.CATEGORIES: cats, schema.CONFIDENCES: confs})
     from tqdm import tqdm
 
     n_requests = 0
@@ -254,8 +297,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SyntheticConfig()
     parser.add_argument("--out", required=True, help="directory for the raw tables")
     for field in dataclasses.fields(SyntheticConfig):
-        flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, type=type(getattr(defaults, field.name)), default=getattr(defaults, field.name))
+        flags = ["--" + field.name.replace("_", "-")] + (["--ads"] if field.name == "items" else [])
+        parser.add_argument(*flags, type=type(getattr(defaults, field.name)), default=getattr(defaults, field.name))
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
