@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import tfrs_ctx  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
@@ -15,3 +19,16 @@ def emit(result: dict[str, Any], json_path: str | None) -> None:
     if json_path:
         with open(json_path, "w") as f:
             f.write(text + "\n")
+
+
+@contextlib.contextmanager
+def scratch_dir(path: str | None, prefix: str) -> Iterator[str]:
+    """``path`` as given (kept), or a fresh temporary directory removed afterwards."""
+    if path:
+        yield path
+        return
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

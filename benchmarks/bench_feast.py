@@ -29,7 +29,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,7 +37,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from beam_pipelines import build_training_data, encode_users
-from benchmarks import emit
+from benchmarks import emit, scratch_dir
 from tfrs_ctx import feature_store as F
 from tfrs_ctx import schema as S
 from tfrs_ctx.data import rawio
@@ -255,14 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(bench_handler(model_dir, raw, batch_size, xla)))
         return 0
 
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_feast_")
     report: dict[str, Any] = {"users": args.users, "cpu_count": os.cpu_count()}
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # Beam's and Feast's progress output
-            run_all(args, workdir, report)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with scratch_dir(args.workdir, "bench_feast_") as work, contextlib.redirect_stdout(sys.stderr):
+        run_all(args, work, report)  # (stdout: Beam's and Feast's progress output)
     emit(report, args.json)
     return 0
 

@@ -20,14 +20,12 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
-from benchmarks import emit
+from benchmarks import emit, scratch_dir
 
 
 def _summary(run: str, wall_s: float) -> dict[str, Any]:
@@ -62,17 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     from tfrs_ctx.sources.synthetic import SyntheticConfig, generate
     from tfrs_ctx.testing import run_training_cluster
 
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_multi_worker_")
     report: dict[str, Any] = {"users": args.users, "cpu_count": os.cpu_count(), "config": "synthetic"}
-    try:
+    with scratch_dir(args.workdir, "bench_multi_worker_") as work:
         with contextlib.redirect_stdout(sys.stderr):
-            raw, data = os.path.join(workdir, "raw"), os.path.join(workdir, "data")
+            raw, data = os.path.join(work, "raw"), os.path.join(work, "data")
             generate(raw, SyntheticConfig(users=args.users, seed=5), progress=False)
             build_training_data.run(["--input", raw, "--output", data], save_main_session=False)
         sets = [f"train.steps_per_epoch={args.steps}", f"train.epochs={args.epochs}", "train.calibration_examples=0"]
         argv_ = ["--config", "synthetic", "--data", data, *(f"--set={o}" for o in sets)]
 
-        one = os.path.join(workdir, "one")
+        one = os.path.join(work, "one")
         start = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "-m", "tfrs_ctx.training.train", *argv_, "--out", one],
@@ -85,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
         report["workers_1"] = _summary(one, time.perf_counter() - start)
 
-        two = os.path.join(workdir, "two")
+        two = os.path.join(work, "two")
         start = time.perf_counter()
         results = run_training_cluster([*argv_, "--out", two], 2, args.timeout)
         for i, r in enumerate(results):
@@ -98,9 +95,6 @@ def main(argv: list[str] | None = None) -> int:
             3,
         )
         report["load_average_1min"] = round(os.getloadavg()[0], 2)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
     emit(report, args.json)
     return 0
 

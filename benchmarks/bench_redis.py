@@ -32,7 +32,6 @@ import contextlib
 import datetime as dt
 import os
 import resource
-import shutil
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import emit
+from benchmarks import emit, scratch_dir
 from benchmarks.bench_feast import bench_reads
 from tfrs_ctx import feature_store as F
 from tfrs_ctx import schema as S
@@ -219,19 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="keep the store here (default: a temp dir, removed)")
     parser.add_argument("--json", default=None, help="also write the report here")
     args = parser.parse_args(argv)
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_redis_")
     report: dict[str, Any] = {
         "users": args.users,
         "dim": args.dim,
         "encodings": "synthetic",
         "cpu_count": os.cpu_count(),
     }
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # Feast's progress output
-            run_all(args, workdir, report)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with scratch_dir(args.workdir, "bench_redis_") as work, contextlib.redirect_stdout(sys.stderr):
+        run_all(args, work, report)  # (stdout: Feast's progress output)
     emit(report, args.json)
     return 0
 
