@@ -77,6 +77,9 @@ USER_ID = "user_id"
 ITEM_ID = "item_id"
 ADVERTISER_ID = "advertiser_id"
 TIMESTAMP = "timestamp"
+QUERY = "query"
+CATEGORY_ID = "category_id"
+NAME = "name"
 EVENT_TYPE = "event_type"
 CATEGORIES = "categories"
 CONFIDENCES = "confidences"
@@ -173,7 +176,25 @@ REQUESTS = Table(  # related-items request log: the real context of each request
     ),
     key=(REQUEST_ID,),
 )
+SEARCH_REQUESTS = Table(  # search surface request log: the query the user typed is the context
+    "search_requests",
+    (
+        Column(REQUEST_ID, "int64"),
+        Column(USER_ID, "int64"),
+        Column(TIMESTAMP, "int64"),
+        Column(QUERY, "string"),  # as typed (the model normalises it in the graph)
+        Column(ITEM_ID, "int64"),  # the ad delivered and converted
+    ),
+    key=(REQUEST_ID,),
+)
+CATEGORY_NAMES = Table(  # the interest taxonomy's names: what synthetic search context is made of
+    "category_names",
+    (Column(CATEGORY_ID, "int64"), Column(NAME, "string")),
+    key=(CATEGORY_ID,),
+)
 RAW_TABLES: dict[str, Table] = {t.name: t for t in (CONVERSIONS, ITEMS, USERS, SUBJECT_ITEMS, REQUESTS)}
+# Tables a dataset holds only where it has the surface they describe (MovieLens has no search).
+OPTIONAL_RAW_TABLES: dict[str, Table] = {t.name: t for t in (SEARCH_REQUESTS, CATEGORY_NAMES)}
 
 
 def raw_table_path(raw_dir: str, table: Table | str) -> str:

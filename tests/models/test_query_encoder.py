@@ -57,7 +57,8 @@ def test_saved_model_serves_raw_strings_and_config_round_trips(tmp_path):
     expected = enc(queries).numpy()
     module = tf.Module()
     module.enc = enc
-    module.serve = tf.function(lambda q: {"query_embedding": enc(q)}, input_signature=[tf.TensorSpec([None], tf.string)])
+    spec = [tf.TensorSpec([None], tf.string)]
+    module.serve = tf.function(lambda q: {"query_embedding": enc(q)}, input_signature=spec)
     tf.saved_model.save(module, str(tmp_path), signatures={"serving_default": module.serve})
     served = tf.saved_model.load(str(tmp_path)).signatures["serving_default"]
     np.testing.assert_allclose(served(q=queries)["query_embedding"].numpy(), expected, atol=1e-6)

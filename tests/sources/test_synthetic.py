@@ -24,9 +24,11 @@ def _generate(path: pathlib.Path, **overrides) -> dict:
 
 def _contents(raw_dir: pathlib.Path) -> dict[str, pd.DataFrame]:
     """Every raw table as one frame (all Parquet parts concatenated in order)."""
+    tables = {**schema.RAW_TABLES, **schema.OPTIONAL_RAW_TABLES}
     return {
         name: pd.concat([pq.read_table(p).to_pandas() for p in table_files(str(raw_dir), table)], ignore_index=True)
-        for name, table in schema.RAW_TABLES.items()
+        for name, table in tables.items()
+        if (raw_dir / name).is_dir()
     }
 
 
@@ -175,3 +177,62 @@ def test_corpus_scaled_defaults_and_limits():
         SyntheticConfig(items=SUBJECT_ID_OFFSET + 1).resolved()
     with pytest.raises(ValueError, match="cannot cover"):
         generate("/nonexistent-never-written", SyntheticConfig(users=1, items=100), progress=False)
+
+
+def _query_matches_label(raw_dir: pathlib.Path) -> float:
+    """Share of search requests whose query shares a word with the name of the label's leaf or top."""
+    names = read_table(str(raw_dir), schema.CATEGORY_NAMES).set_index(schema.CATEGORY_ID)[schema.NAME]
+    items = read_table(str(raw_dir), schema.ITEMS).set_index(schema.ITEM_ID)[schema.CATEGORIES]
+    search = read_table(str(raw_dir), schema.SEARCH_REQUESTS)
+    hits = []
+    for query, ad in zip(search[schema.QUERY], search[schema.ITEM_ID], strict=True):
+        leaf, top = items.loc[ad][:2]
+        words = set(names.loc[leaf].split()) | {names.loc[top]}
+        hits.append(bool(words & set(query.lower().strip("?!").split())))
+    return float(np.mean(hits))
+
+
+def test_search_log_is_an_optional_surface_with_its_own_stream(tmp_path):
+    _generate(tmp_path / "off", seed=4)
+    _generate(tmp_path / "on", seed=4, search_requests_per_user=2.0)
+    off, on = _contents(tmp_path / "off"), _contents(tmp_path / "on")
+    assert not (tmp_path / "off" / schema.SEARCH_REQUESTS.name).exists()
+    # every other table is the same draw; the search conversions join the conversion log
+    _assert_same(off, on, names=("items", "users", "subject_items", "requests", "category_names"))
+    search = on[schema.SEARCH_REQUESTS.name]
+    assert 1.5 * SMALL["users"] < len(search) < 2.5 * SMALL["users"]
+    assert search[schema.REQUEST_ID].tolist() == list(range(1, len(search) + 1))
+    assert len(on["conversions"]) == len(off["conversions"]) + len(search)
+    frames = check_raw_dir(str(tmp_path / "on"))  # the optional tables are validated where present
+    assert len(frames[schema.SEARCH_REQUESTS.name]) == len(search)
+    assert (search[schema.QUERY].str.len() > 0).all()
+
+
+def test_search_strength_controls_query_label_agreement_and_typos_happen(tmp_path):
+    shares = {}
+    for strength in (0.0, 1.0):
+        out = tmp_path / str(strength)
+        _generate(out, seed=6, users=600, search_requests_per_user=2.0, search_strength=strength)
+        shares[strength] = _query_matches_label(out)
+    assert shares[1.0] > 0.6 and shares[0.0] < 0.35 and shares[1.0] > shares[0.0] + 0.35, shares
+    # misspellings: words of the log that no category name, synonym or modifier holds
+    _generate(tmp_path / "typos", seed=6, users=600, search_requests_per_user=2.0, typo_rate=0.5)
+    _generate(tmp_path / "clean", seed=6, users=600, search_requests_per_user=2.0, typo_rate=0.0)
+
+    def vocabulary(raw):
+        return {
+            w for q in read_table(str(raw), schema.SEARCH_REQUESTS)[schema.QUERY] for w in q.lower().strip("?!").split()
+        }
+
+    clean, typos = vocabulary(tmp_path / "clean"), vocabulary(tmp_path / "typos")
+    assert len(typos - clean) > 0.3 * len(clean)
+
+
+def test_an_unknown_ad_in_the_search_log_is_a_clear_error(tmp_path):
+    _generate(tmp_path / "raw", seed=4, search_requests_per_user=1.0)
+    path = table_files(str(tmp_path / "raw"), schema.SEARCH_REQUESTS)[0]
+    frame = pq.read_table(path).to_pandas()
+    frame.loc[3, schema.ITEM_ID] = 10**9
+    frame.to_parquet(path)
+    with pytest.raises(ValueError, match=r"search_requests.*unknown id 1000000000.*items"):
+        check_raw_dir(str(tmp_path / "raw"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -39,6 +40,7 @@ REFERENCES: dict[tuple[str, str], str] = {
     (schema.CONVERSIONS.name, schema.ITEM_ID): schema.ITEMS.name,
     (schema.REQUESTS.name, schema.ITEM_ID): schema.ITEMS.name,
     (schema.REQUESTS.name, schema.SUBJECT_ITEM_ID): schema.SUBJECT_ITEMS.name,
+    (schema.SEARCH_REQUESTS.name, schema.ITEM_ID): schema.ITEMS.name,
 }
 # Closed sets of string values: column -> the values allowed (anything else is a bad row).
 ALLOWED_VALUES: dict[str, frozenset[str]] = {schema.EVENT_TYPE: frozenset(schema.EVENT_TYPES)}
@@ -222,14 +224,19 @@ def check_raw_dir(raw_dir: str) -> dict[str, pd.DataFrame]:
     """Read and validate every raw table of a directory, cross-table references included.
 
     Referenced tables (items, subject items) are checked first, so a broken id column is
-    reported as such rather than as unknown ids elsewhere. Returns the frames by table name.
+    reported as such rather than as unknown ids elsewhere. Optional tables
+    (``schema.OPTIONAL_RAW_TABLES``) are checked where present. Returns the frames by table name.
     """
-    frames = {name: read_table(raw_dir, t) for name, t in schema.RAW_TABLES.items()}
+    tables = {**schema.RAW_TABLES}
+    for name, table in schema.OPTIONAL_RAW_TABLES.items():
+        if os.path.isdir(schema.raw_table_path(raw_dir, table)):
+            tables[name] = table
+    frames = {name: read_table(raw_dir, t) for name, t in tables.items()}
     referenced = sorted(set(REFERENCES.values()))
     for name in referenced:
-        check_table(schema.RAW_TABLES[name], frames[name])
+        check_table(tables[name], frames[name])
     known = {name: set(frames[name][schema.ITEM_ID].tolist()) for name in referenced}
-    for name, table in schema.RAW_TABLES.items():
+    for name, table in tables.items():
         if name not in referenced:
             check_table(table, frames[name], known)
     return frames

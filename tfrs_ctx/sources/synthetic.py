@@ -42,6 +42,7 @@ import pyarrow as pa
 
 from tfrs_ctx import schema
 from tfrs_ctx.data.rawio import TableWriter
+from tfrs_ctx.sources.search_log import SearchWorld
 
 START_TIMESTAMP = 1_704_067_200  # 2024-01-01 UTC
 SUBJECT_ID_OFFSET = 10_000_000
@@ -69,6 +70,10 @@ class SyntheticConfig:
     subject_from_interest: float = 0.2
     days: int = 180
     missing_demographic: float = 0.05
+    search_requests_per_user: float = 0.0  # the search surface's log (off until the pipeline reads it)
+    search_strength: float = 0.75  # share of search conversions that follow the query's intent
+    search_from_interest: float = 0.5  # share of queries about one of the user's own interests
+    typo_rate: float = 0.08  # share of query words (4+ letters) misspelt
     chunk_users: int = 50_000
     chunk_items: int = 500_000  # ads (and subject items) drawn and written per Parquet part
 
@@ -101,6 +106,8 @@ class _World:
         self.advertisers_of_top = [np.flatnonzero(top_adv == t) for t in range(cfg.num_top)]
         self.ads = self._corpus(cfg.items, rng, with_advertiser=True)
         self.subjects = self._corpus(cfg.subject_items, rng, with_advertiser=False)
+        # its own stream, so the other tables do not depend on the search surface's words
+        self.search = SearchWorld(cfg.num_top, cfg.leaves_per_top, np.random.default_rng([cfg.seed, 4]))
 
     def category_id(self, leaf: np.ndarray) -> np.ndarray:
         return (self.leaf_top[leaf] + 1) * 1000 + self.leaf_index[leaf] + 1
@@ -181,9 +188,9 @@ def _user_chunk(world: _World, cfg: SyntheticConfig, first_user: int, n: int, rn
     weights = rng.dirichlet(np.ones(k), size=n)
     start = rng.uniform(0, 0.3 * span, n)
 
-    def interest_leaf(owner: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def interest_leaf(owner: np.ndarray, t: np.ndarray, r: np.random.Generator = rng) -> np.ndarray:
         cum = np.cumsum(weights[owner], axis=1)
-        slot = np.minimum((rng.random(len(owner))[:, None] > cum).sum(1), k - 1)
+        slot = np.minimum((r.random(len(owner))[:, None] > cum).sum(1), k - 1)
         moved = t >= switch[owner, slot]
         return np.where(moved, late[owner, slot], early[owner, slot])
 
@@ -206,12 +213,25 @@ def _user_chunk(world: _World, cfg: SyntheticConfig, first_user: int, n: int, rn
     from_context = rng.random(len(r_owner)) < cfg.context_strength
     label = world.pick(world.ads, np.where(from_context, subject_leaf, interest_leaf(r_owner, r_t)), rng)
 
+    # Search requests (own stream: the other tables are the same with or without them).
+    srng = np.random.default_rng([cfg.seed, 3, first_user])
+    s_owner = np.repeat(np.arange(n), srng.poisson(cfg.search_requests_per_user, n))
+    s_t = start[s_owner] + srng.random(len(s_owner)) * (span - start[s_owner])
+    intent = np.where(
+        srng.random(len(s_owner)) < cfg.search_from_interest,
+        interest_leaf(s_owner, s_t, srng),
+        world.random_leaves(len(s_owner), srng),
+    )
+    queries, query_leaf = world.search.queries(intent, world.leaf_pop, cfg.typo_rate, srng)
+    s_from_query = srng.random(len(s_owner)) < cfg.search_strength
+    s_label = world.pick(world.ads, np.where(s_from_query, query_leaf, interest_leaf(s_owner, s_t, srng)), srng)
+
     # The requests' conversions join the log (checkouts at the request time).
-    all_owner = np.concatenate([owner, r_owner])
-    all_t = np.concatenate([t, r_t]).astype(np.int64) + START_TIMESTAMP
-    all_ads = np.concatenate([ads, label])
+    all_owner = np.concatenate([owner, r_owner, s_owner])
+    all_t = np.concatenate([t, r_t, s_t]).astype(np.int64) + START_TIMESTAMP
+    all_ads = np.concatenate([ads, label, s_label])
     checkout = schema.EVENT_TYPES.index(schema.EVENT_CHECKOUT)
-    all_type = np.concatenate([etype, np.full(len(r_owner), checkout, dtype=np.int64)])
+    all_type = np.concatenate([etype, np.full(len(r_owner) + len(s_owner), checkout, dtype=np.int64)])
     order = np.lexsort((all_t, all_owner))
     conversions = {
         schema.USER_ID: users[all_owner[order]],
@@ -229,6 +249,15 @@ def _user_chunk(world: _World, cfg: SyntheticConfig, first_user: int, n: int, rn
         schema.ITEM_ID: label[r_order] + 1,
     }
 
+    s_order = np.lexsort((s_t, s_owner))
+    search = {
+        schema.REQUEST_ID: None,  # numbered by the caller
+        schema.USER_ID: users[s_owner[s_order]],
+        schema.TIMESTAMP: s_t[s_order].astype(np.int64) + START_TIMESTAMP,
+        schema.QUERY: [queries[i] for i in s_order],
+        schema.ITEM_ID: s_label[s_order] + 1,
+    }
+
     def demographic(values: tuple[str, ...]) -> list:
         picked = np.asarray(values, dtype=object)[rng.integers(0, len(values), n)]
         picked[rng.random(n) < cfg.missing_demographic] = None
@@ -240,7 +269,7 @@ def _user_chunk(world: _World, cfg: SyntheticConfig, first_user: int, n: int, rn
         schema.COUNTRY: demographic(COUNTRIES),
         schema.GENDER: demographic(GENDERS),
     }
-    return {"conversions": conversions, "requests": requests, "users": users_table}
+    return {"conversions": conversions, "requests": requests, "users": users_table, "search_requests": search}
 
 
 def generate(out_dir: str, cfg: SyntheticConfig, progress: bool = True) -> dict:
@@ -249,7 +278,11 @@ def generate(out_dir: str, cfg: SyntheticConfig, progress: bool = True) -> dict:
     cfg = cfg.resolved()
     rng = np.random.default_rng(cfg.seed)
     world = _World(cfg, rng)
-    writers = {t.name: TableWriter(out_dir, t) for t in schema.RAW_TABLES.values()}
+    tables = [*schema.RAW_TABLES.values(), schema.CATEGORY_NAMES]
+    if cfg.search_requests_per_user > 0:
+        tables.append(schema.SEARCH_REQUESTS)
+    writers = {t.name: TableWriter(out_dir, t) for t in tables}
+    writers[schema.CATEGORY_NAMES.name].write(world.search.category_names(world.category_id))
     for stream, (name, corpus, n, first_id) in enumerate(
         (
             ("items", world.ads, cfg.items, 1),
@@ -267,17 +300,18 @@ def generate(out_dir: str, cfg: SyntheticConfig, progress: bool = True) -> dict:
             writers[name].write({**columns, schema.CATEGORIES: cats, schema.CONFIDENCES: confs})
     from tqdm import tqdm
 
-    n_requests = 0
+    numbered = {"requests": 0, "search_requests": 0}  # request ids so far, per request log
     bar = tqdm(total=cfg.users, desc="generate users", unit="user", disable=not progress, file=sys.stderr)
     for first in range(0, cfg.users, cfg.chunk_users):
         n = min(cfg.chunk_users, cfg.users - first)
         chunk = _user_chunk(world, cfg, first, n, np.random.default_rng([cfg.seed, first]))
-        chunk["requests"][schema.REQUEST_ID] = (
-            np.arange(n_requests, n_requests + len(chunk["requests"][schema.USER_ID])) + 1
-        )
-        n_requests += len(chunk["requests"][schema.USER_ID])
-        for name in ("conversions", "requests", "users"):
-            writers[name].write(chunk[name])
+        for log, done in numbered.items():
+            count = len(chunk[log][schema.USER_ID])
+            chunk[log][schema.REQUEST_ID] = np.arange(done, done + count) + 1
+            numbered[log] += count
+        for name in ("conversions", "requests", "users", "search_requests"):
+            if name in writers:
+                writers[name].write(chunk[name])
         bar.update(n)
     bar.close()
     seconds = time.perf_counter() - t0
