@@ -2,9 +2,10 @@
 
     python -m beam_pipelines.build_training_data --input RAW_DIR --output DATA_DIR \\
         [--cutoff TS] [--eval_fraction 0.2] [--context_drop_prob 0.3] [--context_weight_jitter 0.2] \\
-        [--max_targets_per_user 0] [--sequence_stride 25] [--num_shards 4 (0: runner-decided)] [--seed 0]
+        [--max_targets_per_user 0] [--sequence_stride 25] [--num_shards 4] [--seed 0]
         [Beam options, e.g.
-        --direct_running_mode=multi_processing --direct_num_workers=2 | --runner=DataflowRunner ...]
+        --direct_running_mode=multi_processing --direct_num_workers=2 |
+        --runner DaskRunner [--dask_workers 2 | --dask_client_address tcp://HOST:8786] | --runner=DataflowRunner ...]
 
 Time split
 ----------
@@ -47,12 +48,16 @@ equal the rows kept (``metadata.json`` ``rows``) plus the dead letters (``dead_l
 
 Outputs (names from :mod:`tfrs_ctx.schema`): ``DATA_DIR/<split>/part-*-of-N.tfrecord.gz``,
 ``vocab/<name>.txt``, ``item_counts.tsv``, ``corpus.parquet``, ``metadata.json`` and
-``dead_letter/<table>-*.jsonl`` (rows that fail validation, with the reason; counted in the
-Beam metrics ``tfrs_ctx/dead_letter_<table>`` and in the metadata).
+``dead_letter/<table>-*.jsonl`` (rows that fail validation, with the reason). Every count
+(examples per split, dead letters, rows, users) is computed in the pipeline from the outputs
+themselves and written into ``metadata.json`` by its last step (also bumped as Beam metrics
+``tfrs_ctx/<name>``, never read back).
 
 The default runner is the DirectRunner, run in-process (``--direct_running_mode=in_memory``)
 or with worker processes (``multi_processing``); Beam's switch to the Prism runner (which
-downloads a binary) is never attempted.
+downloads a binary) is never attempted. ``--runner DaskRunner`` runs the same pipeline on a
+``dask.distributed`` cluster with the same output: it is built only from the portable subset
+of :mod:`beam_pipelines.portable` (docs/beam/dask_runner.md).
 """
 
 from __future__ import annotations
@@ -134,7 +139,7 @@ class BuildDataOptions(OutputOptions):
         add("--context_weight_jitter", type=float, default=0.2, help="synthetic context: weight *= U(1-j, 1+j)")
         add("--max_targets_per_user", type=int, default=0, help="keep the last N training targets (0: all)")
         add("--sequence_stride", type=int, default=S.SEQUENCE_STRIDE, help="targets between sequence windows' ends")
-        add("--num_shards", type=int, default=4, help="TFRecord shards per split (0: one per bundle, no shuffle)")
+        add("--num_shards", type=int, default=4, help="TFRecord shards per split (0: 4)")
         add("--seed", type=int, default=0, help="seed of the synthetic-context randomness")
 
 

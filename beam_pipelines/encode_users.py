@@ -2,7 +2,8 @@
 
     python -m beam_pipelines.encode_users --raw RAW_DIR --model models/encoder --output STORE_DIR \\
         [--full] [--as_of TS] [--event_timestamp TS] [--min_batch_size 64] [--max_batch_size 512] \\
-        [--output_shards 0] [--xla] [Beam options, e.g. --direct_running_mode=multi_processing --direct_num_workers=2]
+        [--output_shards 1] [--xla] [Beam options, e.g. --direct_running_mode=multi_processing --direct_num_workers=2
+        | --runner DaskRunner [--dask_workers 2 | --dask_client_address tcp://HOST:8786]]
 
 What it does
 ------------
@@ -21,7 +22,9 @@ What it does
    newest conversion in the data), time gaps bucketed relative to it, left-padded; raw ids and
    event-type strings, as the encoder signature takes them.
 4. Runs the encoder with Beam ``RunInference`` (:class:`EncoderModelHandler`: the multi-input
-   SavedModel signature loaded once per worker process, batches of user dicts).
+   SavedModel signature loaded once per worker process) on batches of up to
+   ``--max_batch_size`` user dicts, formed per join group (``with_no_batching``: no
+   ``BatchElements``, which loses batches on the DaskRunner).
 5. Writes Parquet a Feast ``FileSource`` reads (names from :mod:`tfrs_ctx.schema`):
    ``STORE_DIR/user_encodings/run-<event_ts>-v<version>-part-*.parquet`` (``user_id``,
    ``event_timestamp``, ``encoded_history`` list<float32>, ``history_length``,
@@ -35,10 +38,13 @@ Every output row is stamped ``event_timestamp`` = the run's ``--event_timestamp`
 now; always later than the previous run's), so ``feast materialize-incremental <now>``
 picks up exactly what a run wrote. Outputs are staged under ``STORE_DIR/.staging/`` and
 moved into place only after the pipeline succeeded; the state file is updated last. A user
-with no conversions gets no row. Users encoded / skipped are Beam metrics, printed at the end.
+with no conversions gets no row. Users encoded / skipped, rows and dead letters are counted in
+the pipeline itself (its last step writes them to the run's summary), printed at the end.
 
 Runs on the DirectRunner by default (in-process, or ``multi_processing`` workers) without
-Beam's switch to the Prism runner; ``--runner`` picks any other Beam runner.
+Beam's switch to the Prism runner; ``--runner DaskRunner`` runs it on a ``dask.distributed``
+cluster (:mod:`beam_pipelines.runner`) with the same output; ``--runner`` picks any other Beam
+runner.
 """
 
 from __future__ import annotations
@@ -126,9 +132,9 @@ class EncodeUsersOptions(OutputOptions):
         add("--full", action="store_true", default=False, help="encode every user, not only users with new events")
         add("--as_of", type=int, default=None, help="reference time (unix s); default: the newest conversion")
         add("--event_timestamp", type=int, default=None, help="timestamp of the rows written (unix s); default now")
-        add("--min_batch_size", type=int, default=64, help="RunInference: smallest batch of users")
+        add("--min_batch_size", type=int, default=64, help="unused (batches: up to --max_batch_size)")
         add("--max_batch_size", type=int, default=512, help="RunInference: largest batch of users")
-        add("--output_shards", type=int, default=0, help="encoding files per run (0: runner-decided)")
+        add("--output_shards", type=int, default=0, help="encoding files per run (0: 1)")
         add("--xla", action="store_true", default=False, help="encoder with XLA auto-clustering (fresh workers)")
 
 
