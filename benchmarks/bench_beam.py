@@ -1,7 +1,10 @@
 """Benchmark both Beam pipelines on each runner: the DirectRunner's modes and the DaskRunner.
 
     python -m benchmarks.bench_beam --events 1000000 [--workers 2] \\
-        [--runs direct:in_memory,direct:multi_processing,dask] [--model models/encoder] [--json PATH]
+        [--runs direct:in_memory,direct:multi_processing(,dask)] [--model models/encoder] [--json PATH]
+
+    # both pipelines on both runners, in one run (the README's DaskRunner figures)
+    python -m benchmarks.bench_beam --events 100000 --runs direct:in_memory,dask --model models/encoder
 
 Generates synthetic raw tables with about ``--events`` conversions (users = events / 30), then
 runs the training-data pipeline (``build``) and, with ``--model`` (an encoder SavedModel base
@@ -151,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000, help="conversion events to generate (about)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (multi_processing, dask)")
-    parser.add_argument("--runs", default="direct:in_memory,direct:multi_processing,dask", help="comma-separated")
+    parser.add_argument(
+        "--runs",
+        default="direct:in_memory,direct:multi_processing",
+        help="comma-separated: direct:in_memory, direct:multi_processing, dask",
+    )
     parser.add_argument("--model", default=None, help="encoder SavedModel base path: also run encode_users")
     parser.add_argument("--workdir", default=None, help="where to put raw and output data (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
