@@ -2,9 +2,10 @@
 
     python -m beam_pipelines.build_training_data --input RAW_DIR --output DATA_DIR \\
         [--cutoff TS] [--eval_fraction 0.2] [--context_drop_prob 0.3] [--context_weight_jitter 0.2] \\
-        [--max_targets_per_user 0] [--sequence_stride 25] [--num_shards 4 (0: runner-decided)] [--seed 0]
+        [--max_targets_per_user 0] [--sequence_stride 25] [--num_shards 4] [--seed 0]
         [Beam options, e.g.
-        --direct_running_mode=multi_processing --direct_num_workers=2 | --runner=DataflowRunner ...]
+        --direct_running_mode=multi_processing --direct_num_workers=2 |
+        --runner DaskRunner [--dask_workers 2 | --dask_client_address tcp://HOST:8786] | --runner=DataflowRunner ...]
 
 Time split
 ----------
@@ -47,12 +48,16 @@ equal the rows kept (``metadata.json`` ``rows``) plus the dead letters (``dead_l
 
 Outputs (names from :mod:`tfrs_ctx.schema`): ``DATA_DIR/<split>/part-*-of-N.tfrecord.gz``,
 ``vocab/<name>.txt``, ``item_counts.tsv``, ``corpus.parquet``, ``metadata.json`` and
-``dead_letter/<table>-*.jsonl`` (rows that fail validation, with the reason; counted in the
-Beam metrics ``tfrs_ctx/dead_letter_<table>`` and in the metadata).
+``dead_letter/<table>-*.jsonl`` (rows that fail validation, with the reason). Every count
+(examples per split, dead letters, rows, users) is computed in the pipeline from the outputs
+themselves and written into ``metadata.json`` by its last step (also bumped as Beam metrics
+``tfrs_ctx/<name>``, never read back).
 
 The default runner is the DirectRunner, run in-process (``--direct_running_mode=in_memory``)
 or with worker processes (``multi_processing``); Beam's switch to the Prism runner (which
-downloads a binary) is never attempted.
+downloads a binary) is never attempted. ``--runner DaskRunner`` runs the same pipeline on a
+``dask.distributed`` cluster with the same output: it is built only from the portable subset
+of :mod:`beam_pipelines.portable` (docs/beam/dask_runner.md).
 """
 
 from __future__ import annotations
@@ -72,25 +77,38 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
-from apache_beam.transforms.stats import ApproximateQuantiles
+from apache_beam.transforms.stats import ApproximateQuantilesCombineFn
 
 from beam_pipelines.combiners import LastTargets, MergeCounts, MergeDemographics, StatsFn, demographic_counts
-from beam_pipelines.runner import NAMESPACE, OutputOptions, cli_main, counters, make_runner
-from beam_pipelines.tables import (
+from beam_pipelines.portable import (
+    AUTO_SHARDS,
+    COUNT,
     DEAD,
+    JOIN_GROUPS,
+    MAIN,
+    Sink,
+    combine_globally,
+    count,
+    finish,
+    gather,
+    group_key,
+    out,
+    split,
+    with_context,
+    write_shards,
+)
+from beam_pipelines.runner import OutputOptions, cli_main, run_pipeline
+from beam_pipelines.tables import (
     DEAD_LETTER_DIR,
     STATS,
     USER_BATCH,
-    count_row,
     keep_first,
     known_ids,
     small_table,
@@ -121,7 +139,7 @@ class BuildDataOptions(OutputOptions):
         add("--context_weight_jitter", type=float, default=0.2, help="synthetic context: weight *= U(1-j, 1+j)")
         add("--max_targets_per_user", type=int, default=0, help="keep the last N training targets (0: all)")
         add("--sequence_stride", type=int, default=S.SEQUENCE_STRIDE, help="targets between sequence windows' ends")
-        add("--num_shards", type=int, default=4, help="TFRecord shards per split (0: one per bundle, no shuffle)")
+        add("--num_shards", type=int, default=4, help="TFRecord shards per split (0: 4)")
         add("--seed", type=int, default=0, help="seed of the synthetic-context randomness")
 
 
@@ -164,24 +182,32 @@ class BuildConfig:
 # --------------------------------------------------------------------------------------
 
 
-class SplitDuplicateRequests(beam.DoFn):
-    """Validated request blocks -> blocks without the duplicated request ids, and those rows (``DUP``)."""
-
-    def process(self, block: tuple[int, tuple], duplicated: frozenset) -> Iterator[Any]:
+def split_duplicate_requests(duplicated: frozenset, blocks: Iterable[tuple[int, tuple]]) -> Iterator[tuple]:
+    """Validated request blocks -> blocks without the duplicated request ids (``MAIN``), and those rows (``DUP``)."""
+    wanted = np.fromiter(duplicated, dtype=np.int64, count=len(duplicated))
+    for block in blocks:
         user, packed = block
         if not duplicated:
-            yield block
-            return
+            yield out(MAIN, block)
+            continue
         b = T.unpack_block(packed)
-        dup = np.isin(b[S.REQUEST_ID], np.fromiter(duplicated, dtype=np.int64, count=len(duplicated)))
+        dup = np.isin(b[S.REQUEST_ID], wanted)
         if not dup.any():
-            yield block
-            return
+            yield out(MAIN, block)
+            continue
         for i in np.flatnonzero(dup):
             row = {S.USER_ID: user, **{name: int(values[i]) for name, values in b.items()}}
-            yield beam.pvalue.TaggedOutput(DUP, (row[S.REQUEST_ID], row))
+            yield out(DUP, (row[S.REQUEST_ID], row))
         if not dup.all():
-            yield user, T.pack_block({name: values[~dup] for name, values in b.items()})
+            yield out(MAIN, (user, T.pack_block({name: values[~dup] for name, values in b.items()})))
+
+
+def keep_first_request(kv: tuple[int, Iterable[Mapping]]) -> Iterator[tuple]:
+    """One request row per id (``MAIN``); the others are dead letters, taken back from ``rows_requests``."""
+    for tag, value in keep_first(S.REQUESTS, kv):
+        yield tag, value
+        if tag == DEAD:
+            yield count(f"rows_{S.REQUESTS.name}", -1)
 
 
 def request_block(row: Mapping[str, int]) -> tuple[int, tuple]:
@@ -190,32 +216,40 @@ def request_block(row: Mapping[str, int]) -> tuple[int, tuple]:
     return int(row[S.USER_ID]), T.pack_block(data)
 
 
-def dedupe_requests(blocks: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-    """Validated request blocks with one row per ``request_id``, and the duplicates' dead letters.
+def by_user(block: tuple[int, Any]) -> tuple[int, tuple[int, Any]]:
+    """Key a per-user element by its user's join group."""
+    return group_key(block[0]), block
+
+
+def dedupe_requests(blocks: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection, beam.PCollection]:
+    """Validated request blocks with one row per ``request_id``, the duplicates' dead letters, counts.
 
     Request ids seen more than once are found first (normally none: the blocks then pass
     through untouched); their rows are grouped by id and :func:`keep_first` keeps one.
     """
-    name = S.REQUESTS.name
-    duplicated = (
+    ids = (
         blocks
         | "RequestIds" >> beam.FlatMap(lambda b: T.unpack_block(b[1])[S.REQUEST_ID].tolist())
         | "CountRequestIds" >> beam.combiners.Count.PerElement()
         | "DuplicatedIds" >> beam.FlatMap(lambda kv: [kv[0]] if kv[1] > 1 else [])
-        | "DuplicatedList" >> beam.combiners.ToList()
-        | "DuplicatedSet" >> beam.Map(frozenset)
     )
-    split = blocks | "SplitDuplicateRequests" >> beam.ParDo(
-        SplitDuplicateRequests(), duplicated=beam.pvalue.AsSingleton(duplicated)
-    ).with_outputs(DUP, main="blocks")
+    listed = combine_globally("DuplicatedList", ids, beam.combiners.ToListCombineFn())
+    duplicated = listed | "DuplicatedSet" >> beam.Map(frozenset)
+    keyed = blocks | "KeyRequestBlocks" >> beam.Map(by_user)
+    split_blocks = split(
+        with_context("SplitDuplicateRequests", keyed, duplicated, range(JOIN_GROUPS), split_duplicate_requests),
+        "SplitDuplicates",
+        (MAIN, DUP),
+    )
     kept = (
-        split[DUP]
+        split_blocks[DUP]
         | "GroupDuplicateRequests" >> beam.GroupByKey()
-        | "KeepFirstRequest" >> beam.FlatMap(lambda kv: keep_first(S.REQUESTS, kv)).with_outputs(DEAD, main="rows")
+        | "KeepFirstRequest" >> beam.FlatMap(keep_first_request)
     )
-    dead = kept[DEAD] | "UncountDuplicateRequests" >> beam.Map(count_row, name, -1)
-    kept_blocks = kept.rows | "KeptRequestBlocks" >> beam.Map(request_block)
-    return (split.blocks, kept_blocks) | "DedupedRequests" >> beam.Flatten(), dead
+    kept = split(kept, "SplitKeptRequests", (MAIN, DEAD, COUNT))
+    kept_blocks = kept[MAIN] | "KeptRequestBlocks" >> beam.Map(request_block)
+    deduped = (split_blocks[MAIN], kept_blocks) | "DedupedRequests" >> beam.Flatten()
+    return deduped, kept[DEAD], kept[COUNT]
 
 
 QUANTILES = 1001  # request-timestamp quantiles computed (0.1% resolution of --eval_fraction)
@@ -249,91 +283,122 @@ def compute_cutoff(
 # --------------------------------------------------------------------------------------
 # Per-user work
 # --------------------------------------------------------------------------------------
-def assemble_user(item: tuple[int, Mapping[str, Sequence]]) -> Iterator[T.UserData]:
+def assemble_user(item: tuple[int, Mapping[str, Sequence]]) -> Iterator[tuple]:
     """One user's grouped blocks and users row -> :class:`tfrs_ctx.data.examples.UserData` (none without events)."""
     user_id, grouped = item
     rows = list(grouped[S.USERS.name])
     conversions, requests = list(grouped[S.CONVERSIONS.name]), list(grouped[S.REQUESTS.name])
     if not conversions and not requests:
-        Metrics.counter(NAMESPACE, "users_without_events").inc()
+        yield count("users_without_events")
         return
     if not rows:
-        Metrics.counter(NAMESPACE, "users_without_users_row").inc()
-    Metrics.counter(NAMESPACE, "users").inc()
+        yield count("users_without_users_row")
+    yield count("users")
     conversions, requests = [T.unpack_block(b) for b in conversions], [T.unpack_block(b) for b in requests]
-    yield T.UserData(
-        int(user_id),
-        T.UserEvents.from_blocks(conversions),
-        T.UserRequests.from_blocks(requests),
-        dict(rows[0]) if rows else None,
+    yield out(
+        MAIN,
+        T.UserData(
+            int(user_id),
+            T.UserEvents.from_blocks(conversions),
+            T.UserRequests.from_blocks(requests),
+            dict(rows[0]) if rows else None,
+        ),
     )
 
 
-def block_target_counts(block: tuple[int, tuple], cutoff: int) -> Counter:
-    """Item counts of a block's training targets (every conversion before the cutoff)."""
-    b = T.unpack_block(block[1])
-    items, counts = np.unique(b[S.ITEM_ID][b[S.TIMESTAMP] < cutoff], return_counts=True)
-    return Counter(dict(zip(items.tolist(), counts.tolist(), strict=True)))
+def block_target_counts(cutoff: int, blocks: Iterable[tuple[int, tuple]]) -> Iterator[Counter]:
+    """Item counts of each block's training targets (every conversion before the cutoff)."""
+    for block in blocks:
+        b = T.unpack_block(block[1])
+        items, counts = np.unique(b[S.ITEM_ID][b[S.TIMESTAMP] < cutoff], return_counts=True)
+        yield Counter(dict(zip(items.tolist(), counts.tolist(), strict=True)))
 
 
-def block_targets(block: tuple[int, tuple], cutoff: int) -> tuple[int, list[tuple[int, int]]]:
-    """A block's training targets as ``(timestamp, item_id)`` pairs, keyed by user."""
-    user, b = block[0], T.unpack_block(block[1])
-    before = b[S.TIMESTAMP] < cutoff
-    return user, list(zip(b[S.TIMESTAMP][before].tolist(), b[S.ITEM_ID][before].tolist(), strict=True))
+def block_targets(cutoff: int, blocks: Iterable[tuple[int, tuple]]) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+    """Each block's training targets as ``(timestamp, item_id)`` pairs, keyed by user."""
+    for block in blocks:
+        user, b = block[0], T.unpack_block(block[1])
+        before = b[S.TIMESTAMP] < cutoff
+        yield user, list(zip(b[S.TIMESTAMP][before].tolist(), b[S.ITEM_ID][before].tolist(), strict=True))
 
 
-def kept_target_counts(user_targets: tuple[int, tuple[int, list]]) -> Counter:
+def kept_target_counts(user_targets: tuple[int, tuple[int, list]]) -> Iterator[tuple]:
     total, kept = user_targets[1]
     if total > len(kept):
-        Metrics.counter(NAMESPACE, "train_targets_dropped_max_targets").inc(total - len(kept))
-    return Counter(item for _, item in kept)
+        yield count("train_targets_dropped_max_targets", total - len(kept))
+    yield out(MAIN, Counter(item for _, item in kept))
 
 
-def item_counts(blocks: beam.PCollection, cutoff: beam.PCollection, max_targets: int) -> beam.PCollection:
-    """Training-target counts per item id (a one-element PCollection), from the validated blocks."""
+def item_counts(
+    blocks: beam.PCollection, cutoff: beam.PCollection, max_targets: int
+) -> tuple[beam.PCollection, beam.PCollection]:
+    """Training-target counts per item id (a one-element PCollection), from the validated blocks; counts."""
+    keyed = blocks | "KeyConversionBlocks" >> beam.Map(by_user)
+    groups = range(JOIN_GROUPS)
     if not max_targets:
-        per_block = blocks | "TargetCounts" >> beam.Map(block_target_counts, beam.pvalue.AsSingleton(cutoff))
+        per_block = with_context("TargetCounts", keyed, cutoff, groups, block_target_counts)
+        dropped = blocks.pipeline | "NoDroppedTargets" >> beam.Create([])
     else:
-        per_block = (
-            blocks
-            | "Targets" >> beam.Map(block_targets, beam.pvalue.AsSingleton(cutoff))
+        kept = (
+            with_context("Targets", keyed, cutoff, groups, block_targets)
             | "LastTargets" >> beam.CombinePerKey(LastTargets(max_targets))
-            | "TargetCounts" >> beam.Map(kept_target_counts)
+            | "TargetCounts" >> beam.FlatMap(kept_target_counts)
         )
-    return per_block | "ItemCounts" >> beam.CombineGlobally(MergeCounts())
+        kept = split(kept, "SplitTargetCounts", (MAIN, COUNT))
+        per_block, dropped = kept[MAIN], kept[COUNT]
+    return combine_globally("ItemCounts", per_block, MergeCounts()), dropped
 
 
-def build_lookups(_: Any, items: list, subjects: list, counts: dict, stats: tuple, demographics: dict) -> T.Lookups:
-    vocabs = T.build_vocabularies(items, subjects, counts, stats[2], demographics)
-    return T.Lookups.build(vocabs, items, subjects, counts)
+@dataclasses.dataclass(frozen=True)
+class BuildContext:
+    """What every batch of users needs: the lookups, the cutoff, the item counts."""
+
+    lookups: T.Lookups
+    cutoff: int
+    counts: dict
 
 
-class BuildExamples(beam.DoFn):
-    """Serialised examples of a batch of users, one tagged output per split."""
+def build_context(g: Mapping[str, list]) -> BuildContext:
+    (counts,), (stats,), (demographics,), (cutoff,) = g["counts"], g["stats"], g["demographics"], g["cutoff"]
+    vocabs = T.build_vocabularies(g["items"], g["subjects"], counts, stats[2], demographics)
+    return BuildContext(T.Lookups.build(vocabs, g["items"], g["subjects"], counts), int(cutoff), counts)
+
+
+def _batches(values: Iterable[Any], size: int) -> Iterator[list]:
+    batch: list = []
+    for value in values:
+        batch.append(value)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class BuildExamples:
+    """Serialised examples of a join group's users (in batches of ``USER_BATCH``), tagged by split."""
 
     def __init__(self, config: BuildConfig):
         self.config = config
 
-    def process(self, users: Sequence[T.UserData], lookups: T.Lookups, cutoff: int) -> Iterator[Any]:
+    def __call__(self, context: BuildContext, users: Iterable[T.UserData]) -> Iterator[tuple]:
         options = T.ExampleOptions(
-            cutoff=cutoff,
+            cutoff=context.cutoff,
             context_drop_prob=self.config.context_drop_prob,
             context_weight_jitter=self.config.context_weight_jitter,
             max_targets_per_user=self.config.max_targets_per_user,
             seed=self.config.seed,
             sequence_stride=self.config.sequence_stride,
         )
-        per_split = T.batch_examples(users, lookups, options)
-        for split in S.SPLITS:
-            serialized = serialize_examples(per_split[split], S.split_features(split))
-            Metrics.counter(NAMESPACE, f"examples_{split}").inc(len(serialized))
-            for record in serialized:
-                yield beam.pvalue.TaggedOutput(split, record)
-        sequences = per_split[S.SPLIT_TRAIN_SEQUENCES]
-        Metrics.counter(NAMESPACE, "train_sequence_targets").inc(int((sequences[S.SEQ_LABEL_ITEM] != S.PAD_ID).sum()))
-        for request_id, items in T.eval_consumed(users, lookups, cutoff):
-            yield beam.pvalue.TaggedOutput(CONSUMED, json.dumps({S.REQUEST_ID: request_id, S.CONSUMED_ITEMS: items}))
+        for batch in _batches(users, USER_BATCH):
+            per_split = T.batch_examples(batch, context.lookups, options)
+            for split_name in S.SPLITS:
+                for record in serialize_examples(per_split[split_name], S.split_features(split_name)):
+                    yield split_name, record
+            sequences = per_split[S.SPLIT_TRAIN_SEQUENCES]
+            yield count("train_sequence_targets", int((sequences[S.SEQ_LABEL_ITEM] != S.PAD_ID).sum()))
+            for request_id, items in T.eval_consumed(batch, context.lookups, context.cutoff):
+                yield CONSUMED, json.dumps({S.REQUEST_ID: request_id, S.CONSUMED_ITEMS: items})
 
 
 # --------------------------------------------------------------------------------------
@@ -367,22 +432,37 @@ def _arrow_type(name: str) -> Any:
     return pa.list_(scalar) if f.shape else scalar
 
 
-def write_artifacts(lookups: T.Lookups, output: str, cutoff: int, counts: dict, config: BuildConfig) -> dict:
-    """Vocabularies, item counts, corpus and the metadata (counts filled in after the run)."""
+def write_artifacts(context: BuildContext, output: str, config: BuildConfig) -> dict:
+    """Vocabularies, item counts and corpus; returns the metadata (counts filled in by :func:`finalize_metadata`)."""
+    lookups, counts = context.lookups, context.counts
     for name, vocab in lookups.vocabularies.items():
         write_bytes(os.path.join(output, S.VOCAB_DIR, S.vocab_filename(name)), vocab_text(vocab.values).encode())
     item_counts = "".join(f"{v}\t{counts.get(int(v), 0)}\n" for v in lookups.vocabularies[S.VOCAB_ITEM].values)
     write_bytes(os.path.join(output, S.ITEM_COUNTS_FILE), item_counts.encode())
     write_bytes(os.path.join(output, S.CORPUS_FILE), corpus_parquet(lookups))
-    metadata = {
+    return {
         "schema_version": S.SCHEMA_VERSION,
-        "cutoff_timestamp": int(cutoff),
+        "cutoff_timestamp": int(context.cutoff),
         "vocab_sizes": {name: v.size for name, v in lookups.vocabularies.items()},
         "train_targets": int(sum(counts.values())),
         "options": dataclasses.asdict(config),
     }
+
+
+def finalize_metadata(output: str, totals: Mapping[str, int], metadata: dict) -> dict:
+    """Write the metadata file with the run's counts (examples per split, dead letters, rows)."""
+    metadata = dict(metadata)
+    metadata["counts"] = {split: totals.get(f"examples_{split}", 0) for split in S.SPLITS}
+    metadata["train_sequence_targets"] = totals.get("train_sequence_targets", 0)
+    metadata["dead_letter"] = {name: totals.get(f"dead_letter_{name}", 0) for name in S.RAW_TABLES}
+    metadata["rows"] = {name: totals.get(f"rows_{name}", 0) for name in S.RAW_TABLES}
+    metadata["pipeline_counters"] = dict(sorted(totals.items()))
     write_bytes(os.path.join(output, S.METADATA_FILE), json.dumps(metadata, indent=2).encode())
     return metadata
+
+
+def _finalize(totals: dict, gathered: dict, output: str) -> dict:
+    return finalize_metadata(output, totals, gathered["metadata"][0])
 
 
 # --------------------------------------------------------------------------------------
@@ -390,35 +470,45 @@ def write_artifacts(lookups: T.Lookups, output: str, cutoff: int, counts: dict, 
 # --------------------------------------------------------------------------------------
 
 
-def build_pipeline(p: beam.Pipeline, config: BuildConfig) -> None:
-    """Wire every transform of the training-data pipeline into ``p``."""
-    raw, out = config.input, config.output
-    dead: dict[str, list] = {}
-    items, dead[S.ITEMS.name] = small_table(p, raw, S.ITEMS)
-    subjects, dead[S.SUBJECT_ITEMS.name] = small_table(p, raw, S.SUBJECT_ITEMS)
-    users, dead[S.USERS.name] = small_table(p, raw, S.USERS)
+def _cutoff(g: Mapping[str, list], cutoff: int | None, eval_fraction: float) -> int:
+    return compute_cutoff(g["stats"][0], cutoff, eval_fraction, g["quantiles"][0] if g["quantiles"] else None)
 
-    known = known_ids(p, {S.ITEMS.name: items, S.SUBJECT_ITEMS.name: subjects})
+
+def build_pipeline(p: beam.Pipeline, config: BuildConfig) -> beam.PCollection:
+    """Wire every transform of the training-data pipeline into ``p``; returns its one terminal PCollection."""
+    raw, out_dir = config.input, config.output
+    dead: dict[str, list] = {}
+    counts: list[beam.PCollection] = []
+    small = {}
+    for table in (S.ITEMS, S.SUBJECT_ITEMS, S.USERS):
+        small[table.name], dead[table.name], rows = small_table(p, raw, table)
+        counts += rows
+    items, subjects, users = small[S.ITEMS.name], small[S.SUBJECT_ITEMS.name], small[S.USERS.name]
+
+    known = known_ids({S.ITEMS.name: items, S.SUBJECT_ITEMS.name: subjects})
 
     events = {}
     stats = None
     for table in (S.CONVERSIONS, S.REQUESTS):
         checked = validated_events(p, raw, table, known)
-        events[table.name] = checked.blocks
+        events[table.name] = checked[MAIN]
         dead[table.name] = [checked[DEAD]]
+        counts.append(checked[COUNT])
         if table is S.CONVERSIONS:
-            stats = checked[STATS] | "Stats" >> beam.CombineGlobally(StatsFn())
+            stats = combine_globally("Stats", checked[STATS], StatsFn())
         else:
-            events[table.name], duplicates = dedupe_requests(checked.blocks)
+            events[table.name], duplicates, uncounted = dedupe_requests(checked[MAIN])
             dead[table.name].append(duplicates)
+            counts.append(uncounted)
 
-    quantiles = (
-        events[S.REQUESTS.name]
-        | "RequestTimestamps" >> beam.FlatMap(lambda b: T.unpack_block(b[1])[S.TIMESTAMP].tolist())
-        | "RequestQuantiles" >> ApproximateQuantiles.Globally(QUANTILES)
+    timestamps = events[S.REQUESTS.name] | "RequestTimestamps" >> beam.FlatMap(
+        lambda b: T.unpack_block(b[1])[S.TIMESTAMP].tolist()
     )
-    cutoff = stats | "Cutoff" >> beam.Map(
-        compute_cutoff, config.cutoff, config.eval_fraction, beam.pvalue.AsSingleton(quantiles)
+    quantiles = combine_globally(
+        "RequestQuantiles", timestamps, ApproximateQuantilesCombineFn.create(num_quantiles=QUANTILES)
+    )
+    cutoff = gather("Cutoff", {"stats": stats, "quantiles": quantiles}) | "ComputeCutoff" >> beam.Map(
+        _cutoff, config.cutoff, config.eval_fraction
     )
     keyed_users = users | "KeyUsers" >> beam.Map(lambda r: (int(r[S.USER_ID]), r))
     per_user = (
@@ -426,53 +516,40 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig) -> None:
         | "GroupByUser" >> beam.CoGroupByKey()
         | "AssembleUser" >> beam.FlatMap(assemble_user)
     )
-    counts = item_counts(events[S.CONVERSIONS.name], cutoff, config.max_targets_per_user)
-    demographics = (
-        users
-        | "DemographicValues" >> beam.Map(demographic_counts)
-        | "DemographicCounts" >> beam.CombineGlobally(MergeDemographics())
+    per_user = split(per_user, "SplitUsers", (MAIN, COUNT))
+    counts.append(per_user[COUNT])
+    target_counts, dropped = item_counts(events[S.CONVERSIONS.name], cutoff, config.max_targets_per_user)
+    counts.append(dropped)
+    demographics = combine_globally(
+        "DemographicCounts", users | "DemographicValues" >> beam.Map(demographic_counts), MergeDemographics()
     )
-    lookups = (
-        p
-        | "LookupSeed" >> beam.Create([None])
-        | "Lookups"
-        >> beam.Map(
-            build_lookups,
-            beam.pvalue.AsList(items),
-            beam.pvalue.AsList(subjects),
-            beam.pvalue.AsSingleton(counts),
-            beam.pvalue.AsSingleton(stats),
-            beam.pvalue.AsSingleton(demographics),
+    context = gather(
+        "Context",
+        {
+            "items": items,
+            "subjects": subjects,
+            "counts": target_counts,
+            "stats": stats,
+            "demographics": demographics,
+            "cutoff": cutoff,
+        },
+    ) | "BuildContext" >> beam.Map(build_context)
+    artifacts = context | "WriteArtifacts" >> beam.Map(write_artifacts, out_dir, config)
+
+    keyed = per_user[MAIN] | "KeyUserData" >> beam.Map(lambda u: (group_key(u.user_id), u))
+    examples = with_context("BuildExamples", keyed, context, range(JOIN_GROUPS), BuildExamples(config))
+    examples = split(examples, "SplitExamples", (*S.SPLITS, CONSUMED, COUNT))
+    counts.append(examples[COUNT])
+    shards = config.num_shards or AUTO_SHARDS
+    for split_name in S.SPLITS:
+        sink = Sink(
+            os.path.join(out_dir, split_name, "part"), S.TFRECORD_SUFFIX, shards, "tfrecord", f"examples_{split_name}"
         )
-    )
-    _ = lookups | "WriteArtifacts" >> beam.Map(
-        write_artifacts, out, beam.pvalue.AsSingleton(cutoff), beam.pvalue.AsSingleton(counts), config
-    )
-
-    examples = (
-        per_user
-        | "BatchUsers" >> beam.BatchElements(min_batch_size=USER_BATCH, max_batch_size=USER_BATCH)
-        | "BuildExamples"
-        >> beam.ParDo(
-            BuildExamples(config), lookups=beam.pvalue.AsSingleton(lookups), cutoff=beam.pvalue.AsSingleton(cutoff)
-        ).with_outputs(*S.SPLITS, CONSUMED)
-    )
-    write_examples(examples, out, config.num_shards)
-    _ = examples[CONSUMED] | "WriteEvalConsumed" >> beam.io.WriteToText(
-        os.path.join(out, S.EVAL_CONSUMED_DIR, "part"), file_name_suffix=".jsonl"
-    )
-    write_dead_letters(dead, out)
-
-
-def write_examples(examples: Any, out: str, num_shards: int) -> None:
-    """Each split's serialised examples as sharded gzip TFRecords."""
-    for split in S.SPLITS:
-        _ = examples[split] | f"Write{split}" >> beam.io.WriteToTFRecord(
-            os.path.join(out, split, "part"),
-            file_name_suffix=S.TFRECORD_SUFFIX,
-            num_shards=num_shards,
-            compression_type=CompressionTypes.GZIP,
-        )
+        counts.append(write_shards(f"Write{split_name}", examples[split_name], sink))
+    consumed = Sink(os.path.join(out_dir, S.EVAL_CONSUMED_DIR, "part"), ".jsonl", shards, "text", "eval_consumed")
+    counts.append(write_shards("WriteEvalConsumed", examples[CONSUMED], consumed))
+    counts += write_dead_letters(dead, out_dir)
+    return finish("Finish", counts, lambda totals, g: _finalize(totals, g, out_dir), {"metadata": artifacts})
 
 
 # --------------------------------------------------------------------------------------
@@ -489,32 +566,15 @@ def clear_outputs(output: str) -> None:
         FileSystems.delete(stale)
 
 
-def finalize_metadata(output: str, totals: Mapping[str, int]) -> dict:
-    """Add the run's counts (examples per split, dead letters, rows) to the metadata file."""
-    path = os.path.join(output, S.METADATA_FILE)
-    with FileSystems.open(path) as f:
-        metadata = json.loads(f.read())
-    metadata["counts"] = {split: totals.get(f"examples_{split}", 0) for split in S.SPLITS}
-    metadata["train_sequence_targets"] = totals.get("train_sequence_targets", 0)
-    metadata["dead_letter"] = {name: totals.get(f"dead_letter_{name}", 0) for name in S.RAW_TABLES}
-    metadata["rows"] = {name: totals.get(f"rows_{name}", 0) for name in S.RAW_TABLES}
-    metadata["pipeline_counters"] = dict(sorted(totals.items()))
-    write_bytes(path, json.dumps(metadata, indent=2).encode())
-    return metadata
-
-
 def run(argv: Sequence[str] | None = None, save_main_session: bool = True) -> dict:
     """Build the training data; returns the metadata written to ``metadata.json``."""
     options = PipelineOptions(argv)
     options.view_as(SetupOptions).save_main_session = save_main_session
     config = BuildConfig.from_options(options)
-    runner = make_runner(options)
     clear_outputs(config.output)
-    pipeline = beam.Pipeline(runner=runner, options=options)
-    build_pipeline(pipeline, config)
-    result = pipeline.run()
-    result.wait_until_finish()
-    metadata = finalize_metadata(config.output, counters(result))
+    run_pipeline(options, lambda p: build_pipeline(p, config))
+    with FileSystems.open(os.path.join(config.output, S.METADATA_FILE)) as f:
+        metadata = json.loads(f.read())
     summary = {k: metadata[k] for k in ("counts", "dead_letter", "cutoff_timestamp", "vocab_sizes")}
     print(json.dumps(summary, indent=2))
     return metadata

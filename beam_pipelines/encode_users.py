@@ -2,7 +2,8 @@
 
     python -m beam_pipelines.encode_users --raw RAW_DIR --model models/encoder --output STORE_DIR \\
         [--full] [--as_of TS] [--event_timestamp TS] [--min_batch_size 64] [--max_batch_size 512] \\
-        [--output_shards 0] [--xla] [Beam options, e.g. --direct_running_mode=multi_processing --direct_num_workers=2]
+        [--output_shards 1] [--xla] [Beam options, e.g. --direct_running_mode=multi_processing --direct_num_workers=2
+        | --runner DaskRunner [--dask_workers 2 | --dask_client_address tcp://HOST:8786]]
 
 What it does
 ------------
@@ -21,7 +22,9 @@ What it does
    newest conversion in the data), time gaps bucketed relative to it, left-padded; raw ids and
    event-type strings, as the encoder signature takes them.
 4. Runs the encoder with Beam ``RunInference`` (:class:`EncoderModelHandler`: the multi-input
-   SavedModel signature loaded once per worker process, batches of user dicts).
+   SavedModel signature loaded once per worker process) on batches of up to
+   ``--max_batch_size`` user dicts, formed per join group (``with_no_batching``: no
+   ``BatchElements``, which loses batches on the DaskRunner).
 5. Writes Parquet a Feast ``FileSource`` reads (names from :mod:`tfrs_ctx.schema`):
    ``STORE_DIR/user_encodings/run-<event_ts>-v<version>-part-*.parquet`` (``user_id``,
    ``event_timestamp``, ``encoded_history`` list<float32>, ``history_length``,
@@ -35,10 +38,13 @@ Every output row is stamped ``event_timestamp`` = the run's ``--event_timestamp`
 now; always later than the previous run's), so ``feast materialize-incremental <now>``
 picks up exactly what a run wrote. Outputs are staged under ``STORE_DIR/.staging/`` and
 moved into place only after the pipeline succeeded; the state file is updated last. A user
-with no conversions gets no row. Users encoded / skipped are Beam metrics, printed at the end.
+with no conversions gets no row. Users encoded / skipped, rows and dead letters are counted in
+the pipeline itself (its last step writes them to the run's summary), printed at the end.
 
 Runs on the DirectRunner by default (in-process, or ``multi_processing`` workers) without
-Beam's switch to the Prism runner; ``--runner`` picks any other Beam runner.
+Beam's switch to the Prism runner; ``--runner DaskRunner`` runs it on a ``dask.distributed``
+cluster (:mod:`beam_pipelines.runner`) with the same output; ``--runner`` picks any other Beam
+runner.
 """
 
 from __future__ import annotations
@@ -63,20 +69,27 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from beam_pipelines.combiners import StatsFn
 from beam_pipelines.encoder_inference import EncoderModelHandler
-from beam_pipelines.runner import (
-    NAMESPACE,
-    OutputOptions,
-    cli_main,
-    counters,
-    make_runner,
-    silence_beam_resource_noise,
+from beam_pipelines.portable import (
+    COUNT,
+    DEAD,
+    JOIN_GROUPS,
+    MAIN,
+    Sink,
+    combine_globally,
+    count,
+    finish,
+    group_key,
+    out,
+    split,
+    with_context,
+    write_shards,
 )
+from beam_pipelines.runner import OutputOptions, cli_main, run_pipeline, silence_beam_resource_noise
 from beam_pipelines.store_rows import (
     demographics_row,
     demographics_schema,
@@ -86,7 +99,6 @@ from beam_pipelines.store_rows import (
     subject_items_schema,
 )
 from beam_pipelines.tables import (
-    DEAD,
     DEAD_LETTER_DIR,
     STATS,
     USER_BATCH,
@@ -120,9 +132,9 @@ class EncodeUsersOptions(OutputOptions):
         add("--full", action="store_true", default=False, help="encode every user, not only users with new events")
         add("--as_of", type=int, default=None, help="reference time (unix s); default: the newest conversion")
         add("--event_timestamp", type=int, default=None, help="timestamp of the rows written (unix s); default now")
-        add("--min_batch_size", type=int, default=64, help="RunInference: smallest batch of users")
+        add("--min_batch_size", type=int, default=64, help="unused (batches: up to --max_batch_size)")
         add("--max_batch_size", type=int, default=512, help="RunInference: largest batch of users")
-        add("--output_shards", type=int, default=0, help="encoding files per run (0: runner-decided)")
+        add("--output_shards", type=int, default=0, help="encoding files per run (0: 1)")
         add("--xla", action="store_true", default=False, help="encoder with XLA auto-clustering (fresh workers)")
 
 
@@ -299,33 +311,53 @@ def user_events(packed_blocks: Iterable[tuple]) -> T.UserEvents:
     return T.UserEvents.from_blocks([T.unpack_block(b) for b in packed_blocks])
 
 
-class BuildHistories(beam.DoFn):
-    """A batch of ``(user_id, packed blocks)`` -> ``(user_id, encoder inputs)`` for the selected users."""
+class BuildHistories:
+    """A join group's ``(user_id, packed blocks)`` -> batches of ``(user_id, encoder inputs)`` of the selected users.
 
-    def __init__(self, watermark: int | None, time_gap: str = S.TIME_GAP_TO_TARGET):
-        self.watermark, self.time_gap = watermark, time_gap
-        self.selected = Metrics.counter(NAMESPACE, "users_selected")
-        self.skipped = Metrics.counter(NAMESPACE, "users_skipped_no_new_activity")
-        self.without_history = Metrics.counter(NAMESPACE, "users_without_history")
+    Users are taken ``USER_BATCH`` at a time; the selected ones go out in batches of up to
+    ``batch_size`` (the group's last batch may be smaller), the batches RunInference runs.
+    """
 
-    def process(self, users: Sequence[tuple[int, Iterable[tuple]]], as_of: int) -> Iterator[tuple[int, dict]]:
-        selected, events = [], []
-        for user_id, blocks in users:
-            e = user_events(blocks)
-            n = int(np.searchsorted(e.timestamp, as_of, side="right"))
-            if n == 0:
-                self.without_history.inc()
-            elif self.watermark is not None and e.timestamp[n - 1] <= self.watermark:
-                self.skipped.inc()
-            else:
-                selected.append(int(user_id))
-                events.append(e)
-        if not selected:
-            return
-        self.selected.inc(len(selected))
-        inputs = raw_histories(events, as_of, self.time_gap)
-        for i, user_id in enumerate(selected):
-            yield user_id, {name: values[i] for name, values in inputs.items()}
+    def __init__(self, watermark: int | None, time_gap: str = S.TIME_GAP_TO_TARGET, batch_size: int = 512):
+        self.watermark, self.time_gap, self.batch_size = watermark, time_gap, batch_size
+
+    def __call__(self, window: Mapping[str, Any], users: Iterable[tuple[int, Iterable[tuple]]]) -> Iterator[tuple]:
+        as_of = window["as_of"]
+        pending: list[tuple[int, dict]] = []
+        for chunk in _chunks(users, USER_BATCH):
+            selected, events, skipped, without = [], [], 0, 0
+            for user_id, blocks in chunk:
+                e = user_events(blocks)
+                n = int(np.searchsorted(e.timestamp, as_of, side="right"))
+                if n == 0:
+                    without += 1
+                elif self.watermark is not None and e.timestamp[n - 1] <= self.watermark:
+                    skipped += 1
+                else:
+                    selected.append(int(user_id))
+                    events.append(e)
+            tallies = {"users_without_history": without, "users_skipped_no_new_activity": skipped}
+            tallies["users_selected"] = len(selected)
+            yield from (count(name, k) for name, k in tallies.items() if k)
+            if selected:
+                inputs = raw_histories(events, as_of, self.time_gap)
+                pending += [(u, {name: values[i] for name, values in inputs.items()}) for i, u in enumerate(selected)]
+            while len(pending) >= self.batch_size:
+                yield out(MAIN, pending[: self.batch_size])
+                pending = pending[self.batch_size :]
+        if pending:
+            yield out(MAIN, pending)
+
+
+def _chunks(values: Iterable[Any], size: int) -> Iterator[list]:
+    chunk: list = []
+    for value in values:
+        chunk.append(value)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 # --------------------------------------------------------------------------------------
@@ -338,72 +370,90 @@ class BuildHistories(beam.DoFn):
 # --------------------------------------------------------------------------------------
 
 
-def resolve_as_of(stats: tuple, as_of: int | None) -> int:
-    """The reference time: ``--as_of``, else the newest valid conversion."""
-    if as_of is not None:
-        return int(as_of)
-    if stats[1] is None:
+def resolve_window(stats: tuple, as_of: int | None) -> dict[str, Any]:
+    """The reference time (``--as_of``, else the newest valid conversion) and the newest conversion."""
+    if as_of is None and stats[1] is None:
         raise ValueError("no valid conversions: nothing to encode (pass --as_of to run anyway)")
-    return int(stats[1])
+    return {"as_of": int(as_of if as_of is not None else stats[1]), "max_timestamp": stats[1]}
 
 
-def write_summary(stats: tuple, as_of: int, path: str) -> None:
-    write_bytes(path, json.dumps({"as_of": as_of, "max_timestamp": stats[1]}).encode())
+def write_summary(totals: dict[str, int], gathered: dict[str, list], path: str) -> dict:
+    """The run's summary in its staging directory: the time window and every count."""
+    summary = {**gathered["window"][0], "counts": totals}
+    write_bytes(path, json.dumps(summary).encode())
+    return summary
 
 
 # --------------------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------------------
-def write_snapshot(pcoll: beam.PCollection, name: str, schema: Any, path: str) -> None:
+def snapshot_sink(path: str, name: str, schema: Any) -> Sink:
     """One Parquet file at exactly ``path``."""
-    _ = pcoll | f"Write{name}" >> beam.io.WriteToParquet(
-        path.removesuffix(".parquet"), schema, file_name_suffix=".parquet", num_shards=1, shard_name_template=""
-    )
+    return Sink(path.removesuffix(".parquet"), ".parquet", 1, "parquet", f"snapshot_{name}", False, schema)
 
 
-def export_snapshots(p: beam.Pipeline, config: EncodeConfig, plan: RunPlan) -> None:
-    """The users and subject_items tables as Feast sources (validated, one row per key)."""
+def export_snapshots(p: beam.Pipeline, config: EncodeConfig, plan: RunPlan) -> list[beam.PCollection]:
+    """The users and subject_items tables as Feast sources (validated, one row per key); their counts."""
     event_us = plan.event_timestamp * 1_000_000
-    users, dead_users = small_table(p, config.raw, S.USERS)
-    subjects, dead_subjects = small_table(p, config.raw, S.SUBJECT_ITEMS)
-    write_dead_letters({S.USERS.name: dead_users, S.SUBJECT_ITEMS.name: dead_subjects}, plan.staging)
+    users, dead_users, counts = small_table(p, config.raw, S.USERS)
+    subjects, dead_subjects, subject_counts = small_table(p, config.raw, S.SUBJECT_ITEMS)
+    counts += subject_counts
+    counts += write_dead_letters({S.USERS.name: dead_users, S.SUBJECT_ITEMS.name: dead_subjects}, plan.staging)
     staged = {name: os.path.join(plan.staging, name) for name in (S.USER_DEMOGRAPHICS_FILE, S.SUBJECT_ITEMS_FILE)}
     demographics = users | "DemographicsRows" >> beam.Map(demographics_row, event_us)
-    write_snapshot(demographics, "Demographics", demographics_schema(), staged[S.USER_DEMOGRAPHICS_FILE])
+    sink = snapshot_sink(staged[S.USER_DEMOGRAPHICS_FILE], "demographics", demographics_schema())
+    counts.append(write_shards("WriteDemographics", demographics, sink))
     subject_rows = subjects | "SubjectItemRows" >> beam.Map(subject_item_row, event_us)
-    write_snapshot(subject_rows, "SubjectItems", subject_items_schema(), staged[S.SUBJECT_ITEMS_FILE])
+    sink = snapshot_sink(staged[S.SUBJECT_ITEMS_FILE], "subject_items", subject_items_schema())
+    counts.append(write_shards("WriteSubjectItems", subject_rows, sink))
+    return counts
 
 
-def build_pipeline(p: beam.Pipeline, config: EncodeConfig, model: EncoderModel, plan: RunPlan) -> None:
-    """Wire the user-encoding pipeline into ``p``."""
-    items, dead_items = small_table(p, config.raw, S.ITEMS)
-    checked = validated_events(p, config.raw, S.CONVERSIONS, known_ids(p, {S.ITEMS.name: items}))
-    write_dead_letters({S.ITEMS.name: dead_items, S.CONVERSIONS.name: [checked[DEAD]]}, plan.staging)
-    stats = checked[STATS] | "Stats" >> beam.CombineGlobally(StatsFn())
-    as_of = stats | "AsOf" >> beam.Map(resolve_as_of, config.as_of)
-    _ = stats | "Summary" >> beam.Map(
-        write_summary, beam.pvalue.AsSingleton(as_of), os.path.join(plan.staging, SUMMARY_FILE)
-    )
+def build_pipeline(p: beam.Pipeline, config: EncodeConfig, model: EncoderModel, plan: RunPlan) -> beam.PCollection:
+    """Wire the user-encoding pipeline into ``p``; returns its one terminal PCollection."""
+    items, dead_items, counts = small_table(p, config.raw, S.ITEMS)
+    checked = validated_events(p, config.raw, S.CONVERSIONS, known_ids({S.ITEMS.name: items}))
+    counts.append(checked[COUNT])
+    counts += write_dead_letters({S.ITEMS.name: dead_items, S.CONVERSIONS.name: [checked[DEAD]]}, plan.staging)
+    stats = combine_globally("Stats", checked[STATS], StatsFn())
+    window = stats | "Window" >> beam.Map(resolve_window, config.as_of)
     handler = KeyedModelHandler(
         EncoderModelHandler(model.path, config.min_batch_size, config.max_batch_size, config.xla)
-    )
-    rows = (
-        checked.blocks
+    ).with_no_batching()
+    users = (
+        checked[MAIN]
         | "GroupByUser" >> beam.GroupByKey()
-        | "BatchUsers" >> beam.BatchElements(min_batch_size=USER_BATCH, max_batch_size=USER_BATCH)
-        | "Histories"
-        >> beam.ParDo(BuildHistories(plan.watermark, model.time_gap), as_of=beam.pvalue.AsSingleton(as_of))
+        | "KeyUsers" >> beam.Map(lambda kv: (group_key(kv[0]), (kv[0], list(kv[1]))))
+    )
+    histories = with_context(
+        "Histories",
+        users,
+        window,
+        range(JOIN_GROUPS),
+        BuildHistories(plan.watermark, model.time_gap, config.max_batch_size),
+    )
+    histories = split(histories, "SplitHistories", (MAIN, COUNT))
+    counts.append(histories[COUNT])
+    rows = (
+        histories[MAIN]
         | "Encode" >> RunInference(handler)
         | "EncodingRows" >> beam.Map(encoding_row, plan.event_timestamp * 1_000_000)
     )
-    _ = rows | "WriteEncodings" >> beam.io.WriteToParquet(
+    sink = Sink(
         os.path.join(plan.staging, STAGED_ENCODINGS, "part"),
-        encoding_schema(),
-        file_name_suffix=".parquet",
-        num_shards=config.output_shards,
+        ".parquet",
+        config.output_shards or 1,
+        "parquet",
+        "users_encoded",
+        schema=encoding_schema(),
+        shard_field=S.USER_ID,
+        every_shard=False,
     )
+    counts.append(write_shards("WriteEncodings", rows, sink))
     if plan.export_snapshots:
-        export_snapshots(p, config, plan)
+        counts += export_snapshots(p, config, plan)
+    path = os.path.join(plan.staging, SUMMARY_FILE)
+    return finish("Finish", counts, lambda totals, g: write_summary(totals, g, path), {"window": window})
 
 
 # --------------------------------------------------------------------------------------
@@ -469,13 +519,10 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = False) -> d
     state = EncodeState.load(paths.state)
     plan = plan_run(config, model, state, paths)
     _remove(paths.staging)  # leftovers of a failed run
-    pipeline = beam.Pipeline(runner=make_runner(options), options=options)
-    build_pipeline(pipeline, config, model, plan)
-    result = pipeline.run()
-    result.wait_until_finish()
-    totals = counters(result)
+    run_pipeline(options, lambda p: build_pipeline(p, config, model, plan))
     with FileSystems.open(os.path.join(plan.staging, SUMMARY_FILE)) as f:
         window = json.loads(f.read())
+    totals = window["counts"]
     counts = {name: totals.get(name, 0) for name in USER_COUNTERS}
     published = publish(plan, paths, counts["users_encoded"])
     dead_letter_files = publish_dead_letters(plan, paths)

@@ -11,10 +11,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult
 
-from beam_pipelines.runner import NAMESPACE
 from tfrs_ctx import schema as S
 from tfrs_ctx.data.vocab import is_missing
 
@@ -66,7 +64,6 @@ def subject_items_schema() -> Any:
 
 def encoding_row(keyed: tuple[int, PredictionResult], event_us: int) -> dict[str, Any]:
     """One Parquet row of ``user_encodings``."""
-    Metrics.counter(NAMESPACE, "users_encoded").inc()
     user_id, result = keyed
     vector, version = result.inference
     return {

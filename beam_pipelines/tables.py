@@ -5,8 +5,8 @@ against the valid ``items`` / ``subject_items``; duplicate keys of the small tab
 the first in a canonical order). For column-typed Parquet batches of the event tables the same
 rules run vectorised first (:func:`typed_suspects`) and only the flagged rows go through
 ``row_problem``, which supplies the reason. Bad rows are never dropped silently: they go to the
-dead-letter output (JSON lines with the reason), counted in the ``dead_letter_<table>`` metric;
-rows kept are counted in ``rows_<table>``.
+dead-letter output (JSON lines with the reason), counted as ``dead_letter_<table>`` from the
+dead-letter output itself; rows kept are counted as ``rows_<table>`` (:mod:`beam_pipelines.portable`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,22 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
-from beam_pipelines.runner import NAMESPACE
+from beam_pipelines.portable import (
+    COUNT,
+    DEAD,
+    MAIN,
+    Sink,
+    count,
+    counted,
+    gather,
+    json_line,
+    out,
+    read_files,
+    split,
+    with_context,
+    write_shards,
+)
 from tfrs_ctx import schema
 from tfrs_ctx.data import examples as T
 from tfrs_ctx.data import rawio
@@ -34,7 +47,6 @@ S = schema
 DEAD_LETTER_DIR = "dead_letter"
 USER_BATCH = 64  # users whose per-user work (examples, histories) is done together
 CHUNK_ROWS = 20_000  # raw rows per chunk (the unit of reading and validation)
-DEAD = "dead"
 STATS = "stats"
 
 
@@ -169,122 +181,102 @@ def _arrow_column(batch: Any, column: schema.Column) -> np.ndarray:
     return values.to_numpy().astype(np.int64)
 
 
-class ValidateEvents(beam.DoFn):
-    """Chunk of an event table -> ``(user_id, block)`` per user; bad rows -> ``DEAD``.
+def validate_events(table: schema.Table, known: KnownIds, paths: Iterable[str]) -> Iterator[tuple]:
+    """Raw event files -> tagged ``(user_id, block)`` per user (``MAIN``), bad rows (``DEAD``), counts.
 
-    For conversions it also emits per-chunk ``STATS`` (timestamp range, event types).
+    For conversions it also emits per-chunk ``STATS`` (timestamp range, event types). Each file
+    is read chunk by chunk (:func:`read_chunks`), so memory stays bounded by the chunk size.
     """
-
-    def __init__(self, table: schema.Table):
-        self.table = table
-
-    def process(self, chunk: Any, known: KnownIds) -> Iterator[Any]:
-        blocks, dead, columns = validate_event_chunk(self.table, chunk, known)
-        for d in dead:
-            yield beam.pvalue.TaggedOutput(DEAD, d)
-        n = len(columns[S.USER_ID])
-        Metrics.counter(NAMESPACE, f"rows_{self.table.name}").inc(n)
-        if self.table.name == S.CONVERSIONS.name and n:
-            ts, types = columns[S.TIMESTAMP], columns[S.EVENT_TYPE]
-            values, counts = np.unique(types, return_counts=True)
-            yield beam.pvalue.TaggedOutput(
-                STATS, (int(ts.min()), int(ts.max()), Counter(dict(zip(values.tolist(), counts.tolist(), strict=True))))
-            )
-        yield from blocks
+    for path in paths:
+        for chunk in read_chunks(path):
+            blocks, dead, columns = validate_event_chunk(table, chunk, known)
+            for d in dead:
+                yield out(DEAD, d)
+            n = len(columns[S.USER_ID])
+            yield count(f"rows_{table.name}", n)
+            if table.name == S.CONVERSIONS.name and n:
+                ts, types = columns[S.TIMESTAMP], columns[S.EVENT_TYPE]
+                values, counts = np.unique(types, return_counts=True)
+                types_seen = Counter(dict(zip(values.tolist(), counts.tolist(), strict=True)))
+                yield out(STATS, (int(ts.min()), int(ts.max()), types_seen))
+            for block in blocks:
+                yield out(MAIN, block)
 
 
-class ValidateRows(beam.DoFn):
-    """Chunk of a small table -> valid rows; bad rows -> ``DEAD``."""
-
-    def __init__(self, table: schema.Table):
-        self.table = table
-
-    def process(self, chunk: Any) -> Iterator[Any]:
-        good, dead = split_valid(self.table, chunk_rows(chunk), None)
-        for d in dead:
-            yield beam.pvalue.TaggedOutput(DEAD, d)
-        yield from good
+def validate_rows(chunk: Any, table: schema.Table) -> Iterator[tuple]:
+    """Chunk of a small table -> tagged valid rows (``MAIN``) and dead letters (``DEAD``)."""
+    good, dead = split_valid(table, chunk_rows(chunk), None)
+    for d in dead:
+        yield out(DEAD, d)
+    for row in good:
+        yield out(MAIN, row)
 
 
 def _row_key(table: schema.Table, row: Mapping[str, Any]) -> Any:
     return tuple(int(row[c]) if table.column(c).kind == "int64" else row[c] for c in table.key)
 
 
-def keep_first(table: schema.Table, key_rows: tuple[Any, Iterable[Mapping]]) -> Iterator[Any]:
-    """One row per key (the first in a canonical order); duplicates go to ``DEAD``."""
+def keep_first(table: schema.Table, key_rows: tuple[Any, Iterable[Mapping]]) -> Iterator[tuple]:
+    """One row per key (the first in a canonical order, ``MAIN``); duplicates go to ``DEAD``."""
     rows = list(key_rows[1])
     if len(rows) > 1:
         rows.sort(key=lambda r: json.dumps(json_safe(dict(r)), sort_keys=True))
-    yield rows[0]
+    yield out(MAIN, rows[0])
     for row in rows[1:]:
-        yield beam.pvalue.TaggedOutput(DEAD, dead_letter(table, f"duplicate key ({', '.join(table.key)})", row))
+        yield out(DEAD, dead_letter(table, f"duplicate key ({', '.join(table.key)})", row))
 
 
-def count_row(row: Any, table: str, delta: int = 1) -> Any:
-    """Count a row kept (``delta`` 1) or taken back (-1) in the ``rows_<table>`` metric; returns it."""
-    Metrics.counter(NAMESPACE, f"rows_{table}").inc(delta)
-    return row
-
-
-def read_table(p: beam.Pipeline, raw_dir: str, table: schema.Table, reshuffle: bool) -> beam.PCollection:
-    chunks = (
-        p
-        | f"List{table.name}" >> beam.Create(rawio.table_files(raw_dir, table))
-        | f"Read{table.name}" >> beam.FlatMap(read_chunks)
-    )
-    return chunks | f"Spread{table.name}" >> beam.Reshuffle() if reshuffle else chunks
-
-
-def small_table(p: beam.Pipeline, raw_dir: str, table: schema.Table) -> tuple[beam.PCollection, list]:
-    """A validated, key-deduplicated small table and its dead-letter PCollections."""
+def small_table(p: beam.Pipeline, raw_dir: str, table: schema.Table) -> tuple[beam.PCollection, list, list]:
+    """A validated, key-deduplicated small table, its dead-letter PCollections and its row count."""
     name = table.name
-    checked = read_table(p, raw_dir, table, False) | f"Validate{name}" >> beam.ParDo(ValidateRows(table)).with_outputs(
-        DEAD, main="rows"
+    checked = read_files(p, name, rawio.table_files(raw_dir, table), read_chunks) | f"Validate{name}" >> beam.FlatMap(
+        validate_rows, table
     )
+    checked = split(checked, f"Split{name}", (MAIN, DEAD))
     unique = (
-        checked.rows
+        checked[MAIN]
         | f"Key{name}" >> beam.Map(lambda r, t=table: (_row_key(t, r), r))
         | f"Group{name}" >> beam.GroupByKey()
-        | f"Dedupe{name}" >> beam.FlatMap(lambda kv, t=table: keep_first(t, kv)).with_outputs(DEAD, main="rows")
+        | f"Dedupe{name}" >> beam.FlatMap(lambda kv, t=table: keep_first(t, kv))
     )
-    rows = unique.rows | f"Count{name}" >> beam.Map(count_row, name)
-    return rows, [checked[DEAD], unique[DEAD]]
+    unique = split(unique, f"SplitDedupe{name}", (MAIN, DEAD))
+    rows = unique[MAIN]
+    return rows, [checked[DEAD], unique[DEAD]], [counted(rows, f"Rows{name}", f"rows_{name}")]
 
 
-def known_ids(p: beam.Pipeline, referenced: Mapping[str, beam.PCollection]) -> beam.PCollection:
+def _known(gathered: Mapping[str, list]) -> KnownIds:
+    return KnownIds.of(gathered)
+
+
+def known_ids(referenced: Mapping[str, beam.PCollection]) -> beam.PCollection:
     """The ids of the valid rows of referenced tables (``{table name: rows}``), as one :class:`KnownIds`."""
-    names = list(referenced)
-    ids = [referenced[n] | f"{n}Ids" >> beam.Map(lambda r: int(r[S.ITEM_ID])) for n in names]
-    return (
-        p
-        | "KnownSeed" >> beam.Create([None])
-        | "KnownIds"
-        >> beam.Map(lambda _, *lists: KnownIds.of(dict(zip(names, lists, strict=True))), *map(beam.pvalue.AsList, ids))
+    ids = {n: rows | f"{n}Ids" >> beam.Map(lambda r: int(r[S.ITEM_ID])) for n, rows in referenced.items()}
+    return gather("KnownIds", ids) | "KnownIdSets" >> beam.Map(_known)
+
+
+def validated_events(p: beam.Pipeline, raw_dir: str, table: schema.Table, known: beam.PCollection) -> dict:
+    """An event table read and validated: ``{MAIN: (user_id, packed block), DEAD, STATS, COUNT}``.
+
+    The files are joined with the :class:`KnownIds` (one key per file) and each file is read
+    and validated in one call.
+    """
+    files = rawio.table_files(raw_dir, table)
+    name = table.name
+    keyed = p | f"List{name}" >> beam.Create(list(enumerate(files)))
+    checked = with_context(
+        f"Validate{name}", keyed, known, range(len(files)), lambda k, paths, t=table: validate_events(t, k, paths)
     )
+    return split(checked, f"Split{name}", (MAIN, DEAD, STATS, COUNT))
 
 
-def validated_events(p: beam.Pipeline, raw_dir: str, table: schema.Table, known: beam.PCollection) -> Any:
-    """An event table read and validated: ``.blocks`` (``(user_id, packed block)``), ``[DEAD]``, ``[STATS]``."""
-    return read_table(p, raw_dir, table, True) | f"Validate{table.name}" >> beam.ParDo(
-        ValidateEvents(table), known=beam.pvalue.AsSingleton(known)
-    ).with_outputs(DEAD, STATS, main="blocks")
-
-
-def write_dead_letters(dead: Mapping[str, list], out: str) -> None:
-    """Each table's dead letters as JSON lines, counted in the ``dead_letter_<table>`` metric."""
+def write_dead_letters(dead: Mapping[str, list], out_dir: str) -> list[beam.PCollection]:
+    """Each table's dead letters as JSON lines (one file); the ``(dead_letter_<table>, n)`` counts."""
+    written = []
     for name, pcolls in dead.items():
-        _ = (
-            pcolls
-            | f"FlattenDead{name}" >> beam.Flatten()
-            | f"CountDead{name}" >> beam.Map(_count_dead_letter, name)
-            | f"WriteDead{name}"
-            >> beam.io.WriteToText(os.path.join(out, DEAD_LETTER_DIR, name), file_name_suffix=".jsonl")
-        )
-
-
-def _count_dead_letter(record: dict, table: str) -> str:
-    Metrics.counter(NAMESPACE, f"dead_letter_{table}").inc()
-    return json.dumps(record, sort_keys=True, allow_nan=False)
+        sink = Sink(os.path.join(out_dir, DEAD_LETTER_DIR, name), ".jsonl", 1, "text", f"dead_letter_{name}")
+        lines = pcolls | f"FlattenDead{name}" >> beam.Flatten() | f"DeadJson{name}" >> beam.Map(json_line)
+        written.append(write_shards(f"WriteDead{name}", lines, sink))
+    return written
 
 
 def write_bytes(path: str, data: bytes) -> None:
