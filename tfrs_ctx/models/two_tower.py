@@ -132,8 +132,9 @@ class CorpusNegatives:
         """``[count]`` corpus rows (row ``r`` = item-vocabulary index ``r + NUM_RESERVED_IDS``)."""
         rows = tf.random.uniform([self.count], 0, self.size, dtype=tf.int64)
         if self.share > 0:
-            by_popularity = tf.searchsorted(self.cdf, tf.random.uniform([self.count]), side="right", out_type=tf.int64)
-            rows = tf.where(tf.random.uniform([self.count]) < self.share, tf.minimum(by_popularity, self.size - 1), rows)
+            popular = tf.searchsorted(self.cdf, tf.random.uniform([self.count]), side="right", out_type=tf.int64)
+            popular = tf.minimum(popular, self.size - 1)
+            rows = tf.where(tf.random.uniform([self.count]) < self.share, popular, rows)
         return rows
 
     def expected_counts(self, ids: tf.Tensor, probability: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
@@ -148,7 +149,7 @@ class CorpusNegatives:
 def mixed_softmax_loss(
     queries: tf.Tensor, candidates: tf.Tensor, ids: tf.Tensor, log_counts: tf.Tensor, temperature: float
 ) -> tf.Tensor:
-    """Sum over the ``B`` queries of the softmax loss over ``[B + M]`` candidates (query ``i``'s positive: column ``i``).
+    """The summed softmax loss of ``B`` queries over ``[B + M]`` candidates (query ``i``'s positive: column ``i``).
 
     Logits are ``score / temperature - log_counts`` (the logQ correction, unclipped: TFRS's clips the
     probability to [1e-6, 1], which flattens the uniform share of a corpus above 1M ads); a column
