@@ -15,8 +15,12 @@ L2-normalised ad embedding. Ad, advertiser and category embedding tables are sha
 both towers.
 
 Loss (``model.loss=auto``): full softmax over the whole ad corpus when it has at most
-``full_softmax_max_items`` ads; above that (or with ``model.loss=in_batch``), in-batch negatives with the logQ
-sampling-bias correction and accidental-hit removal (``tfrs.tasks.Retrieval``). The
+``full_softmax_max_items`` ads; above that (or with ``model.loss=mixed``), mixed negatives (Yang et al.
+2020): the batch's labels plus ``model.sampled_negatives`` corpus ads drawn per step (uniformly, or a
+``sampled_popularity_share`` of them by popularity), shared by every query of the step, each column
+corrected by the log of its expected count among the step's candidates (:class:`CorpusNegatives`),
+accidental hits (the query's own label ad elsewhere) masked. ``model.loss=in_batch``: the batch's
+labels only, logQ-corrected, accidental hits removed (``tfrs.tasks.Retrieval``). The
 contextual model adds, with weight ``no_context_loss_weight``, the same loss for the same
 examples with their context cleared: one history encoding, two heads. That keeps the
 context-missing path (most requests in production) as good as the sequence-only baseline,
@@ -25,9 +29,10 @@ which dropping a share of contexts at random does not (see the ablation).
 Dense training (``train.mode=dense``, batches of :data:`tfrs_ctx.schema.SEQUENCE_FEATURES`):
 one causal pass over a window gives every position's state ``[B, L, d]``; the head runs per
 position (its context, the user's demographics repeated, a position with an empty history gets
-the no-history vector) and the same retrieval loss (full softmax, or in-batch logQ over the
-batch's targets) and no-context loss run over every position that holds a target, averaged over
-targets; padding positions contribute nothing. The offline encoder and the served head are the
+the no-history vector) and the same retrieval loss (full softmax, or in-batch / mixed logQ over the
+batch's targets, the sampled ads shared by every position) and no-context loss run over every
+position that holds a target (averaged over targets for the full softmax, summed for the sampled
+losses); padding positions contribute nothing. The offline encoder and the served head are the
 same functions as per target: the last valid state is what the feature store holds.
 
 History time gaps (``model.time_gap``): ``to_target`` reads ``HISTORY_TIME_GAP``; ``next_event``
@@ -37,9 +42,10 @@ caller computes it in the model's semantics, as ``model_info.json`` says).
 
 Under a distribution strategy (multi-worker training) each replica computes the loss of its share
 of the global batch and the gradients are summed: the full softmax is scaled to the global mean
-(:func:`global_mean`); TFRS's in-batch loss is a sum over the batch, which summed over replicas is
-already the global sum, but each replica's negatives are its own share of the batch only
-(``batch_size / replicas`` negatives per query instead of ``batch_size``).
+(:func:`global_mean`); TFRS's in-batch loss and the mixed loss are sums over the batch, which summed
+over replicas is already the global sum, but each replica's in-batch negatives are its own share of the
+batch only (``batch_size / replicas`` negatives per query instead of ``batch_size``); each replica
+draws its own ``sampled_negatives`` corpus ads (as many per query as in one process).
 
 The context layer's ``trust`` (the scale of its output, 1 in training) is chosen after
 training on logged requests with their real context (``tfrs_ctx.training.calibrate``): how far real
