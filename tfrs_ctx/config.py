@@ -39,7 +39,7 @@ class ModelConfig:
     mlp_hidden: list[int] = dataclasses.field(default_factory=lambda: [256])
     output_dim: int = 64
     temperature: float = 0.05
-    full_softmax_max_items: int = 200_000  # above: in-batch negatives with logQ correction
+    full_softmax_max_items: int = 200_000  # above (loss=auto): mixed negatives, logQ-corrected
     loss: str = "auto"  # auto (by full_softmax_max_items) | full_softmax | in_batch | mixed (both logQ-corrected)
     sampled_negatives: int = 1024  # mixed: corpus ads sampled per step, shared by every query of the batch
     sampled_popularity_share: float = 0.0  # mixed: share of them drawn by training popularity, the rest uniform
