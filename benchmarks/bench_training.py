@@ -9,8 +9,13 @@ process (so each peak RSS is its own): the per-target mode (``train.mode=per_tar
 target per example, batch 512) and the dense mode (``train.mode=dense``, every position of a
 window a target, ``train.sequence_batch_size`` windows per step), same model size and ad
 corpus, each with the full softmax (the default at 10k ads) and with logQ-corrected in-batch
-negatives (``model.loss=in_batch``). Reports targets/s (labels learned per second), examples/s, peak RSS, and the ratios
-``dense_targets_per_s`` / ``per_target_targets_per_s`` and contextual / baseline.
+negatives (``model.loss=in_batch``), and with mixed negatives (``model.loss=mixed``: in-batch plus
+``model.sampled_negatives`` corpus ads per step, shared by every target of the step). Reports
+targets/s (labels learned per second; a dense target is a window position holding a conversion
+as its label, each conversion exactly once), examples/s, peak RSS, and the ratios
+``dense_targets_per_s`` / ``per_target_targets_per_s`` (full softmax), dense / per target with the same
+in-batch or mixed loss (``dense_mixed_over_per_target_mixed_targets_per_s``; also per CPU-second, which
+other jobs on the machine disturb less than wall time) and contextual / baseline.
 """
 
 from __future__ import annotations
@@ -37,14 +42,16 @@ class StepTimer:
             def __init__(self):
                 super().__init__()
                 self.times: list[float] = []
-                self.start = 0.0
+                self.cpu_times: list[float] = []  # this process's CPU seconds (every thread, tf.data too)
+                self.start = self.cpu_start = 0.0
 
             def on_train_batch_begin(self, batch, logs=None):
-                self.start = time.perf_counter()
+                self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
             def on_train_batch_end(self, batch, logs=None):
                 if batch >= warmup:
                     self.times.append(time.perf_counter() - self.start)
+                    self.cpu_times.append(time.process_time() - self.cpu_start)
 
         self.callback = _Timer()
 
@@ -67,6 +74,7 @@ def measure(data_dir: str, overrides: list[str], steps: int, warmup: int) -> dic
     model.fit(ds, epochs=1, steps_per_epoch=steps + warmup, callbacks=[timer.callback], verbose=0)
     times = sorted(timer.callback.times)
     median = times[len(times) // 2]
+    cpu = sorted(timer.callback.cpu_times)[len(times) // 2]
     dense = cfg.train.mode == MODE_DENSE
     batch = cfg.train.sequence_batch_size if dense else cfg.train.batch_size
     per_example = train.targets_per_example(cfg.train.mode, meta)
@@ -77,6 +85,9 @@ def measure(data_dir: str, overrides: list[str], steps: int, warmup: int) -> dic
         "median_step_s": round(median, 4),
         "examples_per_second": round(batch / median, 1),
         "targets_per_second": round(batch * per_example / median, 1),
+        "median_step_cpu_s": round(cpu, 4),
+        # robust to other jobs on the machine: labels learned per CPU-second of this process
+        "targets_per_cpu_second": round(batch * per_example / cpu, 1),
         "steps_timed": len(times),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     }
@@ -125,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             "dense_in_batch": measure_in_child(
                 data, ["train.mode=dense", "model.loss=in_batch"], args.dense_steps, dense_warmup
             ),
+            # and with mixed negatives (in-batch + model.sampled_negatives corpus ads per step, shared)
+            "per_target_mixed": measure_in_child(data, ["model.loss=mixed"], args.steps, args.warmup),
+            "dense_mixed": measure_in_child(
+                data, ["train.mode=dense", "model.loss=mixed"], args.dense_steps, dense_warmup
+            ),
         }
     result["ratio_contextual_over_baseline_time"] = round(
         result["contextual"]["median_step_s"] / result["baseline"]["median_step_s"], 3
@@ -139,6 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     result["dense_in_batch_over_per_target_targets_per_s"] = round(
         result["dense_in_batch_targets_per_s"] / result["per_target_targets_per_s"], 2
     )
+    for loss in ("in_batch", "mixed"):  # dense vs per target with the same loss
+        dense, per_target = result[f"dense_{loss}"], result[f"per_target_{loss}"]
+        result[f"per_target_{loss}_targets_per_s"] = per_target["targets_per_second"]
+        result[f"dense_{loss}_targets_per_s"] = dense["targets_per_second"]
+        result[f"dense_{loss}_over_per_target_{loss}_targets_per_s"] = round(
+            dense["targets_per_second"] / per_target["targets_per_second"], 2
+        )
+        result[f"dense_{loss}_over_per_target_{loss}_targets_per_cpu_s"] = round(
+            dense["targets_per_cpu_second"] / per_target["targets_per_cpu_second"], 2
+        )
     emit(result, args.json)
     return 0
 

@@ -17,7 +17,7 @@ MODE_PER_TARGET = "per_target"  # one example per target conversion (the `train`
 MODE_DENSE = "dense"  # one causal pass per window, every position a target (`train_sequences`)
 TRAIN_MODES = (MODE_PER_TARGET, MODE_DENSE)
 TIME_GAP_AUTO = "auto"
-LOSSES = ("auto", "full_softmax", "in_batch")  # next_event in dense mode, to_target per target
+LOSSES = ("auto", "full_softmax", "in_batch", "mixed")  # next_event in dense mode, to_target per target
 log = logging.getLogger(__name__)
 
 
@@ -39,8 +39,10 @@ class ModelConfig:
     mlp_hidden: list[int] = dataclasses.field(default_factory=lambda: [256])
     output_dim: int = 64
     temperature: float = 0.05
-    full_softmax_max_items: int = 200_000  # above: in-batch negatives with logQ correction
-    loss: str = "auto"  # auto (by full_softmax_max_items) | full_softmax | in_batch (logQ-corrected)
+    full_softmax_max_items: int = 200_000  # above (loss=auto): mixed negatives, logQ-corrected
+    loss: str = "auto"  # auto (by full_softmax_max_items) | full_softmax | in_batch | mixed (both logQ-corrected)
+    sampled_negatives: int = 1024  # mixed: corpus ads sampled per step, shared by every query of the batch
+    sampled_popularity_share: float = 0.0  # mixed: share of them drawn by training popularity, the rest uniform
     time_gap: str = TIME_GAP_AUTO  # history gap semantics: to_target | next_event (schema.TIME_GAP_*)
 
 
@@ -89,6 +91,8 @@ class Config:
             model.time_gap = schema.TIME_GAP_NEXT_EVENT if train.mode == MODE_DENSE else schema.TIME_GAP_TO_TARGET
         if model.loss not in LOSSES:
             raise ValueError(f"model.loss must be one of {LOSSES}, got {model.loss!r}")
+        if model.sampled_negatives < 1 or not 0.0 <= model.sampled_popularity_share <= 1.0:
+            raise ValueError("model.sampled_negatives must be >= 1 and model.sampled_popularity_share in [0, 1]")
         if model.time_gap not in schema.TIME_GAP_SEMANTICS:
             raise ValueError(f"model.time_gap must be one of {(TIME_GAP_AUTO, *schema.TIME_GAP_SEMANTICS)}")
         if train.mode == MODE_DENSE:

@@ -22,6 +22,7 @@ def corpus():
         schema.LABEL_ADVERTISER: rng.integers(2, 12, N),
         schema.LABEL_CATEGORIES: rng.integers(2, 30, (N, schema.MAX_CATEGORIES)),
         schema.LABEL_CONFIDENCES: rng.random((N, schema.MAX_CATEGORIES)).astype("float32"),
+        schema.LABEL_SAMPLING_PROB: rng.random(N).astype("float32"),  # popularity: mixed negatives' sampler
     }
 
 
@@ -72,7 +73,8 @@ def test_empty_history_uses_the_learned_no_history_vector(corpus):
 def test_loss_decreases(corpus, full_softmax):
     import tf_keras as keras
 
-    cfg = ModelConfig(full_softmax_max_items=N if full_softmax else 0, embedding_dim=16, ff_dim=32, mlp_hidden=[32])
+    loss = "full_softmax" if full_softmax else "in_batch"  # mixed: tests/models/test_mixed_negatives.py
+    cfg = ModelConfig(loss=loss, embedding_dim=16, ff_dim=32, mlp_hidden=[32])
     m = ContextualTwoTower(cfg, VOCAB, corpus)
     assert m.full_softmax is full_softmax
     m.compile(optimizer=keras.optimizers.Adam(5e-3))
@@ -182,11 +184,17 @@ def dense_model(corpus, **kwargs) -> ContextualTwoTower:
     return model
 
 
-@pytest.mark.parametrize("full_softmax", [True, False])
-def test_padding_positions_never_change_the_dense_loss(corpus, full_softmax):
-    model = dense_model(corpus, full_softmax_max_items=N if full_softmax else 10)
+def seeded_loss(model: ContextualTwoTower, x: dict[str, tf.Tensor]) -> float:
+    """The loss with the random draws reset first (mixed negatives: the same sampled ads every call)."""
+    tf.random.set_seed(11)
+    return float(model.compute_loss(x))
+
+
+@pytest.mark.parametrize("loss", ["full_softmax", "in_batch", "mixed"])
+def test_padding_positions_never_change_the_dense_loss(corpus, loss):
+    model = dense_model(corpus, loss=loss)
     x = sequence_batch(1)
-    loss = float(model.compute_loss(x))
+    loss = seeded_loss(model, x)
     rng = np.random.default_rng(5)
     noisy = {}
     pad_inputs = ~model_valid(x)
@@ -198,13 +206,13 @@ def test_padding_positions_never_change_the_dense_loss(corpus, full_softmax):
         elif name in schema.SEQ_TARGET_FEATURES and name != schema.SEQ_LABEL_ITEM:  # and in target-less positions
             v[no_target] = rng.integers(2, 12, v[no_target].shape).astype(v.dtype)
         noisy[name] = tf.constant(v)
-    assert float(model.compute_loss(noisy)) == pytest.approx(loss, rel=1e-5)
+    assert seeded_loss(model, noisy) == pytest.approx(loss, rel=1e-5)
     # one more all-padding row (no input, no target) changes nothing either
     padded = {}
     for name, value in x.items():
         extra = tf.zeros_like(value[:1])
         padded[name] = tf.concat([value, extra], axis=0)
-    assert float(model.compute_loss(padded)) == pytest.approx(loss, rel=1e-5)
+    assert seeded_loss(model, padded) == pytest.approx(loss, rel=1e-5)
 
 
 def model_valid(x) -> np.ndarray:
@@ -233,9 +241,9 @@ def test_a_position_never_sees_its_own_label_or_later_events(corpus):
     np.testing.assert_allclose(states[:, -1], model.encode_history(x).numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("use_context", [True, False])
-def test_dense_and_per_target_losses_agree_on_a_one_target_sequence(corpus, use_context):
-    model = dense_model(corpus, use_context=use_context)
+@pytest.mark.parametrize("use_context,loss", [(True, "auto"), (False, "auto"), (True, "mixed")])
+def test_dense_and_per_target_losses_agree_on_a_one_target_sequence(corpus, use_context, loss):
+    model = dense_model(corpus, use_context=use_context, loss=loss)
     seq = {k: v.numpy() for k, v in sequence_batch(3).items()}
     one = {k: v.copy() for k, v in seq.items()}
     for name in schema.SEQ_TARGET_FEATURES:  # keep the last position's target only
@@ -247,8 +255,8 @@ def test_dense_and_per_target_losses_agree_on_a_one_target_sequence(corpus, use_
     per_target[schema.HISTORY_NEXT_GAP] = seq[schema.HISTORY_TIME_GAP]  # the dense model's gap semantics
     for name, target in schema.SEQ_TARGET_FEATURES.items():
         per_target[target] = seq[name][:, -1]
-    dense = float(model.compute_loss({k: tf.constant(v) for k, v in one.items()}))
-    single = float(model.compute_loss({k: tf.constant(v) for k, v in per_target.items()}))
+    dense = seeded_loss(model, {k: tf.constant(v) for k, v in one.items()})
+    single = seeded_loss(model, {k: tf.constant(v) for k, v in per_target.items()})
     assert dense == pytest.approx(single, rel=1e-5)
 
 

@@ -221,3 +221,21 @@ def test_exclude_history_drops_every_ad_consumed_before_the_request_and_says_so(
     # the label is never excluded, so excluding only lifts recall
     for row in ("baseline", "contextual"):
         assert report["rows"][row]["recall@100"]["mean"] >= plain["rows"][row]["recall@100"]["mean"]
+
+
+@pytest.mark.parametrize("mode", ["per_target", "dense"])
+def test_training_with_mixed_negatives_lowers_the_loss(small_data, tmp_path, mode):
+    from conftest import train_tiny
+
+    run = train_tiny(
+        small_data, tmp_path / mode, f"train.mode={mode}", "model.loss=mixed", "model.sampled_negatives=256"
+    )
+    summary = json.loads((run / SUMMARY_FILE).read_text())
+    assert summary["loss"] == "mixed" and not summary["full_softmax"]
+    trained, cfg = load_trained(str(run), str(small_data))
+    assert trained.negatives is not None and trained.negatives.count == 256
+    split = schema.SPLIT_TRAIN_SEQUENCES if mode == "dense" else schema.SPLIT_TRAIN
+    batches = list(dataset.make_dataset(str(small_data), split, 32 if mode == "dense" else 256).take(3))
+    untrained = build_model(cfg)
+    trained_loss = np.mean([float(trained.compute_loss(b)) for b in batches])
+    assert trained_loss < np.mean([float(untrained.compute_loss(b)) for b in batches]) - 0.2

@@ -15,8 +15,12 @@ L2-normalised ad embedding. Ad, advertiser and category embedding tables are sha
 both towers.
 
 Loss (``model.loss=auto``): full softmax over the whole ad corpus when it has at most
-``full_softmax_max_items`` ads; above that (or with ``model.loss=in_batch``), in-batch negatives with the logQ
-sampling-bias correction and accidental-hit removal (``tfrs.tasks.Retrieval``). The
+``full_softmax_max_items`` ads; above that (or with ``model.loss=mixed``), mixed negatives (Yang et al.
+2020): the batch's labels plus ``model.sampled_negatives`` corpus ads drawn per step (uniformly, or a
+``sampled_popularity_share`` of them by popularity), shared by every query of the step, each column
+corrected by the log of its expected count among the step's candidates (:class:`CorpusNegatives`),
+accidental hits (the query's own label ad elsewhere) masked. ``model.loss=in_batch``: the batch's
+labels only, logQ-corrected, accidental hits removed (``tfrs.tasks.Retrieval``). The
 contextual model adds, with weight ``no_context_loss_weight``, the same loss for the same
 examples with their context cleared: one history encoding, two heads. That keeps the
 context-missing path (most requests in production) as good as the sequence-only baseline,
@@ -25,9 +29,10 @@ which dropping a share of contexts at random does not (see the ablation).
 Dense training (``train.mode=dense``, batches of :data:`tfrs_ctx.schema.SEQUENCE_FEATURES`):
 one causal pass over a window gives every position's state ``[B, L, d]``; the head runs per
 position (its context, the user's demographics repeated, a position with an empty history gets
-the no-history vector) and the same retrieval loss (full softmax, or in-batch logQ over the
-batch's targets) and no-context loss run over every position that holds a target, averaged over
-targets; padding positions contribute nothing. The offline encoder and the served head are the
+the no-history vector) and the same retrieval loss (full softmax, or in-batch / mixed logQ over the
+batch's targets, the sampled ads shared by every position) and no-context loss run over every
+position that holds a target (averaged over targets for the full softmax, summed for the sampled
+losses); padding positions contribute nothing. The offline encoder and the served head are the
 same functions as per target: the last valid state is what the feature store holds.
 
 History time gaps (``model.time_gap``): ``to_target`` reads ``HISTORY_TIME_GAP``; ``next_event``
@@ -37,9 +42,10 @@ caller computes it in the model's semantics, as ``model_info.json`` says).
 
 Under a distribution strategy (multi-worker training) each replica computes the loss of its share
 of the global batch and the gradients are summed: the full softmax is scaled to the global mean
-(:func:`global_mean`); TFRS's in-batch loss is a sum over the batch, which summed over replicas is
-already the global sum, but each replica's negatives are its own share of the batch only
-(``batch_size / replicas`` negatives per query instead of ``batch_size``).
+(:func:`global_mean`); TFRS's in-batch loss and the mixed loss are sums over the batch, which summed
+over replicas is already the global sum, but each replica's in-batch negatives are its own share of the
+batch only (``batch_size / replicas`` negatives per query instead of ``batch_size``); each replica
+draws its own ``sampled_negatives`` corpus ads (as many per query as in one process).
 
 The context layer's ``trust`` (the scale of its output, 1 in training) is chosen after
 training on logged requests with their real context (``tfrs_ctx.training.calibrate``): how far real
@@ -94,6 +100,76 @@ def global_mean(per_example: tf.Tensor) -> tf.Tensor:
     return tf.math.divide_no_nan(tf.reduce_sum(per_example), count)  # 0 with no target (dense: all padding)
 
 
+LOSS_FULL_SOFTMAX, LOSS_IN_BATCH, LOSS_MIXED = "full_softmax", "in_batch", "mixed"
+
+
+def resolve_loss(cfg: ModelConfig, num_ads: int) -> str:
+    """``model.loss`` with ``auto`` resolved: full softmax up to ``full_softmax_max_items`` ads, else mixed."""
+    if cfg.loss != "auto":
+        return cfg.loss
+    return LOSS_FULL_SOFTMAX if num_ads <= cfg.full_softmax_max_items else LOSS_MIXED
+
+
+class CorpusNegatives:
+    """Mixed negatives' second source: ``count`` corpus ads drawn per step, with replacement, shared by the batch.
+
+    Each draw is uniform over the corpus, or with probability ``popularity_share`` by the ads'
+    training popularity (``corpus[LABEL_SAMPLING_PROB]``, the same probability the examples carry).
+    The logQ correction of every candidate column, in-batch or sampled, is the log of its expected
+    count among all the step's candidates, ``B * p(ad) + count * q(ad)`` (the batch's ``B`` labels
+    are draws from ``p``, the corpus draws from ``q``): the mixture's sampling probability, as in
+    Yang et al. 2020 (mixed negative sampling). With ``count`` = 0 it is the in-batch correction.
+    """
+
+    def __init__(self, corpus: dict[str, np.ndarray], count: int, popularity_share: float):
+        if schema.LABEL_SAMPLING_PROB not in corpus:
+            raise ValueError(f"model.loss=mixed needs the ads' popularity: corpus[{schema.LABEL_SAMPLING_PROB!r}]")
+        popularity = np.asarray(corpus[schema.LABEL_SAMPLING_PROB], dtype=np.float64)
+        total = popularity.sum()
+        popularity = popularity / total if total > 0 else np.full(len(popularity), 1.0 / max(1, len(popularity)))
+        self.count, self.share, self.size = count, float(popularity_share), len(popularity)
+        self.popularity = tf.constant(popularity, tf.float32)
+        self.cdf = tf.constant(np.cumsum(popularity), tf.float32)
+        self.q = tf.constant((1.0 - self.share) / self.size + self.share * popularity, tf.float32)
+        # a label is an ad seen at least once: its p is at least the rarest seen ad's (never log 0)
+        self.min_p = float(popularity[popularity > 0].min()) if (popularity > 0).any() else 1.0 / max(1, self.size)
+
+    def sample(self) -> tf.Tensor:
+        """``[count]`` corpus rows (row ``r`` = item-vocabulary index ``r + NUM_RESERVED_IDS``)."""
+        rows = tf.random.uniform([self.count], 0, self.size, dtype=tf.int64)
+        if self.share > 0:
+            popular = tf.searchsorted(self.cdf, tf.random.uniform([self.count]), side="right", out_type=tf.int64)
+            popular = tf.minimum(popular, self.size - 1)
+            rows = tf.where(tf.random.uniform([self.count]) < self.share, popular, rows)
+        return rows
+
+    def expected_counts(self, ids: tf.Tensor, probability: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
+        """``[B + count]``: each candidate's expected count among the step's (batch labels ``ids``, then ``rows``)."""
+        batch = tf.cast(tf.shape(ids)[0], tf.float32)
+        corpus_rows = tf.clip_by_value(ids - schema.NUM_RESERVED_IDS, 0, self.size - 1)
+        labels = batch * tf.maximum(probability, self.min_p) + self.count * tf.gather(self.q, corpus_rows)
+        sampled = batch * tf.gather(self.popularity, rows) + self.count * tf.gather(self.q, rows)
+        return tf.concat([labels, sampled], axis=0)
+
+
+def mixed_softmax_loss(
+    queries: tf.Tensor, candidates: tf.Tensor, ids: tf.Tensor, log_counts: tf.Tensor, temperature: float
+) -> tf.Tensor:
+    """The summed softmax loss of ``B`` queries over ``[B + M]`` candidates (query ``i``'s positive: column ``i``).
+
+    Logits are ``score / temperature - log_counts`` (the logQ correction, unclipped: TFRS's clips the
+    probability to [1e-6, 1], which flattens the uniform share of a corpus above 1M ads); a column
+    holding the query's own label ad elsewhere (an accidental hit) is masked out. A sum, as TFRS's
+    in-batch loss: summed over replicas it is the global sum.
+    """
+    logits = tf.matmul(queries, candidates, transpose_b=True) / temperature - log_counts[tf.newaxis]
+    batch = tf.shape(queries)[0]
+    positive = tf.range(batch)
+    hit = tf.equal(ids[:batch, tf.newaxis], ids[tf.newaxis]) & ~tf.cast(tf.one_hot(positive, tf.shape(ids)[0]), tf.bool)
+    logits = tf.where(hit, tf.cast(-1e9, logits.dtype), logits)
+    return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(positive, logits))
+
+
 class ContextualTwoTower(tfrs.models.Model):
     def __init__(self, cfg: ModelConfig, vocab_sizes: dict[str, int], corpus: dict[str, np.ndarray], seed: int = 0):
         super().__init__()
@@ -131,8 +207,13 @@ class ContextualTwoTower(tfrs.models.Model):
         self.candidate_mlp = MLP(cfg.mlp_hidden, cfg.output_dim, name="candidate_mlp")
         self.corpus = {name: tf.constant(corpus[name]) for name in schema.CANDIDATE_FEATURES}
         self.corpus_item_ids = tf.constant(corpus[schema.ITEM_ID])
-        small = len(corpus[schema.ITEM_ID]) <= cfg.full_softmax_max_items
-        self.full_softmax = cfg.loss == "full_softmax" or (cfg.loss == "auto" and small)
+        self.loss_kind = resolve_loss(cfg, len(corpus[schema.ITEM_ID]))
+        self.full_softmax = self.loss_kind == LOSS_FULL_SOFTMAX
+        self.negatives = (
+            CorpusNegatives(corpus, cfg.sampled_negatives, cfg.sampled_popularity_share)
+            if self.loss_kind == LOSS_MIXED
+            else None
+        )
         self.task = tfrs.tasks.Retrieval(temperature=cfg.temperature, remove_accidental_hits=True)
         # The task holds no weights (no metrics), so it is complete as constructed; built, it is saved with
         # the model like every other layer instead of being skipped with a warning at each export.
@@ -246,13 +327,18 @@ class ContextualTwoTower(tfrs.models.Model):
                 for q in queries
             ]
         candidates = self.candidate_embedding(features, training)
-        return [
-            self.task(
-                q,
-                candidates,
-                candidate_sampling_probability=features[schema.LABEL_SAMPLING_PROB],
-                candidate_ids=features[schema.LABEL_ITEM],
-                compute_metrics=False,
-            )
-            for q in queries
-        ]
+        ids, probability = features[schema.LABEL_ITEM], features[schema.LABEL_SAMPLING_PROB]
+        if self.negatives is None:
+            return [
+                self.task(
+                    q, candidates, candidate_sampling_probability=probability, candidate_ids=ids, compute_metrics=False
+                )
+                for q in queries
+            ]
+        # mixed: + corpus ads drawn once per step, shared by every query (and by both heads)
+        rows = self.negatives.sample()
+        sampled = {name: tf.gather(self.corpus[name], rows) for name in schema.CANDIDATE_FEATURES}
+        candidates = tf.concat([candidates, self.candidate_embedding(sampled, training)], axis=0)
+        log_counts = tf.math.log(self.negatives.expected_counts(ids, probability, rows))
+        ids = tf.concat([ids, rows + schema.NUM_RESERVED_IDS], axis=0)
+        return [mixed_softmax_loss(q, candidates, ids, log_counts, self.cfg.temperature) for q in queries]

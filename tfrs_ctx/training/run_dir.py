@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import tensorflow as tf
 
 from tfrs_ctx import schema
 from tfrs_ctx.config import Config, load_config
 from tfrs_ctx.data import dataset
-from tfrs_ctx.models.two_tower import ContextualTwoTower
+from tfrs_ctx.models.two_tower import LOSS_MIXED, ContextualTwoTower, resolve_loss
 
 FINAL_DIR = "final"
 FINAL_WEIGHTS = "weights"
@@ -28,10 +29,20 @@ LOGS_DIR = "logs"
 
 def build_model(cfg: Config) -> ContextualTwoTower:
     meta = dataset.load_metadata(cfg.train.data_dir)
-    model = ContextualTwoTower(
-        cfg.model, meta["vocab_sizes"], dataset.load_corpus(cfg.train.data_dir), seed=cfg.train.seed
-    )
-    return model
+    corpus = dataset.load_corpus(cfg.train.data_dir)
+    if resolve_loss(cfg.model, len(corpus[schema.ITEM_ID])) == LOSS_MIXED:
+        corpus[schema.LABEL_SAMPLING_PROB] = ad_popularity(cfg.train.data_dir, corpus[schema.ITEM_ID])
+    return ContextualTwoTower(cfg.model, meta["vocab_sizes"], corpus, seed=cfg.train.seed)
+
+
+def ad_popularity(data_dir: str, item_ids: np.ndarray) -> np.ndarray:
+    """Training targets per ad (``item_counts.tsv``), aligned with ``item_ids``: mixed negatives' popularity."""
+    with tf.io.gfile.GFile(os.path.join(data_dir, schema.ITEM_COUNTS_FILE)) as f:
+        counts = np.loadtxt(f, dtype=np.int64, delimiter="\t", ndmin=2)
+    if np.array_equal(counts[:, 0], item_ids):  # the file is in vocabulary order, as the corpus
+        return counts[:, 1].astype(np.float32)
+    lookup = dict(zip(counts[:, 0].tolist(), counts[:, 1].tolist(), strict=True))
+    return np.asarray([lookup.get(int(i), 0) for i in item_ids], dtype=np.float32)
 
 
 def load_trained(run_dir: str, data_dir: str | None = None) -> tuple[ContextualTwoTower, Config]:

@@ -324,6 +324,7 @@ def train(cfg: Config, run_dir: str, verbose: int = 1, strategy=None) -> dict:
         "validation": "train_requests" if validation else "none: no request before the cutoff",
         "best_val_recall": max(val_recalls) if val_recalls else None,
         "full_softmax": bool(model.full_softmax),
+        "loss": model.loss_kind,
         "calibration": calibration,
     }
     if chief:
