@@ -317,7 +317,9 @@ def calibration_line(trust: float, calibration: dict | None) -> dict:
     c = calibration or {"source": "unknown", "flagged": True}
     # summaries of older runs lack the flag and the description
     source, flagged = c.get("source", "requests"), bool(c.get("flagged", False))
-    chosen = f"chosen on {c.get('examples', '?')} {c.get('description', source)}" if calibration else "not calibrated"
+    chosen = f"chosen on {c.get('examples', '?')} {c.get('description', source)}"
+    if not calibration or c.get("examples") == 0:  # none, or switched off: nothing chose it
+        chosen = c.get("description", "not calibrated")
     note = f"Context trust of the contextual model: {trust:g} (1 = as trained, 0 = context ignored); {chosen}."
     if flagged:
         note = (
