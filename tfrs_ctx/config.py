@@ -64,6 +64,9 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     shuffle_buffer: int = 50_000
     calibration_examples: int = 10_000  # real-context requests the context trust is chosen on; 0: off
+    # The data's request context is the user's previous event (MovieLens): with too few logged
+    # requests, calibrate on requests derived from the training histories (training/calibrate.py).
+    context_is_previous_event: bool = False
     exclude_history: bool = False  # evaluation: drop already-converted ads from the ranking
     seed: int = 0
 

@@ -220,9 +220,13 @@ def export_all(
     top_k: int = 100,
     index: str = "auto",
     index_params: dict | None = None,
+    calibration: dict | None = None,
 ) -> dict:
     """Write the three SavedModels atomically; returns the version, ``{name: final path}``, the
     exported max k and the index's config (``retrieval``, with its build seconds).
+
+    ``calibration``: the run's ``train_summary.json["calibration"]``; ``model_info.json`` records
+    its source, trust and flag (``calibration``; without one: source ``unknown``, flagged).
 
     ``index`` / ``index_params``: see :func:`build_index`. The corpus index is built once and
     saved into ``context_head`` and ``full`` (the encoder carries no corpus).
@@ -255,6 +259,11 @@ def export_all(
         "time_gap": model.cfg.time_gap,
         "exported_at": int(time.time()),
     }
+    if model.context_layer is not None:  # where the served context trust comes from
+        c = calibration or {"source": "unknown", "flagged": True, "flag": "uncalibrated"}
+        trust = float(model.context_layer.trust.numpy())
+        flagged = bool(c.get("flagged", False))  # summaries before the flag: chosen on requests
+        info["calibration"] = {"source": c.get("source"), "trust": trust, "flagged": flagged, "flag": c.get("flag")}
     paths = {}
     for name, (fn, inputs, defaults) in plans.items():
         base = os.path.join(out_dir, name)
@@ -294,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantization", choices=QUANTIZATIONS, help="IVF first-pass copy (default int8)")
     parser.add_argument("--rescore", type=int, help="int8/bf16: re-score rescore*k candidates exactly (default 4)")
     args = parser.parse_args(argv)
-    from tfrs_ctx.training.run_dir import load_trained
+    from tfrs_ctx.training.run_dir import load_trained, read_summary
 
     model, cfg = load_trained(args.run, args.data)
     params = {
@@ -305,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         "rescore": args.rescore,
     }
     start = time.perf_counter()
-    result = export_all(model, cfg.train.data_dir, args.out, args.version, args.top_k, args.index, params)
+    calibration = read_summary(args.run).get("calibration")
+    result = export_all(model, cfg.train.data_dir, args.out, args.version, args.top_k, args.index, params, calibration)
     r = result["retrieval"]
     print(
         f"index: {r['mode']} over {r['n_items']} ads (P={r['n_partitions']}, nprobe={r['nprobe']}, "

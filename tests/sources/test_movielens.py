@@ -12,6 +12,7 @@ import pytest
 
 from tfrs_ctx import schema
 from tfrs_ctx.apps import cli
+from tfrs_ctx.data import rawio
 from tfrs_ctx.data.validation import check_raw_dir
 from tfrs_ctx.sources.movielens import (
     EVENT_TYPE_OF_RATING,
@@ -144,3 +145,24 @@ def test_helpers():
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"u\.data not found"):
         import_movielens(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+
+
+def test_the_last_event_split_holds_out_every_request_and_keeps_every_gap(ml100k_dir, tmp_path):
+    from tfrs_ctx.sources.movielens import LAST_EVENT_CUTOFF, build_tables, import_movielens
+
+    summary = import_movielens(str(ml100k_dir), str(tmp_path), last_event_split=True)
+    assert summary["last_event_cutoff"] == LAST_EVENT_CUTOFF
+    shifted = {t.name: rawio.read_table(str(tmp_path), t) for t in (schema.CONVERSIONS, schema.REQUESTS)}
+    original = build_tables(str(ml100k_dir))
+    requests, conversions = shifted[schema.REQUESTS.name], shifted[schema.CONVERSIONS.name]
+    assert (requests[schema.TIMESTAMP] == LAST_EVENT_CUTOFF).all() and len(requests) == N_USERS
+    before = original[schema.CONVERSIONS.name].merge(
+        original[schema.REQUESTS.name][[schema.USER_ID, schema.TIMESTAMP]], on=schema.USER_ID, suffixes=("", "_r")
+    )
+    after = conversions.sort_values([schema.USER_ID, schema.TIMESTAMP, schema.ITEM_ID], ignore_index=True)
+    assert after[schema.ITEM_ID].tolist() == before[schema.ITEM_ID].tolist()  # same events, same order
+    shift = after[schema.TIMESTAMP] - before[schema.TIMESTAMP]
+    assert (shift == LAST_EVENT_CUTOFF - before[f"{schema.TIMESTAMP}_r"]).all()  # one constant per user
+    assert (
+        (after[schema.TIMESTAMP] < LAST_EVENT_CUTOFF) == (before[schema.TIMESTAMP] < before[f"{schema.TIMESTAMP}_r"])
+    ).all()

@@ -108,7 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     from tfrs_ctx.apps import daily
 
     model, _ = load_trained(os.path.join(runs, "contextual"), data)
-    exported = stages.run("export encoder / context_head / full SavedModels", export.export_all, model, data, models)
+    exported = stages.run(
+        "export encoder / context_head / full SavedModels",
+        export.export_all,
+        model,
+        data,
+        models,
+        calibration=trained["contextual"]["calibration"],
+    )
     print(f"    model version {exported['version']}: " + ", ".join(exported["paths"].values()))
     stages.run(
         "Beam: encode users -> Feast offline store; feast apply + materialize",

@@ -311,6 +311,25 @@ def plot_recall(report: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def calibration_line(trust: float, calibration: dict | None) -> dict:
+    """Where the contextual model's trust comes from (``train_summary.json["calibration"]``), as
+    ``{source, trust, flagged, note}``; the note is the report's line (loud when flagged)."""
+    c = calibration or {"source": "unknown", "flagged": True}
+    # summaries of older runs lack the flag and the description
+    source, flagged = c.get("source", "requests"), bool(c.get("flagged", False))
+    chosen = f"chosen on {c.get('examples', '?')} {c.get('description', source)}"
+    if not calibration or c.get("examples") == 0:  # none, or switched off: nothing chose it
+        chosen = c.get("description", "not calibrated")
+    note = f"Context trust of the contextual model: {trust:g} (1 = as trained, 0 = context ignored); {chosen}."
+    if flagged:
+        note = (
+            f"**UNCALIBRATED context trust {trust:g}**: no request with real context chose it ({chosen}); "
+            "the contextual row may lose to the baseline on real traffic: calibrate on a request log "
+            "(`tfrs-ctx calibrate --run RUN --data DATA`) before trusting it."
+        )
+    return {"source": source, "trust": trust, "flagged": flagged, "note": note}
+
+
 def evaluate_runs(
     data_dir: str,
     contextual_run: str,
@@ -342,11 +361,8 @@ def evaluate_runs(
     report["runs"] = {"contextual": os.path.abspath(contextual_run), "baseline": os.path.abspath(baseline_run)}
     report["context_trust"] = trust = float(contextual.context_layer.trust.numpy())
     calibration = read_summary(contextual_run).get("calibration")
-    chosen = "not calibrated"
-    if calibration:  # summaries of older runs lack the source
-        chosen = f"chosen on {calibration.get('examples', '?')} {calibration.get('source', 'requests')}"
-    note = f"Context trust of the contextual model: {trust:g} (1 = as trained, 0 = context ignored); {chosen}."
-    report.setdefault("notes", []).append(note)
+    report["calibration"] = calibration_line(trust, calibration)
+    report.setdefault("notes", []).append(report["calibration"]["note"])
     if served:
         r = served.get("retrieval", {})
         report["served_index"] = {"models_dir": os.path.abspath(models_dir), "top_k": served["top_k"], **r}

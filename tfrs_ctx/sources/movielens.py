@@ -23,6 +23,16 @@ Mapping
   (``subject_item_id``) is the one before it: a real neighbouring event, never derived
   from the label. The request timestamp is the label's timestamp.
 
+The last-event split (``--last-event-split``)
+--------------------------------------------
+The usual sequential-recommendation split holds out *every* user's last event, which no single
+time cutoff does. With the flag, each user's timeline is shifted by one constant (every gap
+between a user's events kept) so that their request, i.e. their last rating, sits at
+``LAST_EVENT_CUTOFF``: built with ``--cutoff LAST_EVENT_CUTOFF``, all 943 requests are held
+out, every rating before the label's timestamp trains, and no logged request precedes the
+cutoff (the trust then comes from the training histories: ``tfrs_ctx.training.calibrate``).
+Ratings sharing the label's timestamp land at the cutoff too: neither trained on nor history.
+
 History rule for requests (for the training-data pipeline)
 ----------------------------------------------------------
 All 100,000 ratings stay in ``conversions``, the subject-item event included. A request's
@@ -64,6 +74,7 @@ NON_US = "non-US"
 UNKNOWN_ADVERTISER = 0
 MIN_RATINGS = 3  # a request needs a label, a subject item and at least one history event
 NUM_GENRE_FLAGS = 19
+LAST_EVENT_CUTOFF = 1_000_000_000  # --last-event-split: every request at this timestamp (2001-09-09)
 # source.json keys telling the training-data pipeline how requests relate to the history.
 SUBJECT_ITEMS_ARE_ADS = "subject_items_are_ads"
 HISTORY_EXCLUDES_SUBJECT_EVENT = "history_excludes_subject_event"
@@ -213,10 +224,25 @@ def build_tables(src: str) -> dict[str, pd.DataFrame]:
     }
 
 
-def import_movielens(src: str, out: str) -> dict:
-    """Write MovieLens-100k under ``out`` as raw tables; returns the summary (``rows`` by table)."""
+def shift_to_last_event(tables: dict[str, pd.DataFrame], cutoff: int = LAST_EVENT_CUTOFF) -> None:
+    """Shift each user's conversions and request by one constant so the request is at ``cutoff``."""
+    requests = tables[schema.REQUESTS.name]
+    offset = pd.Series(cutoff - requests[schema.TIMESTAMP].to_numpy(), index=requests[schema.USER_ID].to_numpy())
+    for name in (schema.CONVERSIONS.name, schema.REQUESTS.name):
+        frame = tables[name]
+        shift = offset.reindex(frame[schema.USER_ID].to_numpy()).fillna(0).to_numpy(dtype=np.int64)
+        frame[schema.TIMESTAMP] = frame[schema.TIMESTAMP].to_numpy() + shift
+
+
+def import_movielens(src: str, out: str, last_event_split: bool = False) -> dict:
+    """Write MovieLens-100k under ``out`` as raw tables; returns the summary (``rows`` by table).
+
+    ``last_event_split``: every user's timeline shifted so their request is at ``LAST_EVENT_CUTOFF``
+    (build with ``--cutoff`` that value: see the module docstring)."""
     t0 = time.perf_counter()
     tables = build_tables(src)
+    if last_event_split:
+        shift_to_last_event(tables)
     os.makedirs(out, exist_ok=True)
     rows = {name: write_table(out, schema.RAW_TABLES[name], frame) for name, frame in tables.items()}
     summary = {
@@ -226,6 +252,7 @@ def import_movielens(src: str, out: str) -> dict:
         "seconds": round(time.perf_counter() - t0, 3),
         SUBJECT_ITEMS_ARE_ADS: True,
         HISTORY_EXCLUDES_SUBJECT_EVENT: True,
+        "last_event_cutoff": LAST_EVENT_CUTOFF if last_event_split else None,
         "mapping": {
             schema.EVENT_TYPE: {str(r): e for r, e in sorted(EVENT_TYPE_OF_RATING.items())},
             schema.ADVERTISER_ID: f"release year ({UNKNOWN_ADVERTISER} when unknown)",
@@ -244,9 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tfrs-ctx import-movielens", description=__doc__.split("\n")[0])
     parser.add_argument("--src", required=True, help="the ml-100k folder (read in place, never copied)")
     parser.add_argument("--out", required=True, help="directory for the raw tables")
+    parser.add_argument(
+        "--last-event-split",
+        action="store_true",
+        help=f"shift each user's timeline so every request is at {LAST_EVENT_CUTOFF}: build with --cutoff that value",
+    )
     args = parser.parse_args(argv)
-    summary = import_movielens(args.src, args.out)
-    print(json.dumps({k: summary[k] for k in ("rows", "seconds")}, indent=2))
+    summary = import_movielens(args.src, args.out, args.last_event_split)
+    print(json.dumps({k: summary[k] for k in ("rows", "seconds", "last_event_cutoff")}, indent=2))
     return 0
 
 

@@ -3,18 +3,37 @@
 The contextual model learns what context *means* from synthetic context (the label's own
 categories, dropped and swapped in training). How far the context of a real request should
 be *believed* is a different question, and only real requests can answer it. So after
-training, the context layer's ``trust`` (the scale of its output; 1 as trained, 0 = no
-context) is set to the value on a fixed grid with the highest Recall@K on logged
-``train_requests`` with their real context, everything else frozen. A direct search of the
+training, the context layer's ``trust`` (the scale of its output; 1 as trained, 0 = exactly
+the no-context answer) is set to the value on a fixed grid with the highest Recall@K on
+requests with real context, everything else frozen (ties: the lower trust, so a trust above
+0 is kept only where it *beats* the model's own no-context recall). A direct search of the
 metric, not a loss: a model trained with a softmax over synthetic context can be
 over-confident by the loss and still rank better with more trust.
 
-Which requests: those beyond the first ``train.validation_examples`` (used for early
-stopping), at most ``train.calibration_examples``; where the log is too small for that
-(MovieLens-100k), the validation examples themselves, reported as in-sample.
+Which requests (``train_summary.json["calibration"]["source"]``, the first that applies):
 
-Training calls :func:`calibrate` itself; the command re-chooses the trust of a trained run,
-e.g. on a fresher request log, without retraining, and updates ``final/`` and the summary.
+* ``requests``: logged ``train_requests`` beyond the first ``train.validation_examples`` (used
+  for early stopping), at most ``train.calibration_examples``, when at least ``MIN_HELD_OUT``.
+* ``previous_event``: where the data defines a request's context as the user's previous event
+  (``train.context_is_previous_event``: MovieLens, whose requests are "label = an event, subject
+  = the event before it") and the log is too small: requests derived from the ``train`` split.
+  Each training target keeps its label; the last event of its history becomes the context (that
+  item's categories, and ``subject_item``) and the events before it the history, as the pipeline
+  builds a real request (the subject's event left out of the history). The ``train`` split holds
+  only events before the cutoff, so nothing at or after it is read. The labels were trained on:
+  the history path's recall is in-sample, which favours lower trust (the safe side).
+* ``validation``: the validation ``train_requests`` themselves (in-sample).
+* ``synthetic``: no request at all and no derivation: the first training examples with their
+  synthetic context, on the grid up to 1 (as trained; synthetic context is cleaner than any real
+  one), **flagged "uncalibrated"**: nothing real said how far the context can be believed.
+* ``off``: ``train.calibration_examples=0``: the trust stays at 1, flagged "uncalibrated".
+* ``not_applicable``: ``train.context_source`` real or none (the context was never synthetic).
+
+Every contextual run records its outcome (source, trust, flag, recall per grid value) in the
+summary; the export copies source, trust and flag into ``model_info.json`` and the evaluation
+report states them. Training calls :func:`calibrate` itself; the command re-chooses the trust of
+a trained run, e.g. on a fresher request log, without retraining, and updates ``final/`` and the
+summary.
 """
 
 from __future__ import annotations
@@ -22,6 +41,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+import tensorflow as tf
 
 from tfrs_ctx import schema
 from tfrs_ctx.config import Config
@@ -32,7 +53,17 @@ from tfrs_ctx.training import run_dir
 # 1 = as trained. Above 1: real context is more reliable than the dropped, swapped synthetic
 # context the model hedged against in training.
 TRUST_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
-MIN_HELD_OUT = 1000  # fewer held-out requests than this: choose on the validation examples
+MIN_HELD_OUT = 1000  # fewer held-out requests than this: derive requests, or choose on the validation examples
+UNCALIBRATED = "uncalibrated"
+SOURCES = {
+    "requests": "held-out train_requests",
+    "previous_event": "requests derived from the training histories (context = the previous event; in-sample labels)",
+    "validation": "validation examples (in-sample: too few train_requests to hold more out)",
+    "synthetic": "training examples with synthetic context (NO request log: uncalibrated, trust at most 1)",
+    "off": "none: calibration switched off (train.calibration_examples=0), trust as trained",
+    "not_applicable": "none: the context was not synthetic in training (train.context_source)",
+}
+_SHIFTED = (*schema.HISTORY_FEATURES, schema.HISTORY_NEXT_GAP)
 
 
 def choose_trust(
@@ -51,45 +82,104 @@ def choose_trust(
     return best, recalls
 
 
-def calibration_requests(cfg: Config, counts: dict[str, int], validation: list) -> tuple[list, str] | None:
-    """The batches to choose the trust on and where they come from (``None``: no requests)."""
+def previous_event_request(example: dict[str, tf.Tensor], categories: tf.Tensor, confidences: tf.Tensor) -> dict:
+    """A ``train`` example (one, unbatched) as a request whose context is its history's last event.
+
+    ``categories`` / ``confidences``: the corpus's ``[items, C]`` tables, row = item index -
+    ``NUM_RESERVED_IDS``. The history is left-padded: its last event moves into the context and
+    ``subject_item``, the rest shifts right by one; the new last event's next-event gap is its
+    gap to the target (as in a request's history, which leaves the subject's event out).
+    """
+    out = dict(example)
+    subject = example[schema.HISTORY_ITEM][-1]
+    for name in _SHIFTED:
+        values = example[name]
+        out[name] = tf.concat([tf.zeros_like(values[:1]), values[:-1]], axis=0)
+    gaps = out[schema.HISTORY_NEXT_GAP]
+    out[schema.HISTORY_NEXT_GAP] = tf.concat([gaps[:-1], out[schema.HISTORY_TIME_GAP][-1:]], axis=0)
+    out[schema.HISTORY_LENGTH] = example[schema.HISTORY_LENGTH] - 1
+    row = subject - schema.NUM_RESERVED_IDS
+    out[schema.CONTEXT_CATEGORIES] = tf.gather(categories, row)
+    out[schema.CONTEXT_WEIGHTS] = tf.gather(confidences, row)
+    out[schema.SUBJECT_ITEM] = subject
+    return out
+
+
+def derived_requests(data_dir: str, n: int) -> tf.data.Dataset:
+    """Up to ``n`` previous-event requests (:func:`previous_event_request`) from the ``train`` split,
+    in file order, unbatched: every training target with at least two history events."""
+    corpus = dataset.load_corpus(data_dir)
+    categories = tf.constant(corpus[schema.LABEL_CATEGORIES])
+    confidences = tf.constant(corpus[schema.LABEL_CONFIDENCES])
+    train = dataset.make_dataset(data_dir, schema.SPLIT_TRAIN, 1024).unbatch()
+    train = train.filter(lambda e: e[schema.HISTORY_LENGTH] >= 2)
+    return train.map(lambda e: previous_event_request(e, categories, confidences)).take(n)
+
+
+def calibration_requests(cfg: Config, counts: dict[str, int], validation: list) -> tuple[list, str]:
+    """The batches to choose the trust on and their source (a key of ``SOURCES``; never empty)."""
     t = cfg.train
     held_out = min(counts.get(schema.SPLIT_TRAIN_REQUESTS, 0) - t.validation_examples, t.calibration_examples)
     if held_out >= MIN_HELD_OUT:
         requests = dataset.requests_after_validation(t.data_dir, t.validation_examples)
-        return list(requests.take(held_out).batch(1024)), "held-out train_requests"
+        return list(requests.take(held_out).batch(1024)), "requests"
+    if t.context_is_previous_event:
+        derived = list(derived_requests(t.data_dir, t.calibration_examples).batch(1024))
+        if derived:
+            return derived, "previous_event"
     if validation:
-        return validation, "validation examples (in-sample: too few train_requests to hold more out)"
-    return None
+        return validation, "validation"
+    train = dataset.make_dataset(t.data_dir, schema.SPLIT_TRAIN, 1024).unbatch()
+    return list(train.take(t.calibration_examples).batch(1024)), "synthetic"
+
+
+def record(source: str, trust: float, **figures) -> dict:
+    """The summary's ``calibration`` entry: where the trust comes from, the trust, the flag."""
+    flagged = source in ("synthetic", "off")
+    return {
+        "source": source,
+        "description": SOURCES[source],
+        "trust": float(trust),
+        "flagged": flagged,
+        "flag": UNCALIBRATED if flagged else None,
+        "in_sample": source in ("previous_event", "validation", "synthetic"),
+        **figures,
+    }
 
 
 def calibrate(model, cfg: Config, counts: dict[str, int], validation: list) -> dict | None:
-    """Choose the context trust on real request context (``None`` when off or not applicable)."""
+    """Choose the context trust (see the module docstring); ``None`` for a baseline."""
+    if model.context_layer is None:
+        return None
     t = cfg.train
-    if not cfg.model.use_context or t.calibration_examples <= 0 or t.context_source != "synthetic":
-        return None
-    requests = calibration_requests(cfg, counts, validation)
-    if requests is None:
-        print("context calibration skipped: the data has no train_requests")
-        return None
-    batches, source = requests
+    trust_now = float(model.context_layer.trust.numpy())
+    if t.context_source != "synthetic":
+        return record("not_applicable", trust_now, examples=0)
+    if t.calibration_examples <= 0:
+        return record("off", trust_now, examples=0)
+    batches, source = calibration_requests(cfg, counts, validation)
+    grid = tuple(g for g in TRUST_GRID if g <= 1.0) if source == "synthetic" else TRUST_GRID
     model.context_layer.trust.assign(1.0)
     before = recall_at_k(model, validation, t.early_stopping_k)
-    trust, recalls = choose_trust(model, batches, t.early_stopping_k)
+    trust, recalls = choose_trust(model, batches, t.early_stopping_k, grid)
     after = recall_at_k(model, validation, t.early_stopping_k)
     examples = sum(int(b[schema.LABEL_ITEM].shape[0]) for b in batches)
-    print(
-        f"context trust {trust:g} (Recall@{t.early_stopping_k} on {examples} {source}: "
-        f"{recalls[1.0]:.4f} as trained -> {recalls[trust]:.4f})"
+    result = record(
+        source,
+        trust,
+        examples=examples,
+        recall_by_trust={f"{g:g}": r for g, r in recalls.items()},
+        no_context_recall=recalls[0.0],
+        val_recall_before=before,
+        val_recall_after=after,
     )
-    return {
-        "trust": trust,
-        "examples": examples,
-        "source": source,
-        "recall_by_trust": {f"{g:g}": r for g, r in recalls.items()},
-        "val_recall_before": before,
-        "val_recall_after": after,
-    }
+    flag = f" [{UNCALIBRATED.upper()}: no request log]" if result["flagged"] else ""
+    print(
+        f"context trust {trust:g}{flag} (Recall@{t.early_stopping_k} on {examples} {SOURCES[source]}: "
+        f"{recalls[1.0]:.4f} as trained, {recalls[0.0]:.4f} without context -> {recalls[trust]:.4f})",
+        file=sys.stderr if result["flagged"] else sys.stdout,
+    )
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     validation = dataset.validation_requests(cfg.train.data_dir, counts, cfg.train.validation_examples)
     result = calibrate(model, cfg, counts, validation)
     if result is None:
-        print("nothing to calibrate: a baseline, a real-context run, or calibration switched off", file=sys.stderr)
+        print("nothing to calibrate: the run is a baseline (model.use_context=false)", file=sys.stderr)
         return 1
     run_dir.save_final(model, args.run)
     run_dir.write_summary(args.run, {**run_dir.read_summary(args.run), "calibration": result})

@@ -280,7 +280,8 @@ def train(cfg: Config, run_dir: str, verbose: int = 1, strategy=None) -> dict:
     if not validation:
         print(
             f"WARNING: {t.data_dir} has no {schema.SPLIT_TRAIN_REQUESTS} (no request before the cutoff): "
-            "NO VALIDATION. Early stopping is off (all epochs run) and the context trust is not calibrated.",
+            "NO VALIDATION. Early stopping is off (all epochs run); the context trust falls back to derived or "
+            "synthetic context (train_summary.json calibration.source; flagged when uncalibrated).",
             file=sys.stderr,
         )
     else:
