@@ -239,3 +239,26 @@ def test_core_ops_only(saved):
     assert not not_core, not_core
     assert not any("scann" in op.lower() for op in ops)
     assert {"RaggedRange", "TopKV2", "ResourceGather"} <= ops
+
+
+def test_target_overlap_calibrates_nprobe_on_sample_queries():
+    """Queries unlike the ads (far from every cluster) need many more partitions than the size
+    rule gives; the calibrated nprobe reaches the target on held-out queries of the same kind."""
+    x, ids = clustered(8000, 4), raw_ids(8000)
+    rng = np.random.default_rng(5)
+    calib, held_out = (rng.standard_normal((n, D)).astype(np.float32) for n in (300, 200))
+    truth, _ = reference(x, ids, held_out, 50)
+    common = {"max_k": 50, "n_partitions": 128, "exact_threshold": 0, "quantization": "int8", "rescore": 4}
+    default = IVFIndex.build(x, ids, **common)
+    assert default.get_config()["nprobe_source"] == "default"
+    tables = build_tables(x, ids, target_overlap=0.95, calibration_queries=calib, **common)
+    cfg = tables.config
+    assert cfg["nprobe_source"] == "target_overlap" and cfg["calibration"]["queries"] == 300
+    assert cfg["calibration"]["overlap"] >= 0.95 and default.nprobe < cfg["nprobe"] < 128
+    assert overlap(search(default, held_out)[0], truth) < 0.9
+    assert overlap(search(IVFIndex(tables), held_out)[0], truth) >= 0.92
+    lower = build_tables(x, ids, target_overlap=0.8, calibration_queries=calib, **common).config["nprobe"]
+    every = build_tables(x, ids, target_overlap=1.0, calibration_queries=calib, **common).config
+    assert lower <= cfg["nprobe"] <= every["nprobe"] and every["calibration"]["overlap"] == 1.0
+    given = build_tables(x, ids, nprobe=3, target_overlap=0.95, calibration_queries=calib, **common).config
+    assert given["nprobe"] == 3 and given["nprobe_source"] == "given"

@@ -25,6 +25,7 @@ can concatenate requests); the output has ``max(k)`` columns and row ``b`` is pa
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 
@@ -182,6 +183,8 @@ def build_tables(
     max_sample: int = 262_144,
     two_level_from: int = 8192,
     seed: int = 0,
+    target_overlap: float | None = None,
+    calibration_queries: np.ndarray | None = None,
 ) -> IVFTables:
     """Cluster, sort and (optionally) quantize ``embeddings [N, d]`` with raw ``ids [N]``.
 
@@ -189,6 +192,10 @@ def build_tables(
     exact float32 re-scoring (ignored when ``quantization == "none"``). Corpora with at most
     ``exact_threshold`` ads get the brute-force mode. From ``two_level_from`` partitions on,
     k-means and the final assignment use the two-level assignment with ``sqrt(P)`` groups.
+
+    ``target_overlap`` with ``calibration_queries [M, d]`` (and no ``nprobe``): ``nprobe`` is the
+    smallest that reaches that overlap@max_k on these queries (:func:`calibrate_nprobe`); use
+    queries the evaluation does not (e.g. the training requests' user embeddings).
     """
     t0 = time.perf_counter()
     x = np.ascontiguousarray(embeddings, np.float32)
@@ -252,8 +259,68 @@ def build_tables(
         largest_partition=int(sizes.max()),
         assignment=f"two-level, {groups} groups, 16 per row" if groups else "flat",
     )
-    return IVFTables(mode, table, ids[order], order, centroids, offsets, quantized, scale, config,
-                     time.perf_counter() - t0)  # fmt: skip
+    tables = IVFTables(mode, table, ids[order], order, centroids, offsets, quantized, scale, config, 0.0)
+    config["nprobe_source"] = "given" if nprobe else "default"
+    if target_overlap is not None and calibration_queries is not None and not nprobe:
+        found = calibrate_nprobe(tables, calibration_queries, target_overlap)
+        config.update(nprobe=found["nprobe"], nprobe_source="target_overlap", calibration=found)
+    tables.build_seconds = time.perf_counter() - t0
+    return tables
+
+
+# --------------------------------------------------------------------------- nprobe calibration
+
+
+def exact_top_k(table: np.ndarray, queries: np.ndarray, k: int, chunk: int = 256) -> np.ndarray:
+    """Table rows of each query's exact top ``k`` (brute force, chunked), ``[nq, min(k, N)]``."""
+    t = tf.constant(table, tf.float32)
+    k = min(k, len(table))
+    out = []
+    for s in range(0, len(queries), chunk):
+        scores = tf.matmul(tf.constant(queries[s : s + chunk], tf.float32), t, transpose_b=True)
+        out.append(tf.math.top_k(scores, k).indices.numpy())
+    return np.concatenate(out) if out else np.zeros((0, k), np.int32)
+
+
+def probe_ranks(tables: IVFTables, queries: np.ndarray, k: int) -> np.ndarray:
+    """``[nq, k]``: for each query's exact top-``k`` ad, the rank (0 = probed first) of its partition
+    in the query's partition order. ``mean(ranks < nprobe)`` is the share of the exact top-k that
+    ``nprobe`` partitions hold, i.e. the overlap@k the index reaches when re-scoring keeps them."""
+    queries = np.asarray(queries, np.float32)
+    top = exact_top_k(tables.embeddings, queries, k)
+    sizes = np.diff(tables.offsets)
+    part = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)  # partition of each table row
+    scores = tf.matmul(tf.constant(queries), tf.constant(tables.centroids), transpose_b=True)
+    order = tf.math.top_k(scores, len(sizes)).indices.numpy()  # the same order search() probes in
+    rank = np.empty_like(order)
+    rank[np.arange(len(order))[:, None], order] = np.arange(order.shape[1], dtype=order.dtype)[None, :]
+    return np.take_along_axis(rank, part[top], axis=1)
+
+
+def overlap_curve(ranks: np.ndarray, nprobes) -> dict[int, float]:
+    """Overlap@k at each ``nprobe`` from :func:`probe_ranks`."""
+    return {int(n): float(np.mean(ranks < n)) if ranks.size else 1.0 for n in nprobes}
+
+
+def calibrate_nprobe(tables: IVFTables, queries: np.ndarray, target: float, k: int | None = None) -> dict:
+    """The smallest ``nprobe`` whose probed partitions hold a share ``>= target`` of the exact top-``k``
+    (default ``max_k``) of sample ``queries``: ``{"nprobe", "overlap", "queries", "target"}``."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target overlap must be in (0, 1], got {target}")
+    k = int(k or tables.config["max_k"])
+    ranks = np.sort(probe_ranks(tables, queries, k).ravel())
+    n_parts = len(tables.offsets) - 1
+    if ranks.size:
+        need = math.ceil(target * ranks.size - 1e-9)  # that many (query, ad) pairs must be probed
+        nprobe = int(min(n_parts, ranks[max(need, 1) - 1] + 1))
+    else:
+        nprobe = 1
+    return {
+        "nprobe": nprobe,
+        "overlap": overlap_curve(ranks, [nprobe])[nprobe],
+        "queries": len(queries),
+        "target": float(target),
+    }
 
 
 # --------------------------------------------------------------------------------------- query
@@ -284,7 +351,8 @@ class IVFIndex(tf.Module):
     def __init__(self, tables: IVFTables, name: str = "ivf_index"):
         super().__init__(name=name)
         cfg = tables.config
-        self._config = dict(cfg, build_seconds=round(tables.build_seconds, 3))
+        # JSON text, not a dict: tf.Module would wrap a (nested) dict attribute into trackable wrappers
+        self._config_json = json.dumps(dict(cfg, build_seconds=round(tables.build_seconds, 3)))
         self.mode, self.max_k, self.n_items, self.dim = cfg["mode"], cfg["max_k"], cfg["n_items"], cfg["dim"]
         self.nprobe, self.quantization, self.rescore = cfg["nprobe"], cfg["quantization"], cfg["rescore"]
 
@@ -310,7 +378,7 @@ class IVFIndex(tf.Module):
 
     def get_config(self) -> dict:
         """Parameters and build statistics (JSON-serialisable, for ``model_info.json``)."""
-        return dict(self._config)
+        return json.loads(self._config_json)
 
     def memory_bytes(self) -> int:
         """Bytes held by the index tables."""
