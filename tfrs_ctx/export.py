@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     result = export_all(model, cfg.train.data_dir, args.out, args.version, args.top_k, args.index, params)
     r = result["retrieval"]
     print(
-        f"index: {r['mode']} over {r['n_items']} ads (P={r['n_partitions']}, nprobe={r['nprobe']}, "
+        f"index: {r['mode']} over {r['n_items']} ads (P={r['n_partitions']}, nprobe={r['nprobe']} "
+        f"[{r.get('nprobe_source', '-')}], "
         f"{r['quantization']}), built in {r['build_seconds']:.1f} s, {r['memory_bytes'] / 2**20:.1f} MiB; "
         f"export {time.perf_counter() - start:.1f} s",
         file=sys.stderr,
