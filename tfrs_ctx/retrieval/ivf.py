@@ -10,7 +10,8 @@ partitions per query -> ``tf.ragged.range`` over their ``offsets`` -> candidates
 largest candidate count of the batch -> one batched matmul -> top candidates -> exact float32
 re-scoring -> top-k -> raw ad ids. Below ``exact_threshold`` ads the same signature runs brute
 force. ``nprobe`` can be calibrated at build time: the smallest that reaches a target overlap with
-exact search on sample queries (:func:`calibrate_nprobe`). Because ``tensorflow_model_server`` has no custom ops, only stock kernels are used.
+exact search on sample queries (:func:`calibrate_nprobe`).
+Because ``tensorflow_model_server`` has no custom ops, only stock kernels are used.
 
 Result order is total and deterministic: score descending, then corpus row ascending (the
 order ``tf.math.top_k`` gives brute force). Final scores are always recomputed by one formula
