@@ -48,7 +48,7 @@ from tfrs_ctx import schema, signatures
 from tfrs_ctx.data import vocab
 from tfrs_ctx.models.two_tower import ContextualTwoTower
 from tfrs_ctx.retrieval import IVFIndex
-from tfrs_ctx.retrieval.ivf import QUANTIZATIONS
+from tfrs_ctx.retrieval.ivf import QUANTIZATIONS, popularity_weights
 from tfrs_ctx.signatures import Input
 
 MODEL_NAMES = (schema.MODEL_ENCODER, schema.MODEL_CONTEXT_HEAD, schema.MODEL_FULL)
@@ -113,6 +113,20 @@ def calibration_queries(model: ContextualTwoTower, data_dir: str, n: int = CALIB
     return np.concatenate(out)[:n] if out else np.zeros((0, model.cfg.output_dim), np.float32)
 
 
+def popularity(model: ContextualTwoTower, data_dir: str) -> np.ndarray | None:
+    """Training conversions of each corpus row (``item_counts.tsv``), or ``None`` if the data has none."""
+    path = os.path.join(data_dir, schema.ITEM_COUNTS_FILE)
+    if not os.path.exists(path):
+        return None
+    counts = {}
+    with open(path) as f:
+        for line in f:
+            item, _, count = line.rstrip("\n").partition("\t")
+            if item:
+                counts[int(item)] = int(count)
+    return np.asarray([counts.get(int(i), 0) for i in model.corpus_item_ids.numpy()], np.float64)
+
+
 def build_index(
     model: ContextualTwoTower, top_k: int, index: str = "auto", data_dir: str | None = None, **params
 ) -> IVFIndex:
@@ -123,7 +137,9 @@ def build_index(
     :func:`tfrs_ctx.retrieval.ivf.build_tables` keywords (``n_partitions``, ``nprobe``,
     ``quantization``, ``rescore``, ``target_overlap``, ...); ``None`` values take the defaults.
     Without an explicit ``nprobe``, an IVF index picks the smallest one that reaches
-    ``target_overlap`` (default 0.95; 0 = the size rule) on :func:`calibration_queries` from ``data_dir``.
+    ``target_overlap`` (default 0.95; 0 = the size rule) on :func:`calibration_queries` from ``data_dir``;
+    its k-means sample is drawn by training popularity (``item_counts.tsv``) unless
+    ``popularity_sample=False``.
     """
     if index not in INDEX_CHOICES:
         raise ValueError(f"index must be one of {INDEX_CHOICES}, got {index!r}")
@@ -138,6 +154,10 @@ def build_index(
     is_ivf = len(ids) > params.get("exact_threshold", 100_000)
     if is_ivf and target and not params.get("nprobe") and data_dir is not None:
         params.update(target_overlap=target, calibration_queries=calibration_queries(model, data_dir))
+    counts = popularity(model, data_dir) if is_ivf and data_dir is not None else None
+    if counts is not None and params.pop("popularity_sample", True):
+        params["sample_weights"] = popularity_weights(counts)
+    params.pop("popularity_sample", None)
     return IVFIndex.build(embeddings, ids, max_k=top_k, **params)
 
 
@@ -322,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"IVF without --nprobe: the smallest nprobe reaching this overlap@top_k with exact search on "
         f"{CALIBRATION_QUERIES} training-period requests (default {DEFAULT_TARGET_OVERLAP}; 0 = P/256)",
     )  # fmt: skip
+    parser.add_argument(
+        "--kmeans-sample", choices=("popularity", "uniform"), default="popularity",
+        help="IVF: draw the k-means sample by training counts (item_counts.tsv; default) or uniformly",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     from tfrs_ctx.training.run_dir import load_trained
 
@@ -333,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "quantization": args.quantization,
         "rescore": args.rescore,
         "target_overlap": args.target_overlap,
+        "popularity_sample": args.kmeans_sample == "popularity",
     }
     start = time.perf_counter()
     result = export_all(model, cfg.train.data_dir, args.out, args.version, args.top_k, args.index, params)

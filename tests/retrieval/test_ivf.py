@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tfrs_ctx.retrieval.core_ops import non_core_ops, saved_model_ops
-from tfrs_ctx.retrieval.ivf import IVFIndex, assign, build_tables
+from tfrs_ctx.retrieval.ivf import IVFIndex, assign, build_tables, spherical_kmeans
 
 D = 16
 
@@ -262,3 +262,19 @@ def test_target_overlap_calibrates_nprobe_on_sample_queries():
     assert lower <= cfg["nprobe"] <= every["nprobe"] and every["calibration"]["overlap"] == 1.0
     given = build_tables(x, ids, nprobe=3, target_overlap=0.95, calibration_queries=calib, **common).config
     assert given["nprobe"] == 3 and given["nprobe_source"] == "given"
+
+
+def test_weighted_kmeans_sample_puts_centroids_where_the_weight_is():
+    """Popular rows (weight 100) drawn into the sample far more often: more centroids near them."""
+    x = clustered(4000, 6, n_clusters=8)
+    popular = np.arange(len(x)) % 8 == 0  # an arbitrary eighth of the rows
+    w = np.where(popular, 100.0, 0.1)
+    near = {}
+    for name, weights in (("uniform", None), ("weighted", w)):
+        c = spherical_kmeans(x, 64, sample_per_cluster=8, seed=0, weights=weights)
+        assert np.allclose(np.linalg.norm(c, axis=1), 1.0, atol=1e-5)
+        sample_rows = assign(x, c)  # the partition each row falls in
+        near[name] = len(np.unique(sample_rows[popular]))  # partitions the popular rows spread over
+    assert near["weighted"] > near["uniform"], near
+    tables = build_tables(x, raw_ids(4000), n_partitions=64, exact_threshold=0, sample_weights=w)
+    assert tables.config["kmeans_sample"] == "weighted" and tables.offsets[-1] == 4000

@@ -50,6 +50,16 @@ def default_n_partitions(n: int) -> int:
     return int(max(1, min(n, 16_384, round(8 * math.sqrt(max(n, 1))))))
 
 
+def popularity_weights(counts: np.ndarray, floor: float = 0.1) -> np.ndarray:
+    """k-means sample weights from training counts: ``count + floor`` (never-seen ads stay drawable).
+
+    Measured on a trained 1M-ad model (ivf_report.md): 0.8 % of the ads (>= 5 conversions) make 81 %
+    of the exact top-100s; sampling by popularity raised overlap@100 at nprobe 256 of 8000 from 0.777
+    to 0.928 for the same number of candidates.
+    """
+    return np.asarray(counts, np.float64) + floor
+
+
 def default_nprobe(n_partitions: int) -> int:
     """Partitions probed by default: ``P / 256``, at least 8 (all of them when fewer).
 
@@ -128,18 +138,21 @@ def spherical_kmeans(
     max_sample: int = 262_144,
     groups: int = 0,
     seed: int = 0,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """Unit-norm centroids ``[n_clusters, d]`` trained on a seeded sample of ``x`` (rows normalised)
     of ``min(N, max(n_clusters, min(max_sample, n_clusters * sample_per_cluster)))`` rows.
 
     Initialisation is a seeded random choice of distinct sample rows; an empty cluster is
     re-seeded with a random sample row. Deterministic for a given input and seed. ``groups``:
-    two-level assignment (see :func:`assign`).
+    two-level assignment (see :func:`assign`). ``weights [N]`` (> 0): rows are drawn into the sample
+    with these relative probabilities (e.g. ad popularity: finer partitions where results are).
     """
     n = len(x)
     rng = np.random.default_rng(seed)
     m = min(n, max(n_clusters, min(max_sample, n_clusters * sample_per_cluster)))
-    sample = _normalize(np.asarray(x[np.sort(rng.choice(n, m, replace=False))] if m < n else x, np.float32))
+    p = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
+    sample = _normalize(np.asarray(x[np.sort(rng.choice(n, m, replace=False, p=p))] if m < n else x, np.float32))
     centroids = sample[rng.choice(m, n_clusters, replace=False)].copy()
     for _ in range(iters):
         labels = assign(sample, centroids, groups=groups)
@@ -189,6 +202,7 @@ def build_tables(
     seed: int = 0,
     target_overlap: float | None = None,
     calibration_queries: np.ndarray | None = None,
+    sample_weights: np.ndarray | None = None,
 ) -> IVFTables:
     """Cluster, sort and (optionally) quantize ``embeddings [N, d]`` with raw ``ids [N]``.
 
@@ -200,6 +214,8 @@ def build_tables(
     ``target_overlap`` with ``calibration_queries [M, d]`` (and no ``nprobe``): ``nprobe`` is the
     smallest that reaches that overlap@max_k on these queries (:func:`calibrate_nprobe`); use
     queries the evaluation does not (e.g. the training requests' user embeddings).
+    ``sample_weights [N]`` (> 0): the k-means sample is drawn with these probabilities
+    (:func:`spherical_kmeans`); export passes training counts + 0.1 (:func:`popularity_weights`).
     """
     t0 = time.perf_counter()
     x = np.ascontiguousarray(embeddings, np.float32)
@@ -237,7 +253,7 @@ def build_tables(
     groups = round(math.sqrt(p)) if p >= two_level_from else 0
     centroids = spherical_kmeans(
         x, p, iters=kmeans_iters, sample_per_cluster=sample_per_partition, max_sample=max_sample, groups=groups,
-        seed=seed,
+        seed=seed, weights=sample_weights,
     )  # fmt: skip
     step = 1 << 22
     labels = np.concatenate([assign(x[s : s + step], centroids, groups=groups) for s in range(0, n, step)])
@@ -265,6 +281,7 @@ def build_tables(
     )
     tables = IVFTables(mode, table, ids[order], order, centroids, offsets, quantized, scale, config, 0.0)
     config["nprobe_source"] = "given" if nprobe else "default"
+    config["kmeans_sample"] = "uniform" if sample_weights is None else "weighted"
     if target_overlap is not None and calibration_queries is not None and not nprobe:
         found = calibrate_nprobe(tables, calibration_queries, target_overlap)
         config.update(nprobe=found["nprobe"], nprobe_source="target_overlap", calibration=found)
