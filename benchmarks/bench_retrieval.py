@@ -2,15 +2,17 @@
 
 ``python -m benchmarks.bench_retrieval --ads N [--run RUN] [--json FILE]``
 
-Without ``--run``: synthetic raw tables with N ads (``tfrs_ctx.sources.synthetic``, few users),
-the Beam build, and a small model (the tests' tiny config) trained for ``--steps`` steps; the
+Without ``--run``: synthetic raw tables with N ads (``tfrs_ctx.sources.synthetic``, ``--users``),
+the Beam build, and a small model (the tests' tiny config, 16-d) trained ``--steps`` steps of
+``--batch-size`` with ``--loss`` (default 1500 x 256, in-batch: Recall@100 0.20 at 100k; the former
+60 x 64 left a near-random model whose embeddings are no test of an index); the
 queries are the user embeddings of held-out (eval split) requests, so overlap and recall are
 measured on a trained model's towers, not random vectors. ``--run``: an existing run directory
 (its data directory must hold N ads).
 
 The model is exported twice through ``tfrs_ctx.export.export_all``: ``--index exact`` and
-``--index ivf`` (defaults from ``tfrs_ctx.retrieval.ivf`` unless ``--n-partitions`` /
-``--nprobe`` / ``--quantization``). Measured: index build seconds; the ``context_head``
+``--index ivf`` (export's defaults, nprobe calibrated to ``--target-overlap``, unless
+``--n-partitions`` / ``--nprobe`` / ``--quantization``). Measured: index build seconds; the ``context_head``
 SavedModel's batch-1 p50/p99 in process for both (same run); overlap@100 of IVF vs exact and
 Recall@100 of both over ``--queries`` eval requests; SavedModel size and load seconds; the
 compatible model server's RSS (psutil) serving the IVF export, and Predict p50/p99 through it.
@@ -105,8 +107,9 @@ def prepare(args, work: str) -> tuple[str, str]:
     t2 = time.perf_counter()
     tiny = [
         "model.embedding_dim=16", "model.ff_dim=32", "model.mlp_hidden=[32]", "model.output_dim=16",
-        "model.category_dim=8", "model.context_dim=16", "train.batch_size=64", "train.epochs=1",
-        f"train.steps_per_epoch={args.steps}", "train.validation_examples=200",
+        "model.category_dim=8", "model.context_dim=16", f"train.batch_size={args.batch_size}", "train.epochs=1",
+        f"train.steps_per_epoch={args.steps}", "train.validation_examples=200", f"model.loss={args.loss}",
+        "train.calibration_examples=0",  # the context trust search scores the whole corpus: minutes at 1M
     ]  # fmt: skip
     cfg = load_config("synthetic", tiny)
     cfg.train.data_dir = data
@@ -119,14 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ads", type=int, default=100_000)
     p.add_argument("--run", help="an existing run directory (else one is trained here)")
-    p.add_argument("--users", type=int, default=1500)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--users", type=int, default=20_000)
+    p.add_argument("--steps", type=int, default=1500, help="training steps (60 steps of 64 left a near-random model)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--loss", default="in_batch", help="model.loss (in_batch: what corpora over 200k ads train with)")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--reps", type=int, default=300, help="batch-1 calls timed per index")
     p.add_argument("--requests", type=int, default=300, help="Predict calls through the server")
     p.add_argument("--n-partitions", type=int)
     p.add_argument("--nprobe", type=int)
     p.add_argument("--quantization", default=None)
+    p.add_argument("--target-overlap", type=float, help="export's nprobe calibration target (default: export's)")
     p.add_argument(
         "--sweep-nprobe", type=int, nargs="*", default=[],
         help="also overlap@100 / recall@100 / batch-1 p50 of the exported IVF tables at these nprobe values",
@@ -153,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg = load_trained(run, data)
         data = cfg.train.data_dir
         n_items = int(model.corpus_item_ids.shape[0])
-        params = {"n_partitions": args.n_partitions, "nprobe": args.nprobe, "quantization": args.quantization}
+        params = {
+            "n_partitions": args.n_partitions,
+            "nprobe": args.nprobe,
+            "quantization": args.quantization,
+            "target_overlap": args.target_overlap,
+        }
         exported = {}
         for mode in ("exact", "ivf"):
             out = os.path.join(work, f"models_{mode}")
@@ -177,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         head_in = {k: raw[k] for k in signatures.HEAD_INPUTS} | {schema.ENCODED_HISTORY: encoded.numpy()}
         nq = len(labels)
 
-        figures: dict = {"ads": n_items, "queries": nq, "train_steps": args.steps, "trained_here": not args.run}
+        from tfrs_ctx.training.run_dir import read_summary
+
+        figures: dict = {"ads": n_items, "queries": nq, "trained_here": not args.run}
+        summary = read_summary(run)
+        keys = ("steps_per_epoch", "epochs_run", "batch_size", "best_val_recall")
+        figures["train"] = {k: summary.get(k) for k in keys}
         top = {}
         for mode, result in exported.items():
             path = result["paths"]["context_head"]

@@ -308,6 +308,25 @@ def test_ivf_head_with_every_partition_equals_exact_and_full(models, ivf_models,
     assert (full[schema.TOP_K_IDS] == ivf[schema.TOP_K_IDS]).mean() > 0.99
 
 
+def test_ivf_nprobe_calibrated_to_target_overlap(tiny_runs, small_data, tmp_path):
+    """Without --nprobe an IVF export picks the smallest nprobe reaching the target overlap on the
+    training period's requests and records it in model_info.json."""
+    from tfrs_ctx.training.run_dir import load_trained
+
+    model, _ = load_trained(str(tiny_runs["contextual"]), str(small_data))
+    params = {"n_partitions": 16, "quantization": "none", "target_overlap": 1.0}
+    result = export.export_all(
+        model, str(small_data), str(tmp_path), version=3, top_k=20, index="ivf", index_params=params
+    )
+    cfg = result["retrieval"]
+    assert cfg["nprobe_source"] == "target_overlap" and cfg["calibration"]["target"] == 1.0
+    assert cfg["calibration"]["queries"] > 0 and cfg["calibration"]["overlap"] == 1.0 and 1 <= cfg["nprobe"] <= 16
+    with open(os.path.join(result["paths"]["context_head"], "assets.extra", export.INFO_FILE)) as f:
+        assert json.load(f)["retrieval"]["nprobe"] == cfg["nprobe"]
+    fixed = export.build_index(model, 20, "ivf", str(small_data), n_partitions=16, nprobe=5)
+    assert fixed.get_config()["nprobe"] == 5 and fixed.get_config()["nprobe_source"] == "given"
+
+
 def test_tiny_corpus_pads_missing_results(tiny_runs, small_data, tmp_path):
     from tfrs_ctx.training.run_dir import load_trained
 

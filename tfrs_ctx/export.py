@@ -1,7 +1,8 @@
 """Hybrid export: ``encoder``, ``context_head`` and ``full`` SavedModels of one model version.
 
 ``tfrs-ctx export --run RUN_DIR --out models/ [--version V] [--top-k 100] [--index auto|exact|ivf]
-[--n-partitions P] [--nprobe N] [--quantization int8|bf16|none] [--rescore R] [--exact-threshold T]``
+[--n-partitions P] [--nprobe N | --target-overlap 0.95] [--quantization int8|bf16|none] [--rescore R]
+[--exact-threshold T]``
 
 Layout is TF Serving's: ``models/<name>/<integer version>/``. Each export is written under a
 temporary name (``models/<name>/.tmp-<version>``) and renamed to its version, so a server
@@ -47,7 +48,7 @@ from tfrs_ctx import schema, signatures
 from tfrs_ctx.data import vocab
 from tfrs_ctx.models.two_tower import ContextualTwoTower
 from tfrs_ctx.retrieval import IVFIndex
-from tfrs_ctx.retrieval.ivf import QUANTIZATIONS
+from tfrs_ctx.retrieval.ivf import QUANTIZATIONS, popularity_weights
 from tfrs_ctx.signatures import Input
 
 MODEL_NAMES = (schema.MODEL_ENCODER, schema.MODEL_CONTEXT_HEAD, schema.MODEL_FULL)
@@ -95,15 +96,50 @@ class _Lookups(tf.Module):
 
 
 INDEX_CHOICES = ("auto", "exact", "ivf")
+DEFAULT_TARGET_OVERLAP = 0.95
+CALIBRATION_QUERIES = 1000
 
 
-def build_index(model: ContextualTwoTower, top_k: int, index: str = "auto", **params) -> IVFIndex:
+def calibration_queries(model: ContextualTwoTower, data_dir: str, n: int = CALIBRATION_QUERIES) -> np.ndarray:
+    """User embeddings ``[<= n, d]`` of the training period's validation requests (the first ``n``
+    ``train_requests``, never the eval split), or of training examples when the data has no requests."""
+    from tfrs_ctx.data import dataset
+
+    counts = dataset.load_metadata(data_dir).get("counts", {})
+    batches = dataset.validation_requests(data_dir, counts, n)
+    if not batches:
+        batches = list(dataset.make_dataset(data_dir, schema.SPLIT_TRAIN, 1024).unbatch().take(n).batch(1024))
+    out = [model.query_embedding(b, training=False).numpy() for b in batches]
+    return np.concatenate(out)[:n] if out else np.zeros((0, model.cfg.output_dim), np.float32)
+
+
+def popularity(model: ContextualTwoTower, data_dir: str) -> np.ndarray | None:
+    """Training conversions of each corpus row (``item_counts.tsv``), or ``None`` if the data has none."""
+    path = os.path.join(data_dir, schema.ITEM_COUNTS_FILE)
+    if not os.path.exists(path):
+        return None
+    counts = {}
+    with open(path) as f:
+        for line in f:
+            item, _, count = line.rstrip("\n").partition("\t")
+            if item:
+                counts[int(item)] = int(count)
+    return np.asarray([counts.get(int(i), 0) for i in model.corpus_item_ids.numpy()], np.float64)
+
+
+def build_index(
+    model: ContextualTwoTower, top_k: int, index: str = "auto", data_dir: str | None = None, **params
+) -> IVFIndex:
     """The corpus index the head (and ``full``) search: brute force or IVF (:mod:`tfrs_ctx.retrieval.ivf`).
 
     ``index``: ``"auto"`` (exact up to ``exact_threshold`` ads, default 100,000; IVF above),
     ``"exact"`` or ``"ivf"`` (whatever the size; an empty corpus is always exact). ``params``:
     :func:`tfrs_ctx.retrieval.ivf.build_tables` keywords (``n_partitions``, ``nprobe``,
-    ``quantization``, ``rescore``, ...); ``None`` values take the defaults.
+    ``quantization``, ``rescore``, ``target_overlap``, ...); ``None`` values take the defaults.
+    Without an explicit ``nprobe``, an IVF index picks the smallest one that reaches
+    ``target_overlap`` (default 0.95; 0 = the size rule) on :func:`calibration_queries` from ``data_dir``;
+    its k-means sample is drawn by training popularity (``item_counts.tsv``) unless
+    ``popularity_sample=False``.
     """
     if index not in INDEX_CHOICES:
         raise ValueError(f"index must be one of {INDEX_CHOICES}, got {index!r}")
@@ -114,6 +150,14 @@ def build_index(model: ContextualTwoTower, top_k: int, index: str = "auto", **pa
         params["exact_threshold"] = len(ids)
     elif index == "ivf":
         params["exact_threshold"] = 0
+    target = params.pop("target_overlap", DEFAULT_TARGET_OVERLAP)
+    is_ivf = len(ids) > params.get("exact_threshold", 100_000)
+    if is_ivf and target and not params.get("nprobe") and data_dir is not None:
+        params.update(target_overlap=target, calibration_queries=calibration_queries(model, data_dir))
+    counts = popularity(model, data_dir) if is_ivf and data_dir is not None else None
+    if counts is not None and params.pop("popularity_sample", True):
+        params["sample_weights"] = popularity_weights(counts)
+    params.pop("popularity_sample", None)
     return IVFIndex.build(embeddings, ids, max_k=top_k, **params)
 
 
@@ -238,7 +282,7 @@ def export_all(
             raise FileExistsError(f"{final} exists: model versions are immutable, pick another --version")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    built = build_index(model, top_k, index, **(index_params or {}))
+    built = build_index(model, top_k, index, data_dir, **(index_params or {}))
     exporter = ExportModule(model, data_dir, version, top_k, built)
     dim = model.cfg.embedding_dim
     k_default = {schema.REQUEST_K: tf.constant([top_k], tf.int64)}
@@ -302,6 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nprobe", type=int, help="IVF partitions probed per query (default P/256, >= 8)")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, help="IVF first-pass copy (default int8)")
     parser.add_argument("--rescore", type=int, help="int8/bf16: re-score rescore*k candidates exactly (default 4)")
+    parser.add_argument(
+        "--target-overlap", type=float,
+        help=f"IVF without --nprobe: the smallest nprobe reaching this overlap@top_k with exact search on "
+        f"{CALIBRATION_QUERIES} training-period requests (default {DEFAULT_TARGET_OVERLAP}; 0 = P/256)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kmeans-sample", choices=("popularity", "uniform"), default="popularity",
+        help="IVF: draw the k-means sample by training counts (item_counts.tsv; default) or uniformly",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     from tfrs_ctx.training.run_dir import load_trained, read_summary
 
@@ -312,13 +365,16 @@ def main(argv: list[str] | None = None) -> int:
         "nprobe": args.nprobe,
         "quantization": args.quantization,
         "rescore": args.rescore,
+        "target_overlap": args.target_overlap,
+        "popularity_sample": args.kmeans_sample == "popularity",
     }
     start = time.perf_counter()
     calibration = read_summary(args.run).get("calibration")
     result = export_all(model, cfg.train.data_dir, args.out, args.version, args.top_k, args.index, params, calibration)
     r = result["retrieval"]
     print(
-        f"index: {r['mode']} over {r['n_items']} ads (P={r['n_partitions']}, nprobe={r['nprobe']}, "
+        f"index: {r['mode']} over {r['n_items']} ads (P={r['n_partitions']}, nprobe={r['nprobe']} "
+        f"[{r.get('nprobe_source', '-')}], "
         f"{r['quantization']}), built in {r['build_seconds']:.1f} s, {r['memory_bytes'] / 2**20:.1f} MiB; "
         f"export {time.perf_counter() - start:.1f} s",
         file=sys.stderr,

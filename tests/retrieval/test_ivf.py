@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tfrs_ctx.retrieval.core_ops import non_core_ops, saved_model_ops
-from tfrs_ctx.retrieval.ivf import IVFIndex, assign, build_tables
+from tfrs_ctx.retrieval.ivf import IVFIndex, assign, build_tables, spherical_kmeans
 
 D = 16
 
@@ -239,3 +239,42 @@ def test_core_ops_only(saved):
     assert not not_core, not_core
     assert not any("scann" in op.lower() for op in ops)
     assert {"RaggedRange", "TopKV2", "ResourceGather"} <= ops
+
+
+def test_target_overlap_calibrates_nprobe_on_sample_queries():
+    """Queries unlike the ads (far from every cluster) need many more partitions than the size
+    rule gives; the calibrated nprobe reaches the target on held-out queries of the same kind."""
+    x, ids = clustered(8000, 4), raw_ids(8000)
+    rng = np.random.default_rng(5)
+    calib, held_out = (rng.standard_normal((n, D)).astype(np.float32) for n in (300, 200))
+    truth, _ = reference(x, ids, held_out, 50)
+    common = {"max_k": 50, "n_partitions": 128, "exact_threshold": 0, "quantization": "int8", "rescore": 4}
+    default = IVFIndex.build(x, ids, **common)
+    assert default.get_config()["nprobe_source"] == "default"
+    tables = build_tables(x, ids, target_overlap=0.95, calibration_queries=calib, **common)
+    cfg = tables.config
+    assert cfg["nprobe_source"] == "target_overlap" and cfg["calibration"]["queries"] == 300
+    assert cfg["calibration"]["overlap"] >= 0.95 and default.nprobe < cfg["nprobe"] < 128
+    assert overlap(search(default, held_out)[0], truth) < 0.9
+    assert overlap(search(IVFIndex(tables), held_out)[0], truth) >= 0.92
+    lower = build_tables(x, ids, target_overlap=0.8, calibration_queries=calib, **common).config["nprobe"]
+    every = build_tables(x, ids, target_overlap=1.0, calibration_queries=calib, **common).config
+    assert lower <= cfg["nprobe"] <= every["nprobe"] and every["calibration"]["overlap"] == 1.0
+    given = build_tables(x, ids, nprobe=3, target_overlap=0.95, calibration_queries=calib, **common).config
+    assert given["nprobe"] == 3 and given["nprobe_source"] == "given"
+
+
+def test_weighted_kmeans_sample_puts_centroids_where_the_weight_is():
+    """Popular rows (weight 100) drawn into the sample far more often: more centroids near them."""
+    x = clustered(4000, 6, n_clusters=8)
+    popular = np.arange(len(x)) % 8 == 0  # an arbitrary eighth of the rows
+    w = np.where(popular, 100.0, 0.1)
+    near = {}
+    for name, weights in (("uniform", None), ("weighted", w)):
+        c = spherical_kmeans(x, 64, sample_per_cluster=8, seed=0, weights=weights)
+        assert np.allclose(np.linalg.norm(c, axis=1), 1.0, atol=1e-5)
+        sample_rows = assign(x, c)  # the partition each row falls in
+        near[name] = len(np.unique(sample_rows[popular]))  # partitions the popular rows spread over
+    assert near["weighted"] > near["uniform"], near
+    tables = build_tables(x, raw_ids(4000), n_partitions=64, exact_threshold=0, sample_weights=w)
+    assert tables.config["kmeans_sample"] == "weighted" and tables.offsets[-1] == 4000
