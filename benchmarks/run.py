@@ -62,8 +62,10 @@ SIZES: dict[str, dict[str, list[str]]] = {
         "serving": ["--requests", "400", "--seconds", "1.5"],
         "head_vs_full": ["--requests", "200"],
         "recommend": ["--requests", "200", "--seconds", "2"],
-        "retrieval": ["--ads", "100000", "--users", "1500", "--steps", "60", "--queries", "300"]
-        + ["--reps", "200", "--requests", "200"],  # a smoke run: the default trains ~10 min
+        "retrieval": [  # a smoke run: bench_retrieval's default trains a representative model (~10 min)
+            *("--ads", "100000", "--users", "1500", "--steps", "60"),
+            *("--queries", "300", "--reps", "200", "--requests", "200"),
+        ],
         DEMO: ["--users", "400", "--epochs", "1", "--bootstrap", "100"],
     },
     "full": {name: [] for name in BENCHES}
