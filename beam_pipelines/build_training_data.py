@@ -94,6 +94,7 @@ from beam_pipelines.portable import (
     JOIN_GROUPS,
     MAIN,
     Sink,
+    chunked,
     combine_globally,
     count,
     finish,
@@ -364,17 +365,6 @@ def build_context(g: Mapping[str, list]) -> BuildContext:
     return BuildContext(T.Lookups.build(vocabs, g["items"], g["subjects"], counts), int(cutoff), counts)
 
 
-def _batches(values: Iterable[Any], size: int) -> Iterator[list]:
-    batch: list = []
-    for value in values:
-        batch.append(value)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 class BuildExamples:
     """Serialised examples of a join group's users (in batches of ``USER_BATCH``), tagged by split."""
 
@@ -390,7 +380,7 @@ class BuildExamples:
             seed=self.config.seed,
             sequence_stride=self.config.sequence_stride,
         )
-        for batch in _batches(users, USER_BATCH):
+        for batch in chunked(users, USER_BATCH):
             per_split = T.batch_examples(batch, context.lookups, options)
             for split_name in S.SPLITS:
                 for record in serialize_examples(per_split[split_name], S.split_features(split_name)):

@@ -80,6 +80,7 @@ from beam_pipelines.portable import (
     JOIN_GROUPS,
     MAIN,
     Sink,
+    chunked,
     combine_globally,
     count,
     finish,
@@ -324,7 +325,7 @@ class BuildHistories:
     def __call__(self, window: Mapping[str, Any], users: Iterable[tuple[int, Iterable[tuple]]]) -> Iterator[tuple]:
         as_of = window["as_of"]
         pending: list[tuple[int, dict]] = []
-        for chunk in _chunks(users, USER_BATCH):
+        for chunk in chunked(users, USER_BATCH):
             selected, events, skipped, without = [], [], 0, 0
             for user_id, blocks in chunk:
                 e = user_events(blocks)
@@ -347,17 +348,6 @@ class BuildHistories:
                 pending = pending[self.batch_size :]
         if pending:
             yield out(MAIN, pending)
-
-
-def _chunks(values: Iterable[Any], size: int) -> Iterator[list]:
-    chunk: list = []
-    for value in values:
-        chunk.append(value)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 # --------------------------------------------------------------------------------------

@@ -54,6 +54,18 @@ PARQUET_ROWS = 10_000  # rows per Parquet row group written
 _CONTEXT, _ELEMENT = 0, 1
 
 
+def chunked(values: Iterable[Any], size: int) -> Iterator[list]:
+    """Consecutive lists of ``size`` values (the last one shorter), for batches formed in ``process``."""
+    chunk: list = []
+    for value in values:
+        chunk.append(value)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def out(tag: str, value: Any) -> tuple[str, Any]:
     """A tagged element of a single-output ParDo (see :func:`split`)."""
     return tag, value

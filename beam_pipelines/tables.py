@@ -28,6 +28,7 @@ from beam_pipelines.portable import (
     DEAD,
     MAIN,
     Sink,
+    chunked,
     count,
     counted,
     gather,
@@ -57,14 +58,7 @@ def read_chunks(path: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[Any]:
 
         yield from pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
         return
-    chunk: list[dict] = []
-    for row in rawio.iter_rows(path):
-        chunk.append(row)
-        if len(chunk) >= chunk_rows:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    yield from chunked(rawio.iter_rows(path), chunk_rows)
 
 
 def chunk_rows(chunk: Any) -> list[dict]:

@@ -12,6 +12,8 @@ every worker and every run writes the same query.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from tfrs_ctx import schema as S
@@ -26,8 +28,12 @@ def category_name_table(vocab_tokens: list, names: dict[int, str]) -> np.ndarray
     return np.array([names.get(int(t), "").lower() if isinstance(t, (int, np.integer)) else "" for t in vocab_tokens])
 
 
-def _misspell(word: str, u: np.ndarray) -> str:
-    """One edit chosen by three uniforms: position, operation, letter."""
+def misspell(word: str, u: Sequence[float]) -> str:
+    """One edit of a word of 3+ letters chosen by three uniforms in [0, 1): position, operation, letter.
+
+    The operation is a deletion, insertion, substitution or swap of neighbours; the first and last
+    letters are kept. The synthetic search log's typos and the training queries' use this one rule.
+    """
     i = 1 + int(u[0] * (len(word) - 2))
     op, letter = int(u[1] * 4), _LETTERS[int(u[2] * len(_LETTERS))]
     if op == 0:
@@ -69,6 +75,6 @@ def synthetic_queries(
         query = []
         for j in kept:
             w, u = words[j], u_typo[r, j]
-            query.append(_misspell(w, u[1:]) if len(w) >= 4 and u[0] < typo_rate else w)
+            query.append(misspell(w, u[1:]) if len(w) >= 4 and u[0] < typo_rate else w)
         out[r] = " ".join(query)
     return out

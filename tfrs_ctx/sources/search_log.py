@@ -16,18 +16,20 @@ A search request has an intent leaf (one of the user's interests with probabilit
 * spanning (10%): the first words of the intent leaf and of another leaf.
 
 Each word of 4+ letters is misspelt with probability ``typo_rate`` (one deletion, insertion,
-substitution or swap); 20% start with a capital, 5% end with ``?`` or ``!``. The converted ad
-comes from the intent leaf with probability ``search_strength`` and from the user's current
-interests otherwise (the ``context_strength`` of the related-items surface, for search).
+substitution or swap: :func:`tfrs_ctx.data.search_context.misspell`); 20% start with a capital,
+5% end with ``?`` or ``!``. The converted ad comes from the intent leaf with probability
+``search_strength`` and from the user's current interests otherwise (the ``context_strength``
+of the related-items surface, for search).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from tfrs_ctx.data.search_context import misspell
+
 _CONSONANTS = "bdfghklmnprstvz"
 _VOWELS = "aeiou"
-_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 KIND_PROBS = (0.35, 0.55, 0.10)  # head, tail, spanning
 N_MODIFIERS = 40
 
@@ -102,7 +104,7 @@ class SearchWorld:
                 q = [words[0], self.leaf_words[int(other[i])][0]]
                 if u[i, 0] < 0.5:
                     target[i] = other[i]
-            q = [_misspell(w, rng) if len(w) >= 4 and rng.random() < typo_rate else w for w in q]
+            q = [misspell(w, rng.random(3)) if len(w) >= 4 and rng.random() < typo_rate else w for w in q]
             text = " ".join(q)
             if u[i, 4] < 0.2:
                 text = text[:1].upper() + text[1:]
@@ -110,16 +112,3 @@ class SearchWorld:
                 text += "?" if rng.random() < 0.5 else "!"
             out.append(text)
         return out, target
-
-
-def _misspell(word: str, rng: np.random.Generator) -> str:
-    """One random edit: deletion, insertion, substitution or swap of neighbours."""
-    i, op = int(rng.integers(1, len(word) - 1)), int(rng.integers(4))
-    letter = _LETTERS[rng.integers(len(_LETTERS))]
-    if op == 0:
-        return word[:i] + word[i + 1 :]
-    if op == 1:
-        return word[:i] + letter + word[i:]
-    if op == 2:
-        return word[:i] + letter + word[i + 1 :]
-    return word[: i - 1] + word[i] + word[i - 1] + word[i + 1 :]
