@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -47,6 +48,15 @@ def test_export_logs_no_keras_serialization_warnings(models):
     _, result = models
     noisy = [m for m in result["warnings"] if "not built" in m or "non-serializable" in m]
     assert not noisy, noisy
+
+
+def test_an_export_without_a_calibration_record_says_so(models):
+    """No ``calibration`` passed (an older run's summary): every model says ``unknown``, flagged."""
+    out, result = models
+    for name in (schema.MODEL_CONTEXT_HEAD, schema.MODEL_FULL, schema.MODEL_ENCODER):
+        path = pathlib.Path(out, name, str(result["version"]), "assets.extra", export.INFO_FILE)
+        info = json.loads(path.read_text())
+        assert info["calibration"]["source"] == "unknown" and info["calibration"]["flagged"], name
 
 
 def _raw(features: dict, data_dir) -> dict[str, np.ndarray]:

@@ -24,3 +24,9 @@ def test_an_uncalibrated_trust_is_flagged_loudly():
 def test_summaries_of_older_runs_read_as_chosen_on_requests():
     line = calibration_line(3.0, {"trust": 3.0, "examples": 900, "source": "held-out train_requests"})
     assert not line["flagged"] and "chosen on 900 held-out train_requests" in line["note"]
+
+
+def test_a_trust_chosen_on_derived_previous_event_requests_says_so_unflagged():
+    line = calibration_line(0.1, calibrate.record("previous_event", 0.1, examples=4000))
+    assert not line["flagged"] and line["source"] == "previous_event"
+    assert "derived from the training histories" in line["note"] and "UNCALIBRATED" not in line["note"]

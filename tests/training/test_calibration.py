@@ -82,7 +82,10 @@ def _no_request_data(raw: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     from tfrs_ctx.data import rawio
 
     first = int(rawio.read_table(str(raw), schema.REQUESTS)[schema.TIMESTAMP].min())
-    build_training_data.run(["--input", str(raw), "--output", str(out), f"--cutoff={first}"])
+    # 5 targets per user: what the trust is chosen on, not how well the model trains, is under test
+    build_training_data.run(
+        ["--input", str(raw), "--output", str(out), f"--cutoff={first}", "--max_targets_per_user=5"]
+    )
     assert dataset.load_metadata(str(out))["counts"][schema.SPLIT_TRAIN_REQUESTS] == 0
     return out
 
@@ -128,11 +131,7 @@ def test_movielens_without_a_request_log_calibrates_on_previous_events(ml_raw, t
     assert c["recall_by_trust"][f"{c['trust']:g}"] == max(c["recall_by_trust"].values()) >= c["no_context_recall"]
     model, _ = load_trained(str(tmp_path / "run"), str(data))
     assert float(model.context_layer.trust.numpy()) == pytest.approx(c["trust"])
-    served = _served_calibration(tmp_path / "run", data, tmp_path / "models", summary)
-    assert served == {"source": "previous_event", "trust": pytest.approx(c["trust"]), "flagged": False, "flag": None}
-    report, text = _report(data, tmp_path / "run", tmp_path)
-    assert report["calibration"]["source"] == "previous_event" and not report["calibration"]["flagged"]
-    assert "derived from the training histories" in text and "UNCALIBRATED" not in text
+    # The export and the report copy this record as they do the synthetic one (tested below, once).
 
 
 def test_synthetic_without_a_request_log_is_flagged_uncalibrated(small_raw, tmp_path):
@@ -146,11 +145,6 @@ def test_synthetic_without_a_request_log_is_flagged_uncalibrated(small_raw, tmp_
     assert served["trust"] == pytest.approx(c["trust"])
     report, text = _report(data, tmp_path / "run", tmp_path)
     assert report["calibration"]["flagged"] and "**UNCALIBRATED context trust" in text
-
-
-def test_an_export_without_a_calibration_record_says_so(tiny_runs, small_data, tmp_path):
-    served = _served_calibration(tiny_runs["contextual"], small_data, tmp_path, {"calibration": None})
-    assert served["source"] == "unknown" and served["flagged"]
 
 
 def test_the_trust_never_beats_no_context_by_losing_and_ties_go_to_the_lower_trust(tiny_runs, small_data):
