@@ -9,8 +9,8 @@ the Beam build (or ``--data``, an existing data directory), then a model trained
 search), ``--model tiny`` the tests' 16-d config (a smoke run; exact over 1M 16-d ads costs only
 ~7 ms, so it understates what an index saves). 60 x 64 steps leave a near-random model whose
 embeddings are no test of an index. The queries are the user embeddings of held-out (eval split)
-requests, so overlap and recall are measured on a trained model's towers, not random vectors. ``--run``: an existing run directory
-(its data directory must hold N ads).
+requests, so overlap and recall are measured on a trained model's towers, not random vectors.
+``--run``: an existing run directory (its data directory must hold N ads).
 
 The model is exported twice through ``tfrs_ctx.export.export_all``: ``--index exact`` and
 ``--index ivf`` (export's defaults, nprobe calibrated to ``--target-overlap``, unless
