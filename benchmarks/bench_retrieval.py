@@ -2,13 +2,15 @@
 
 ``python -m benchmarks.bench_retrieval --ads N [--run RUN] [--json FILE]``
 
-Without ``--run``: synthetic raw tables with N ads (``tfrs_ctx.sources.synthetic``, ``--users``),
-the Beam build, and a small model (the tests' tiny config, 16-d) trained ``--steps`` steps of
-``--batch-size`` with ``--loss`` (default 1500 x 256, in-batch: Recall@100 0.20 at 100k; the former
-60 x 64 left a near-random model whose embeddings are no test of an index); the
-queries are the user embeddings of held-out (eval split) requests, so overlap and recall are
-measured on a trained model's towers, not random vectors. ``--run``: an existing run directory
-(its data directory must hold N ads).
+Without ``--run``: synthetic raw tables with N ads (``tfrs_ctx.sources.synthetic``, ``--users``) and
+the Beam build (or ``--data``, an existing data directory), then a model trained ``--epochs`` x
+``--steps`` steps of ``--batch-size`` with ``--loss`` (default mixed negatives): ``--model product``
+(default) has the synthetic config's dims (64-d, what the product exports: the honest cost of exact
+search), ``--model tiny`` the tests' 16-d config (a smoke run; exact over 1M 16-d ads costs only
+~7 ms, so it understates what an index saves). 60 x 64 steps leave a near-random model whose
+embeddings are no test of an index. The queries are the user embeddings of held-out (eval split)
+requests, so overlap and recall are measured on a trained model's towers, not random vectors.
+``--run``: an existing run directory (its data directory must hold N ads).
 
 The model is exported twice through ``tfrs_ctx.export.export_all``: ``--index exact`` and
 ``--index ivf`` (export's defaults, nprobe calibrated to ``--target-overlap``, unless
@@ -92,29 +94,44 @@ def sweep(args, exported: dict, head_in: dict, labels: np.ndarray, exact_top: np
     return out
 
 
-def prepare(args, work: str) -> tuple[str, str]:
-    """(run dir, data dir): a small model trained on synthetic data with ``args.ads`` ads."""
-    from beam_pipelines import build_training_data
+TINY = [  # the tests' tiny model (16-d): a fast smoke run, not a measure of the product's index
+    "model.embedding_dim=16", "model.ff_dim=32", "model.mlp_hidden=[32]", "model.output_dim=16",
+    "model.category_dim=8", "model.context_dim=16",
+]  # fmt: skip
+
+
+def train_model(args, data: str, run: str) -> None:
+    """Train ``args.model`` (``product``: the synthetic config's dims, 64-d; ``tiny``: 16-d) on ``data``."""
     from tfrs_ctx.config import load_config
-    from tfrs_ctx.sources.synthetic import SyntheticConfig, generate
     from tfrs_ctx.training import train
+
+    overrides = [
+        *(TINY if args.model == "tiny" else []),
+        f"train.batch_size={args.batch_size}", f"train.epochs={args.epochs}", f"train.steps_per_epoch={args.steps}",
+        "train.validation_examples=200", f"model.loss={args.loss}",
+        "train.calibration_examples=0",  # the context trust search scores the whole corpus: minutes at 1M
+    ]  # fmt: skip
+    cfg = load_config("synthetic", overrides)
+    cfg.train.data_dir = data
+    train.train(cfg, run, verbose=0)
+
+
+def prepare(args, work: str) -> tuple[str, str]:
+    """(run dir, data dir): a model trained on synthetic data with ``args.ads`` ads (``args.data``: an
+    existing data directory instead of generating one)."""
+    from beam_pipelines import build_training_data
+    from tfrs_ctx.sources.synthetic import SyntheticConfig, generate
 
     raw, data, run = (os.path.join(work, n) for n in ("raw", "data", "run"))
     t0 = time.perf_counter()
-    generate(raw, SyntheticConfig(users=args.users, items=args.ads, subject_items=2000, seed=7), progress=False)
+    if args.data:
+        data = args.data
+    else:
+        generate(raw, SyntheticConfig(users=args.users, items=args.ads, subject_items=2000, seed=7), progress=False)
+        build_training_data.run(["--input", raw, "--output", data])
     t1 = time.perf_counter()
-    build_training_data.run(["--input", raw, "--output", data])
-    t2 = time.perf_counter()
-    tiny = [
-        "model.embedding_dim=16", "model.ff_dim=32", "model.mlp_hidden=[32]", "model.output_dim=16",
-        "model.category_dim=8", "model.context_dim=16", f"train.batch_size={args.batch_size}", "train.epochs=1",
-        f"train.steps_per_epoch={args.steps}", "train.validation_examples=200", f"model.loss={args.loss}",
-        "train.calibration_examples=0",  # the context trust search scores the whole corpus: minutes at 1M
-    ]  # fmt: skip
-    cfg = load_config("synthetic", tiny)
-    cfg.train.data_dir = data
-    train.train(cfg, run, verbose=0)
-    print(f"data: generate {t1 - t0:.0f} s, beam {t2 - t1:.0f} s, train {time.perf_counter() - t2:.0f} s", flush=True)
+    train_model(args, data, run)
+    print(f"data: {t1 - t0:.0f} s, train {time.perf_counter() - t1:.0f} s", flush=True)
     return run, data
 
 
@@ -123,15 +140,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ads", type=int, default=100_000)
     p.add_argument("--run", help="an existing run directory (else one is trained here)")
     p.add_argument("--users", type=int, default=20_000)
+    p.add_argument("--data", help="an existing data directory with N ads (skips generation and the Beam build)")
+    p.add_argument(
+        "--model", choices=("product", "tiny"), default="product",
+        help="model trained here: product = the synthetic config's dims (64-d); tiny = the tests' 16-d (smoke)",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=1500, help="training steps (60 steps of 64 left a near-random model)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs of --steps steps (validation after each)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--loss", default="in_batch", help="model.loss (in_batch: what corpora over 200k ads train with)")
+    p.add_argument(
+        "--loss", default="mixed", help="model.loss (mixed: in-batch + sampled corpus negatives, logQ-corrected)"
+    )
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--reps", type=int, default=300, help="batch-1 calls timed per index")
     p.add_argument("--requests", type=int, default=300, help="Predict calls through the server")
     p.add_argument("--n-partitions", type=int)
     p.add_argument("--nprobe", type=int)
     p.add_argument("--quantization", default=None)
+    p.add_argument("--hot-items", type=int, help="IVF: most popular ads scored by every query (default: export's)")
     p.add_argument("--target-overlap", type=float, help="export's nprobe calibration target (default: export's)")
     p.add_argument(
         "--sweep-nprobe", type=int, nargs="*", default=[],
@@ -164,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             "nprobe": args.nprobe,
             "quantization": args.quantization,
             "target_overlap": args.target_overlap,
+            "hot_items": args.hot_items,
         }
         exported = {}
         for mode in ("exact", "ivf"):

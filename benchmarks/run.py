@@ -63,7 +63,7 @@ SIZES: dict[str, dict[str, list[str]]] = {
         "head_vs_full": ["--requests", "200"],
         "recommend": ["--requests", "200", "--seconds", "2"],
         "retrieval": [  # a smoke run: bench_retrieval's default trains a representative model (~10 min)
-            *("--ads", "100000", "--users", "1500", "--steps", "60"),
+            *("--ads", "100000", "--users", "1500", "--steps", "60", "--model", "tiny"),
             *("--queries", "300", "--reps", "200", "--requests", "200"),
         ],
         DEMO: ["--users", "400", "--epochs", "1", "--bootstrap", "100"],

@@ -278,3 +278,34 @@ def test_weighted_kmeans_sample_puts_centroids_where_the_weight_is():
     assert near["weighted"] > near["uniform"], near
     tables = build_tables(x, raw_ids(4000), n_partitions=64, exact_threshold=0, sample_weights=w)
     assert tables.config["kmeans_sample"] == "weighted" and tables.offsets[-1] == 4000
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_hot_tier_nprobe_all_equals_brute_force_and_hot_ads_are_always_scored(quantization):
+    """The hot tier (most popular ads) heads the table and every query scores it; the partitions hold
+    the rest: nprobe = all is still brute force exactly, and nprobe = 1 still finds every hot ad."""
+    x, ids, q = dyadic(1500, 0), raw_ids(1500), dyadic(9, 1)
+    weights = np.random.default_rng(3).pareto(1.0, len(x)) + 0.1
+    common = dict(max_k=40, n_partitions=20, quantization=quantization, rescore=40, sample_weights=weights)
+    index = ivf(x, ids, nprobe=20, hot_items=200, **common)
+    cfg = index.get_config()
+    assert cfg["hot_items"] == 200 and index.hot == 200 and cfg["n_partitions"] == 20
+    want = reference(x, ids, q, 40)
+    got = search(index, q)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    # with one partition probed, the hot ads alone (brute force over them) are among the candidates
+    hot = np.sort(np.lexsort((np.arange(len(x)), -weights))[:200])
+    tables = build_tables(x, ids, exact_threshold=0, nprobe=1, hot_items=200, **common)
+    np.testing.assert_array_equal(tables.rows[:200], hot)
+    assert tables.offsets[0] == 200 and tables.offsets[-1] == 1500
+    one = IVFIndex(tables)
+    ids1, scores1 = search(one, q)
+    hot_ids, hot_scores = reference(x[hot], ids[hot], q, 40)
+    for h, hs, i, s in zip(hot_ids, hot_scores, ids1, scores1, strict=True):
+        assert s[-1] >= hs[-1] and set(h[hs > s[-1]]) <= set(i)  # every hot ad above the cut is returned
+    # the calibration counts the hot tier as always probed (rank -1): a tiny target needs one partition
+    cal = build_tables(x, ids, exact_threshold=0, hot_items=200, target_overlap=0.01, calibration_queries=q, **common)
+    assert cal.config["nprobe"] == 1
+    with pytest.raises(ValueError, match="sample_weights"):
+        build_tables(x, ids, exact_threshold=0, hot_items=10)

@@ -178,7 +178,8 @@ class IVFTables:
     ids: np.ndarray  # [N] int64 raw ad ids, same order as embeddings
     rows: np.ndarray  # [N] int32 original corpus row of each table row
     centroids: np.ndarray  # [P, d] float32 (P = 0 in exact mode)
-    offsets: np.ndarray  # [P + 1] int32 partition p = table rows offsets[p]:offsets[p + 1]
+    offsets: np.ndarray  # [P + 1] int32 partition p = table rows offsets[p]:offsets[p + 1]; rows below
+    # offsets[0] are the hot tier (searched by every query)
     quantized: np.ndarray | None  # [N, d] int8 or bfloat16 (ml_dtypes) first-pass copy
     scale: np.ndarray | None  # [d] float32 int8 per-dimension scale
     config: dict
@@ -203,6 +204,7 @@ def build_tables(
     target_overlap: float | None = None,
     calibration_queries: np.ndarray | None = None,
     sample_weights: np.ndarray | None = None,
+    hot_items: int = 0,
 ) -> IVFTables:
     """Cluster, sort and (optionally) quantize ``embeddings [N, d]`` with raw ``ids [N]``.
 
@@ -216,6 +218,9 @@ def build_tables(
     queries the evaluation does not (e.g. the training requests' user embeddings).
     ``sample_weights [N]`` (> 0): the k-means sample is drawn with these probabilities
     (:func:`spherical_kmeans`); export passes training counts + 0.1 (:func:`popularity_weights`).
+    ``hot_items`` (needs ``sample_weights``): that many ads of the largest weight (ties: lower row) form a
+    hot tier at the head of the table that every query scores; the partitions (k-means, assignment)
+    cover the other ads only. A trained model's results crowd into its popular ads (ivf_report.md).
     """
     t0 = time.perf_counter()
     x = np.ascontiguousarray(embeddings, np.float32)
@@ -227,6 +232,8 @@ def build_tables(
     if max_k < 1 or rescore < 1:
         raise ValueError("max_k and rescore must be >= 1")
     n, d = x.shape
+    if hot_items and sample_weights is None:
+        raise ValueError("hot_items needs sample_weights (the popularity that picks the hot ads)")
     if n >= 2**31:
         raise ValueError("at most 2**31 - 1 ads")
     mode = "exact" if n == 0 or n <= exact_threshold else "ivf"
@@ -248,17 +255,29 @@ def build_tables(
             mode, x, ids, np.arange(n, dtype=np.int32), np.zeros((0, d), np.float32), np.zeros(1, np.int32),
             None, None, config, time.perf_counter() - t0,
         )  # fmt: skip
-    p = int(min(n, n_partitions or default_n_partitions(n)))
+    hot = int(min(max(hot_items, 0), n - 1))  # at least one ad left to partition
+    weights = None if sample_weights is None else np.asarray(sample_weights, np.float64).reshape(-1)
+    if hot:
+        by_weight = np.argsort(-weights, kind="stable")  # weight descending, then row ascending
+        hot_rows = np.sort(by_weight[:hot]).astype(np.int32)
+        cold_rows = np.sort(by_weight[hot:]).astype(np.int32)
+    else:
+        hot_rows, cold_rows = np.zeros(0, np.int32), np.arange(n, dtype=np.int32)
+    cold = x[cold_rows] if hot else x
+    nc = len(cold_rows)
+    p = int(min(nc, n_partitions or default_n_partitions(nc)))
     probe = int(min(p, nprobe or default_nprobe(p)))
     groups = round(math.sqrt(p)) if p >= two_level_from else 0
     centroids = spherical_kmeans(
-        x, p, iters=kmeans_iters, sample_per_cluster=sample_per_partition, max_sample=max_sample, groups=groups,
-        seed=seed, weights=sample_weights,
+        cold, p, iters=kmeans_iters, sample_per_cluster=sample_per_partition, max_sample=max_sample, groups=groups,
+        seed=seed, weights=None if weights is None else weights[cold_rows],
     )  # fmt: skip
     step = 1 << 22
-    labels = np.concatenate([assign(x[s : s + step], centroids, groups=groups) for s in range(0, n, step)])
-    order = np.argsort(labels, kind="stable").astype(np.int32)  # partition, then original row
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=p))]).astype(np.int32)
+    labels = np.concatenate([assign(cold[s : s + step], centroids, groups=groups) for s in range(0, nc, step)])
+    # hot tier (corpus order), then partition by partition (original row order inside each)
+    order = np.concatenate([hot_rows, cold_rows[np.argsort(labels, kind="stable")]]).astype(np.int32)
+    offsets = (hot + np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=p))])).astype(np.int32)
+    del cold
     table = x[order]
     quantized = scale = None
     if quantization == "int8":
@@ -273,6 +292,7 @@ def build_tables(
     config.update(
         n_partitions=p,
         nprobe=probe,
+        hot_items=hot,
         quantization=quantization,
         rescore=int(rescore) if quantization != "none" else 0,
         empty_partitions=int((sizes == 0).sum()),
@@ -310,12 +330,14 @@ def probe_ranks(tables: IVFTables, queries: np.ndarray, k: int) -> np.ndarray:
     queries = np.asarray(queries, np.float32)
     top = exact_top_k(tables.embeddings, queries, k)
     sizes = np.diff(tables.offsets)
-    part = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)  # partition of each table row
+    hot = int(tables.offsets[0])
+    part = np.repeat(np.arange(-1, len(sizes), dtype=np.int32), np.concatenate([[hot], sizes]))  # hot: -1
     scores = tf.matmul(tf.constant(queries), tf.constant(tables.centroids), transpose_b=True)
     order = tf.math.top_k(scores, len(sizes)).indices.numpy()  # the same order search() probes in
-    rank = np.empty_like(order)
-    rank[np.arange(len(order))[:, None], order] = np.arange(order.shape[1], dtype=order.dtype)[None, :]
-    return np.take_along_axis(rank, part[top], axis=1)
+    rank = np.empty((len(order), len(sizes) + 1), order.dtype)  # column 0: the hot tier, rank -1
+    rank[:, 0] = -1
+    rank[np.arange(len(order))[:, None], order + 1] = np.arange(order.shape[1], dtype=order.dtype)[None, :]
+    return np.take_along_axis(rank, part[top] + 1, axis=1)
 
 
 def overlap_curve(ranks: np.ndarray, nprobes) -> dict[int, float]:
@@ -333,7 +355,7 @@ def calibrate_nprobe(tables: IVFTables, queries: np.ndarray, target: float, k: i
     n_parts = len(tables.offsets) - 1
     if ranks.size:
         need = math.ceil(target * ranks.size - 1e-9)  # that many (query, ad) pairs must be probed
-        nprobe = int(min(n_parts, ranks[max(need, 1) - 1] + 1))
+        nprobe = int(max(1, min(n_parts, ranks[max(need, 1) - 1] + 1)))  # the hot tier alone: rank -1
     else:
         nprobe = 1
     return {
@@ -376,6 +398,7 @@ class IVFIndex(tf.Module):
         self._config_json = json.dumps(dict(cfg, build_seconds=round(tables.build_seconds, 3)))
         self.mode, self.max_k, self.n_items, self.dim = cfg["mode"], cfg["max_k"], cfg["n_items"], cfg["dim"]
         self.nprobe, self.quantization, self.rescore = cfg["nprobe"], cfg["quantization"], cfg["rescore"]
+        self.hot = int(tables.offsets[0]) if self.mode == "ivf" else 0  # rows every query scores
 
         def var(value, dtype, vname):
             return tf.Variable(value, dtype=dtype, trainable=False, name=vname)
@@ -448,6 +471,10 @@ class IVFIndex(tf.Module):
         _, probe = tf.math.top_k(tf.matmul(queries, self.centroids, transpose_b=True), self.nprobe)
         starts = tf.gather(self.offsets, probe)
         ends = tf.gather(self.offsets, probe + 1)
+        if self.hot:  # the hot tier, rows [0, hot), as one more probed range
+            b = tf.shape(queries)[:1]
+            starts = tf.concat([tf.zeros(tf.concat([b, [1]], 0), tf.int32), starts], axis=1)
+            ends = tf.concat([tf.fill(tf.concat([b, [1]], 0), self.hot), ends], axis=1)
         ranges = tf.ragged.range(tf.reshape(starts, [-1]), tf.reshape(ends, [-1]))
         counts = tf.reduce_sum(ends - starts, axis=1)
         per_query = tf.RaggedTensor.from_row_lengths(ranges.flat_values, counts, validate=False)
