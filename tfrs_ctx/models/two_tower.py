@@ -33,7 +33,10 @@ the no-history vector) and the same retrieval loss (full softmax, or in-batch / 
 batch's targets, the sampled ads shared by every position) and no-context loss run over every
 position that holds a target (averaged over targets for the full softmax, summed for the sampled
 losses); padding positions contribute nothing. The offline encoder and the served head are the
-same functions as per target: the last valid state is what the feature store holds.
+same functions as per target: the last valid state is what the feature store holds. Two optional
+per-position inputs the training pipeline may add (:mod:`tfrs_ctx.training.dense`): the position
+whose state scores a target (an earlier one, e.g. the last event strictly before the target's
+timestamp) and each target's loss weight.
 
 History time gaps (``model.time_gap``): ``to_target`` reads ``HISTORY_TIME_GAP``; ``next_event``
 (dense training) reads ``HISTORY_NEXT_GAP`` where an example carries both (the per-target and
