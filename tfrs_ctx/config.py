@@ -52,6 +52,10 @@ class TrainConfig:
     mode: str = MODE_PER_TARGET  # per_target | dense (every position of a history a target in one pass)
     batch_size: int = 512  # per_target: examples (= targets) per step
     sequence_batch_size: int = 64  # dense: sequence windows per step (each up to MAX_HISTORY targets)
+    # dense (tfrs_ctx/training/dense.py): score a target from the last input strictly before its timestamp
+    # (as a per-target history); weigh a user's targets to count as at most this many (0: every target 1)
+    dense_strict_history: bool = False
+    dense_user_targets: int = 0
     epochs: int = 8
     learning_rate: float = 2e-3
     warmup_fraction: float = 0.05
@@ -103,6 +107,8 @@ class Config:
                 raise ValueError(
                     "train.mode=dense needs model.time_gap=next_event (a causal position cannot see its target)"
                 )
+            if train.dense_user_targets < 0:
+                raise ValueError("train.dense_user_targets must be >= 0 (0: every target weighs 1)")
             if train.context_source == "real":
                 raise ValueError("train.mode=dense trains on conversions: train.context_source=real needs per_target")
         return cls(model, train)

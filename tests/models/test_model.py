@@ -270,3 +270,41 @@ def test_dense_loss_decreases(corpus):
     for _ in range(15):
         model.train_step(x)
     assert float(model.compute_loss(x)) < first
+
+
+@pytest.mark.parametrize("loss", ["full_softmax", "in_batch", "mixed"])
+def test_dense_target_weights_scale_each_target_loss(corpus, loss):
+    from tfrs_ctx.models.two_tower import SEQ_TARGET_WEIGHT
+
+    model = dense_model(corpus, loss=loss)
+    x = sequence_batch(7)
+    target = tf.cast(x[schema.SEQ_LABEL_ITEM] != schema.PAD_ID, tf.float32)
+    plain = seeded_loss(model, x)
+    assert seeded_loss(model, {**x, SEQ_TARGET_WEIGHT: target}) == pytest.approx(plain, rel=1e-5)
+    assert seeded_loss(model, {**x, SEQ_TARGET_WEIGHT: 3.0 * target}) == pytest.approx(3 * plain, rel=1e-5)
+    # weight 0 on one row's targets: the loss moves, and garbage weights in its padding change nothing
+    rows = tf.cast(tf.range(8) != 2, tf.float32)[:, tf.newaxis]
+    some = seeded_loss(model, {**x, SEQ_TARGET_WEIGHT: target * rows})
+    assert some < plain
+    noisy = target * rows + (1 - target) * 5.0
+    assert seeded_loss(model, {**x, SEQ_TARGET_WEIGHT: noisy}) == pytest.approx(some, rel=1e-5)
+
+
+def test_dense_state_positions_pick_an_earlier_state(corpus):
+    from tfrs_ctx.models.two_tower import SEQ_STATE_POSITION
+
+    model = dense_model(corpus)
+    x = sequence_batch(8)
+    own = tf.broadcast_to(tf.range(L, dtype=tf.int64)[tf.newaxis], x[schema.SEQ_LABEL_ITEM].shape)
+    encoded, flat = model.dense_targets(x)
+    same, _ = model.dense_targets({**x, SEQ_STATE_POSITION: own})
+    np.testing.assert_allclose(same.numpy(), encoded.numpy())
+    back = tf.maximum(own - 1, 0)  # every target scored from the state one position earlier
+    earlier, flat_back = model.dense_targets({**x, SEQ_STATE_POSITION: back})
+    states = model.encode_history(x, all_positions=True).numpy()
+    where = np.argwhere(x[schema.SEQ_LABEL_ITEM].numpy() != schema.PAD_ID)
+    np.testing.assert_allclose(earlier.numpy(), states[where[:, 0], np.maximum(where[:, 1] - 1, 0)], atol=1e-6)
+    # the history length is the earlier position's (one event fewer; 0 before the first input)
+    np.testing.assert_array_equal(
+        flat_back[schema.HISTORY_LENGTH].numpy(), np.maximum(flat[schema.HISTORY_LENGTH].numpy() - 1, 0)
+    )

@@ -240,3 +240,92 @@ def test_training_with_mixed_negatives_lowers_the_loss(small_data, tmp_path, mod
     untrained = build_model(cfg)
     trained_loss = np.mean([float(trained.compute_loss(b)) for b in batches])
     assert trained_loss < np.mean([float(untrained.compute_loss(b)) for b in batches]) - 0.2
+
+
+def tie_window() -> dict:
+    """One hand-built window: 6 inputs at positions 4..9 of L = 10 ... as left-padded MAX_HISTORY arrays."""
+    L = schema.MAX_HISTORY
+    labels = np.zeros((1, L), np.int64)
+    stamps = np.zeros((1, L), np.int64)
+    # inputs at L-6..L-1; targets at L-7 (the first event, empty history) .. L-1; timestamps of those targets:
+    # events e0..e6 at 10, 20, 20, 20, 30, 30, 40 (e6: the last position's target, after the last input)
+    stamps[0, L - 7 :] = [10, 20, 20, 20, 30, 30, 40]
+    labels[0, L - 7 :] = 5
+    return {
+        schema.SEQ_LABEL_ITEM: labels,
+        schema.SEQ_LABEL_TIMESTAMP: stamps,
+        schema.HISTORY_LENGTH: np.array([6], np.int64),
+    }
+
+
+def test_strict_history_scores_a_target_from_the_last_event_strictly_before_it():
+    import tensorflow as tf
+
+    from tfrs_ctx.training.dense import strict_state_positions
+
+    L = schema.MAX_HISTORY
+    window = {k: tf.constant(v) for k, v in tie_window().items()}
+    got = strict_state_positions(window).numpy()[0, L - 7 :]
+    # inputs e0..e5 sit at positions L-6..L-1 (e_i at L-6+i); target e_{i} belongs to position L-7+i
+    e = [L - 6 + i for i in range(6)]
+    # e0 (t=10): empty history (L-7); e1 (20): after e0; e2, e3 (20): still e0 (e1, e2 share their second);
+    # e4 (30): e3; e5 (30): e3; e6 (40): e5
+    assert got.tolist() == [L - 7, e[0], e[0], e[0], e[3], e[3], e[5]]
+    # a later window's inputs before its first target carry no timestamp: counted as strictly earlier
+    later = tie_window()
+    later[schema.SEQ_LABEL_ITEM][0, : L - 5] = 0
+    later[schema.SEQ_LABEL_TIMESTAMP][0, : L - 5] = 0
+    got = strict_state_positions({k: tf.constant(v) for k, v in later.items()}).numpy()[0, L - 5 :]
+    assert got.tolist() == [e[1], e[1], e[3], e[3], e[5]]  # e2, e3 sit after e1's (unknown) stamp
+
+
+def test_strict_history_on_real_sequences_never_sees_an_event_of_the_targets_second(small_data):
+    from tfrs_ctx.training.dense import strict_state_positions
+
+    L = schema.MAX_HISTORY
+    checked = 0
+    for batch in dataset.make_dataset(str(small_data), schema.SPLIT_TRAIN_SEQUENCES, 256).take(2):
+        state = strict_state_positions(batch).numpy()
+        labels, stamps = batch[schema.SEQ_LABEL_ITEM].numpy(), batch[schema.SEQ_LABEL_TIMESTAMP].numpy()
+        first = L - batch[schema.HISTORY_LENGTH].numpy()
+        for row, q in np.argwhere(labels != schema.PAD_ID):
+            p = state[row, q]
+            assert first[row] - 1 <= p <= q
+            for j in range(max(p, first[row]), q + 1):  # the inputs p..q: event j is position j-1's target
+                if j >= 1 and labels[row, j - 1] != schema.PAD_ID:
+                    assert (stamps[row, j - 1] < stamps[row, q]) == (j == p), (row, q, j)
+            checked += 1
+    assert checked > 1000
+
+
+def test_user_target_weights_count_each_user_as_at_most_k_targets(small_data):
+    from tfrs_ctx.models.two_tower import SEQ_TARGET_WEIGHT
+    from tfrs_ctx.training.dense import UserTargetWeights
+
+    weights = UserTargetWeights(str(small_data), 10)
+    meta = dataset.load_metadata(str(small_data))
+    assert weights.counts.sum() == meta["train_sequence_targets"] and weights.counts.max() > 10
+    total: dict[int, float] = {}
+    for batch in dataset.make_dataset(str(small_data), schema.SPLIT_TRAIN_SEQUENCES, 512):
+        w = weights(batch)[SEQ_TARGET_WEIGHT].numpy()
+        assert (w[batch[schema.SEQ_LABEL_ITEM].numpy() == schema.PAD_ID] == 0).all()
+        for user, s in zip(batch[schema.EX_USER_ID].numpy().tolist(), w.sum(axis=1).tolist(), strict=True):
+            total[user] = total.get(user, 0.0) + s
+    per_user = np.array([total[u] for u in weights.users.tolist()]) / weights.scale
+    np.testing.assert_allclose(per_user, np.minimum(weights.counts, 10), rtol=1e-5)
+    assert sum(total.values()) == pytest.approx(meta["train_sequence_targets"], rel=1e-5)  # mean weight 1
+
+
+def test_dense_training_with_strict_history_and_user_weights_lowers_the_loss(small_data, tmp_path):
+    from conftest import train_tiny
+
+    options = ("train.mode=dense", "train.dense_strict_history=true", "train.dense_user_targets=10")
+    run = train_tiny(small_data, tmp_path / "dense", *options, "train.epochs=2")
+    trained, cfg = load_trained(str(run), str(small_data))
+    assert cfg.train.dense_strict_history and cfg.train.dense_user_targets == 10
+    sequences = list(train.sequence_dataset(cfg, dataset.load_metadata(str(small_data))["counts"])[0].take(3))
+    untrained = build_model(cfg)
+    trained_loss = np.mean([float(trained.compute_loss(b)) for b in sequences])
+    assert trained_loss < np.mean([float(untrained.compute_loss(b)) for b in sequences]) - 0.2
+    with pytest.raises(ValueError, match="dense_user_targets"):
+        load_config("synthetic", ["train.mode=dense", "train.dense_user_targets=-1"])

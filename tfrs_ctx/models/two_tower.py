@@ -33,7 +33,10 @@ the no-history vector) and the same retrieval loss (full softmax, or in-batch / 
 batch's targets, the sampled ads shared by every position) and no-context loss run over every
 position that holds a target (averaged over targets for the full softmax, summed for the sampled
 losses); padding positions contribute nothing. The offline encoder and the served head are the
-same functions as per target: the last valid state is what the feature store holds.
+same functions as per target: the last valid state is what the feature store holds. Two optional
+per-position inputs the training pipeline may add (:mod:`tfrs_ctx.training.dense`): the position
+whose state scores a target (an earlier one, e.g. the last event strictly before the target's
+timestamp) and each target's loss weight.
 
 History time gaps (``model.time_gap``): ``to_target`` reads ``HISTORY_TIME_GAP``; ``next_event``
 (dense training) reads ``HISTORY_NEXT_GAP`` where an example carries both (the per-target and
@@ -76,6 +79,16 @@ def position_history_length(length: tf.Tensor, max_length: tf.Tensor | int) -> t
     positions = tf.range(max_length, dtype=tf.int64)[tf.newaxis]
     first = tf.cast(max_length, tf.int64) - tf.cast(tf.reshape(length, [-1, 1]), tf.int64)
     return tf.maximum(positions - first + 1, 0)
+
+
+# Optional per-position inputs of a batch of sequences, computed by the training input pipeline
+# (:mod:`tfrs_ctx.training.dense`), never written to TFRecords:
+# * SEQ_STATE_POSITION ``[B, L]`` int64: the position whose causal state a target position is scored from
+#   (at most the position itself; absent: the position itself).
+# * SEQ_TARGET_WEIGHT ``[B, L]`` float32: each target position's loss weight (absent: 1).
+SEQ_STATE_POSITION = "seq_state_position"
+SEQ_TARGET_WEIGHT = "seq_target_weight"
+TARGET_WEIGHT = "target_weight"  # the per-target name of SEQ_TARGET_WEIGHT once a position is a target
 
 
 def without_context(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -153,21 +166,27 @@ class CorpusNegatives:
 
 
 def mixed_softmax_loss(
-    queries: tf.Tensor, candidates: tf.Tensor, ids: tf.Tensor, log_counts: tf.Tensor, temperature: float
+    queries: tf.Tensor,
+    candidates: tf.Tensor,
+    ids: tf.Tensor,
+    log_counts: tf.Tensor,
+    temperature: float,
+    weights: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """The summed softmax loss of ``B`` queries over ``[B + M]`` candidates (query ``i``'s positive: column ``i``).
 
     Logits are ``score / temperature - log_counts`` (the logQ correction, unclipped: TFRS's clips the
     probability to [1e-6, 1], which flattens the uniform share of a corpus above 1M ads); a column
     holding the query's own label ad elsewhere (an accidental hit) is masked out. A sum, as TFRS's
-    in-batch loss: summed over replicas it is the global sum.
+    in-batch loss: summed over replicas it is the global sum. ``weights`` ``[B]``: each query's weight.
     """
     logits = tf.matmul(queries, candidates, transpose_b=True) / temperature - log_counts[tf.newaxis]
     batch = tf.shape(queries)[0]
     positive = tf.range(batch)
     hit = tf.equal(ids[:batch, tf.newaxis], ids[tf.newaxis]) & ~tf.cast(tf.one_hot(positive, tf.shape(ids)[0]), tf.bool)
     logits = tf.where(hit, tf.cast(-1e9, logits.dtype), logits)
-    return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(positive, logits))
+    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(positive, logits)
+    return tf.reduce_sum(losses if weights is None else weights * losses)
 
 
 class ContextualTwoTower(tfrs.models.Model):
@@ -255,12 +274,17 @@ class ContextualTwoTower(tfrs.models.Model):
         states = self.encode_history(features, training, all_positions=True)
         where = tf.where(features[schema.SEQ_LABEL_ITEM] != schema.PAD_ID)  # [N, 2]: (row, position)
         lengths = position_history_length(features[schema.HISTORY_LENGTH], tf.shape(states)[1])
-        flat = {schema.HISTORY_LENGTH: tf.gather_nd(lengths, where)}
+        state_at = where
+        if SEQ_STATE_POSITION in features:  # an earlier position's state (e.g. the last event strictly before)
+            state_at = tf.stack([where[:, 0], tf.gather_nd(features[SEQ_STATE_POSITION], where)], axis=1)
+        flat = {schema.HISTORY_LENGTH: tf.gather_nd(lengths, state_at)}
         for name, per_target in schema.SEQ_TARGET_FEATURES.items():
             flat[per_target] = tf.gather_nd(features[name], where)
         for name in schema.DEMOGRAPHIC_FEATURES:
             flat[name] = tf.gather(features[name], where[:, 0])
-        return tf.gather_nd(states, where), flat
+        if SEQ_TARGET_WEIGHT in features:
+            flat[TARGET_WEIGHT] = tf.gather_nd(features[SEQ_TARGET_WEIGHT], where)
+        return tf.gather_nd(states, state_at), flat
 
     def head(self, encoded: tf.Tensor, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         """Encoded history + context + demographics -> normalised user embedding (online part)."""
@@ -314,24 +338,32 @@ class ContextualTwoTower(tfrs.models.Model):
     def retrieval_losses(
         self, queries: list[tf.Tensor], features: dict[str, tf.Tensor], training: bool = False
     ) -> list[tf.Tensor]:
-        """The retrieval loss of each query batch against the same labels (candidates computed once)."""
+        """The retrieval loss of each query batch against the same labels (candidates computed once).
+
+        ``features[TARGET_WEIGHT]`` (dense training, optional): each query's weight in the loss.
+        """
+        weights = features.get(TARGET_WEIGHT)
         if self.full_softmax:
             corpus = self.corpus_embeddings(training)
             rows = features[schema.LABEL_ITEM] - schema.NUM_RESERVED_IDS
-            return [
-                global_mean(
-                    tf.nn.sparse_softmax_cross_entropy_with_logits(
-                        rows, tf.matmul(q, corpus, transpose_b=True) / self.cfg.temperature
-                    )
+            losses = [
+                tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    rows, tf.matmul(q, corpus, transpose_b=True) / self.cfg.temperature
                 )
                 for q in queries
             ]
+            return [global_mean(loss if weights is None else weights * loss) for loss in losses]
         candidates = self.candidate_embedding(features, training)
         ids, probability = features[schema.LABEL_ITEM], features[schema.LABEL_SAMPLING_PROB]
         if self.negatives is None:
             return [
                 self.task(
-                    q, candidates, candidate_sampling_probability=probability, candidate_ids=ids, compute_metrics=False
+                    q,
+                    candidates,
+                    sample_weight=weights,
+                    candidate_sampling_probability=probability,
+                    candidate_ids=ids,
+                    compute_metrics=False,
                 )
                 for q in queries
             ]
@@ -341,4 +373,4 @@ class ContextualTwoTower(tfrs.models.Model):
         candidates = tf.concat([candidates, self.candidate_embedding(sampled, training)], axis=0)
         log_counts = tf.math.log(self.negatives.expected_counts(ids, probability, rows))
         ids = tf.concat([ids, rows + schema.NUM_RESERVED_IDS], axis=0)
-        return [mixed_softmax_loss(q, candidates, ids, log_counts, self.cfg.temperature) for q in queries]
+        return [mixed_softmax_loss(q, candidates, ids, log_counts, self.cfg.temperature, weights) for q in queries]

@@ -28,7 +28,7 @@ from tfrs_ctx.config import MODE_DENSE, Config, load_config, save_config
 from tfrs_ctx.data import dataset
 from tfrs_ctx.evaluation.metrics import recall_at_k
 from tfrs_ctx.models.two_tower import without_context
-from tfrs_ctx.training import distributed
+from tfrs_ctx.training import dense, distributed
 from tfrs_ctx.training.calibrate import calibrate
 from tfrs_ctx.training.run_dir import (
     CHECKPOINT_DIR,
@@ -106,6 +106,12 @@ def sequence_dataset(
     elif t.context_noise > 0:
         train = train.map(
             lambda f: mix_sequence_context(f, t.context_noise, t.seed), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    if t.dense_strict_history:
+        train = train.map(dense.with_strict_state_positions, num_parallel_calls=tf.data.AUTOTUNE)
+    if t.dense_user_targets:
+        train = train.map(
+            dense.UserTargetWeights(t.data_dir, t.dense_user_targets), num_parallel_calls=tf.data.AUTOTUNE
         )
     return train, counts[schema.SPLIT_TRAIN_SEQUENCES]
 
