@@ -264,9 +264,11 @@ class Lookups:
         item_ids[S.NUM_RESERVED_IDS :] = ids
         advertiser = np.zeros(rows, dtype=np.int64)
         advertiser[S.NUM_RESERVED_IDS :] = vocabs[S.VOCAB_ADVERTISER].int_indices(items.advertiser_id[order])
+        item_categories = np.zeros((rows, S.MAX_CATEGORIES), dtype=np.int64)
+        item_confidences = np.zeros((rows, S.MAX_CATEGORIES), dtype=np.float32)
         cats, confs = category_table(items, categories)
-        cats, confs = cats[order], confs[order]
-        pad = ((S.NUM_RESERVED_IDS, 0), (0, 0))
+        item_categories[S.NUM_RESERVED_IDS :], item_confidences[S.NUM_RESERVED_IDS :] = cats[order], confs[order]
+        del cats, confs
         total = sum(item_counts.values())
         counts = np.r_[np.zeros(S.NUM_RESERVED_IDS), count_array(item_counts, ids)].astype(np.float64)
         s_order = np.argsort(subjects.item_id, kind="stable")
@@ -275,8 +277,8 @@ class Lookups:
             vocabularies=vocabs,
             item_ids=item_ids,
             item_advertiser=advertiser,
-            item_categories=np.pad(cats, pad),
-            item_confidences=np.pad(confs, pad),
+            item_categories=item_categories,
+            item_confidences=item_confidences,
             item_sampling_prob=(counts / total if total else counts).astype(np.float32),
             subject_ids=subjects.item_id[s_order],
             subject_categories=s_cats[s_order],
