@@ -76,17 +76,22 @@ import io
 import json
 import math
 import os
+import pickle
+import threading
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from apache_beam.transforms.stats import ApproximateQuantilesCombineFn
 
 from beam_pipelines.combiners import LastTargets, MergeCounts, MergeDemographics, StatsFn, demographic_counts
+from beam_pipelines.item_table import item_table
 from beam_pipelines.portable import (
     AUTO_SHARDS,
     COUNT,
@@ -120,7 +125,7 @@ from beam_pipelines.tables import (
 from tfrs_ctx import schema
 from tfrs_ctx.data import examples as T
 from tfrs_ctx.data.tf_example_wire import serialize_examples
-from tfrs_ctx.data.vocab import vocab_text
+from tfrs_ctx.data.vocab import file_text
 
 S = schema
 DUP = "dup"
@@ -350,19 +355,58 @@ def item_counts(
     return combine_globally("ItemCounts", per_block, MergeCounts()), dropped
 
 
+STAGING_DIR = ".staging"  # under the output: the shared lookups of a run (removed when it ends)
+_LOADED: dict[str, T.Lookups] = {}  # the lookups this process loaded (one run's)
+_LOAD_LOCK = threading.Lock()
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildContext:
-    """What every batch of users needs: the lookups, the cutoff, the item counts."""
+    """What every batch of users needs: the cutoff and where the lookups are.
 
-    lookups: T.Lookups
+    The lookups (per-ad tables: about 100 bytes per ad) are written once, as a file, and
+    loaded once per worker process (:func:`load_lookups`), rather than shipped inside the
+    context to each of the ``JOIN_GROUPS`` join keys.
+    """
+
+    lookups_path: str
     cutoff: int
-    counts: dict
+    metadata: dict
+
+    @property
+    def lookups(self) -> T.Lookups:
+        return load_lookups(self.lookups_path)
 
 
-def build_context(g: Mapping[str, list]) -> BuildContext:
+def load_lookups(path: str) -> T.Lookups:
+    """The lookups written at ``path`` (read once per process and run)."""
+    with _LOAD_LOCK:
+        if path not in _LOADED:
+            _LOADED.clear()
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                _LOADED[path] = pickle.load(f)
+        return _LOADED[path]
+
+
+def build_context(g: Mapping[str, list], output: str, config: BuildConfig) -> BuildContext:
+    """Lookups from the gathered tables; writes the artefacts and the shared lookups file."""
     (counts,), (stats,), (demographics,), (cutoff,) = g["counts"], g["stats"], g["demographics"], g["cutoff"]
-    vocabs = T.build_vocabularies(g["items"], g["subjects"], counts, stats[2], demographics)
-    return BuildContext(T.Lookups.build(vocabs, g["items"], g["subjects"], counts), int(cutoff), counts)
+    (items,) = g["items"]
+    subjects = T.as_item_columns(g["subjects"], with_advertiser=False)
+    vocabs = T.build_vocabularies(items, subjects, counts, stats[2], demographics)
+    lookups = T.Lookups.build(vocabs, items, subjects, counts)
+    metadata = write_artifacts(lookups, counts, int(cutoff), output, config)
+    path = os.path.join(output, STAGING_DIR, f"lookups-{uuid.uuid4().hex}.pickle")
+    _ensure_parent(path)
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        pickle.dump(lookups, f, protocol=pickle.HIGHEST_PROTOCOL)
+    return BuildContext(path, int(cutoff), metadata)
+
+
+def _ensure_parent(path: str) -> None:
+    parent = os.path.dirname(path)
+    if not FileSystems.exists(parent):
+        FileSystems.mkdirs(parent)
 
 
 class BuildExamples:
@@ -380,14 +424,15 @@ class BuildExamples:
             seed=self.config.seed,
             sequence_stride=self.config.sequence_stride,
         )
+        lookups = context.lookups
         for batch in chunked(users, USER_BATCH):
-            per_split = T.batch_examples(batch, context.lookups, options)
+            per_split = T.batch_examples(batch, lookups, options)
             for split_name in S.SPLITS:
                 for record in serialize_examples(per_split[split_name], S.split_features(split_name)):
                     yield split_name, record
             sequences = per_split[S.SPLIT_TRAIN_SEQUENCES]
             yield count("train_sequence_targets", int((sequences[S.SEQ_LABEL_ITEM] != S.PAD_ID).sum()))
-            for request_id, items in T.eval_consumed(batch, context.lookups, context.cutoff):
+            for request_id, items in T.eval_consumed(batch, lookups, context.cutoff):
                 yield CONSUMED, json.dumps({S.REQUEST_ID: request_id, S.CONSUMED_ITEMS: items})
 
 
@@ -397,19 +442,25 @@ class BuildExamples:
 
 
 def corpus_parquet(lookups: T.Lookups) -> bytes:
+    """The corpus as Parquet, built from its columns (list columns from flat values and offsets)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns = lookups.corpus_columns()
-    table = pa.table(
-        {
-            name: pa.array(values.tolist() if values.ndim > 1 else values, type=_arrow_type(name))
-            for name, values in columns.items()
-        }
-    )
+    table = pa.table({name: _arrow_array(name, values) for name, values in lookups.corpus_columns().items()})
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
+
+
+def _arrow_array(name: str, values: np.ndarray) -> Any:
+    import pyarrow as pa
+
+    kind = _arrow_type(name)
+    if values.ndim == 1:
+        return pa.array(values, type=kind)
+    n, width = values.shape
+    offsets = pa.array(np.arange(0, n * width + 1, width, dtype=np.int32), type=pa.int32())
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=kind.value_type), type=kind)
 
 
 def _arrow_type(name: str) -> Any:
@@ -422,17 +473,31 @@ def _arrow_type(name: str) -> Any:
     return pa.list_(scalar) if f.shape else scalar
 
 
-def write_artifacts(context: BuildContext, output: str, config: BuildConfig) -> dict:
+LINES_BLOCK = 1_000_000  # lines formatted at once (bounds the text's scratch memory)
+
+
+def item_counts_text(ids: np.ndarray, counts: np.ndarray) -> str:
+    """``item_counts.tsv``: ``<id>\t<count>`` per line."""
+    blocks = []
+    for a in range(0, len(ids), LINES_BLOCK):
+        pairs = zip(ids[a : a + LINES_BLOCK].tolist(), counts[a : a + LINES_BLOCK].tolist(), strict=True)
+        blocks.append("".join(f"{v}\t{c}\n" for v, c in pairs))
+    return "".join(blocks)
+
+
+def write_artifacts(
+    lookups: T.Lookups, counts: Mapping[int, int], cutoff: int, output: str, config: BuildConfig
+) -> dict:
     """Vocabularies, item counts and corpus; returns the metadata (counts filled in by :func:`finalize_metadata`)."""
-    lookups, counts = context.lookups, context.counts
     for name, vocab in lookups.vocabularies.items():
-        write_bytes(os.path.join(output, S.VOCAB_DIR, S.vocab_filename(name)), vocab_text(vocab.values).encode())
-    item_counts = "".join(f"{v}\t{counts.get(int(v), 0)}\n" for v in lookups.vocabularies[S.VOCAB_ITEM].values)
-    write_bytes(os.path.join(output, S.ITEM_COUNTS_FILE), item_counts.encode())
+        write_bytes(os.path.join(output, S.VOCAB_DIR, S.vocab_filename(name)), file_text(vocab).encode())
+    ids = lookups.item_ids[S.NUM_RESERVED_IDS :]
+    text = item_counts_text(ids, T.count_array(counts, ids))
+    write_bytes(os.path.join(output, S.ITEM_COUNTS_FILE), text.encode())
     write_bytes(os.path.join(output, S.CORPUS_FILE), corpus_parquet(lookups))
     return {
         "schema_version": S.SCHEMA_VERSION,
-        "cutoff_timestamp": int(context.cutoff),
+        "cutoff_timestamp": int(cutoff),
         "vocab_sizes": {name: v.size for name, v in lookups.vocabularies.items()},
         "train_targets": int(sum(counts.values())),
         "options": dataclasses.asdict(config),
@@ -469,11 +534,13 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig) -> beam.PCollection:
     raw, out_dir = config.input, config.output
     dead: dict[str, list] = {}
     counts: list[beam.PCollection] = []
+    items, dead[S.ITEMS.name], rows = item_table(p, raw)
+    counts += rows
     small = {}
-    for table in (S.ITEMS, S.SUBJECT_ITEMS, S.USERS):
+    for table in (S.SUBJECT_ITEMS, S.USERS):
         small[table.name], dead[table.name], rows = small_table(p, raw, table)
         counts += rows
-    items, subjects, users = small[S.ITEMS.name], small[S.SUBJECT_ITEMS.name], small[S.USERS.name]
+    subjects, users = small[S.SUBJECT_ITEMS.name], small[S.USERS.name]
 
     known = known_ids({S.ITEMS.name: items, S.SUBJECT_ITEMS.name: subjects})
 
@@ -523,8 +590,8 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig) -> beam.PCollection:
             "demographics": demographics,
             "cutoff": cutoff,
         },
-    ) | "BuildContext" >> beam.Map(build_context)
-    artifacts = context | "WriteArtifacts" >> beam.Map(write_artifacts, out_dir, config)
+    ) | "BuildContext" >> beam.Map(build_context, out_dir, config)
+    artifacts = context | "Metadata" >> beam.Map(lambda c: c.metadata)
 
     keyed = per_user[MAIN] | "KeyUserData" >> beam.Map(lambda u: (group_key(u.user_id), u))
     examples = with_context("BuildExamples", keyed, context, range(JOIN_GROUPS), BuildExamples(config))
@@ -551,6 +618,7 @@ def clear_outputs(output: str) -> None:
     """Remove the shards and dead letters of a previous run (their count may differ)."""
     patterns = [os.path.join(output, split, "part-*") for split in (*S.SPLITS, S.EVAL_CONSUMED_DIR)]
     patterns.append(os.path.join(output, DEAD_LETTER_DIR, "*.jsonl"))
+    patterns.append(os.path.join(output, STAGING_DIR, "*"))
     stale = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
     if stale:
         FileSystems.delete(stale)
@@ -562,7 +630,13 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True) -> di
     options.view_as(SetupOptions).save_main_session = save_main_session
     config = BuildConfig.from_options(options)
     clear_outputs(config.output)
-    run_pipeline(options, lambda p: build_pipeline(p, config))
+    try:
+        run_pipeline(options, lambda p: build_pipeline(p, config))
+    finally:
+        _LOADED.clear()
+        staging = os.path.join(config.output, STAGING_DIR)
+        if FileSystems.exists(staging):
+            FileSystems.delete([staging])
     with FileSystems.open(os.path.join(config.output, S.METADATA_FILE)) as f:
         metadata = json.loads(f.read())
     summary = {k: metadata[k] for k in ("counts", "dead_letter", "cutoff_timestamp", "vocab_sizes")}

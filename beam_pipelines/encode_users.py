@@ -74,6 +74,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from beam_pipelines.combiners import StatsFn
 from beam_pipelines.encoder_inference import EncoderModelHandler
+from beam_pipelines.item_table import item_table
 from beam_pipelines.portable import (
     COUNT,
     DEAD,
@@ -401,7 +402,7 @@ def export_snapshots(p: beam.Pipeline, config: EncodeConfig, plan: RunPlan) -> l
 
 def build_pipeline(p: beam.Pipeline, config: EncodeConfig, model: EncoderModel, plan: RunPlan) -> beam.PCollection:
     """Wire the user-encoding pipeline into ``p``; returns its one terminal PCollection."""
-    items, dead_items, counts = small_table(p, config.raw, S.ITEMS)
+    items, dead_items, counts = item_table(p, config.raw)
     checked = validated_events(p, config.raw, S.CONVERSIONS, known_ids({S.ITEMS.name: items}))
     counts.append(checked[COUNT])
     counts += write_dead_letters({S.ITEMS.name: dead_items, S.CONVERSIONS.name: [checked[DEAD]]}, plan.staging)

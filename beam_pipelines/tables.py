@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import apache_beam as beam
@@ -42,6 +42,7 @@ from beam_pipelines.portable import (
 from tfrs_ctx import schema
 from tfrs_ctx.data import examples as T
 from tfrs_ctx.data import rawio
+from tfrs_ctx.data.rawio import ItemColumns
 from tfrs_ctx.data.validation import ALLOWED_VALUES, REFERENCES, row_problem
 
 S = schema
@@ -100,17 +101,42 @@ def split_valid(
     return good, dead
 
 
+class SortedIds(Collection):
+    """A set of int ids held as a sorted int64 array (membership by binary search)."""
+
+    def __init__(self, ids: np.ndarray):
+        self.ids = ids
+
+    def __contains__(self, value: object) -> bool:
+        i = int(np.searchsorted(self.ids, value))  # type: ignore[call-overload]
+        return i < len(self.ids) and int(self.ids[i]) == value
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ids.tolist())
+
+
+def _id_array(values: Iterable[Any]) -> np.ndarray:
+    parts = [np.atleast_1d(np.asarray(v, dtype=np.int64)) for v in values]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
 @dataclasses.dataclass(frozen=True)
 class KnownIds:
-    """Ids of the referenced tables: sets for :func:`row_problem`, sorted arrays for batches."""
+    """Ids of the referenced tables as sorted arrays (compact to ship; :attr:`sets` for :func:`row_problem`)."""
 
-    sets: dict[str, frozenset]
     arrays: dict[str, np.ndarray]
 
+    @property
+    def sets(self) -> dict[str, SortedIds]:
+        return {name: SortedIds(ids) for name, ids in self.arrays.items()}
+
     @classmethod
-    def of(cls, ids: Mapping[str, Iterable[int]]) -> KnownIds:
-        sets = {name: frozenset(values) for name, values in ids.items()}
-        return cls(sets, {name: np.sort(np.fromiter(v, dtype=np.int64, count=len(v))) for name, v in sets.items()})
+    def of(cls, ids: Mapping[str, Iterable[Any]]) -> KnownIds:
+        """From ids per table name: ints, or int arrays (concatenated)."""
+        return cls({name: _id_array(values) for name, values in ids.items()})
 
 
 def typed_suspects(table: schema.Table, batch: Any, known: KnownIds) -> np.ndarray | None:
@@ -242,9 +268,13 @@ def _known(gathered: Mapping[str, list]) -> KnownIds:
     return KnownIds.of(gathered)
 
 
+def _ids_of(element: Any) -> Any:
+    return element.item_id if isinstance(element, ItemColumns) else int(element[S.ITEM_ID])
+
+
 def known_ids(referenced: Mapping[str, beam.PCollection]) -> beam.PCollection:
-    """The ids of the valid rows of referenced tables (``{table name: rows}``), as one :class:`KnownIds`."""
-    ids = {n: rows | f"{n}Ids" >> beam.Map(lambda r: int(r[S.ITEM_ID])) for n, rows in referenced.items()}
+    """The ids of referenced tables (``{table name: rows, or one ItemColumns}``), as one :class:`KnownIds`."""
+    ids = {n: rows | f"{n}Ids" >> beam.Map(_ids_of) for n, rows in referenced.items()}
     return gather("KnownIds", ids) | "KnownIdSets" >> beam.Map(_known)
 
 

@@ -329,3 +329,22 @@ def test_validate_cli_missing_table(raw_copy, capsys):
     assert cli.main(["validate", "--raw", str(raw_copy)]) == 1
     assert f"raw table '{schema.SUBJECT_ITEMS.name}': no .parquet or .jsonl files" in capsys.readouterr().err
     assert not os.path.exists(schema.raw_table_path(str(raw_copy), schema.SUBJECT_ITEMS))
+
+
+def test_list_columns_of_numpy_arrays_are_checked_like_lists():
+    """Parquet reads give list cells as numpy arrays (checked vectorised): same rows, same problem."""
+    confidences = [[0.5, 0.25], [0.5, float("nan")], [1.5, 0.0], [], [0.0, -0.5]]
+    categories = [[1, 2], [1, 2], [1, 2], [], [1, 2]]
+    for cell in (np.asarray, list):
+        frame = pd.DataFrame(
+            {
+                schema.ITEM_ID: np.arange(5, dtype=np.int64),
+                schema.ADVERTISER_ID: np.ones(5, dtype=np.int64),
+                schema.CATEGORIES: [np.asarray(c, dtype=np.int64) if cell is np.asarray else c for c in categories],
+                schema.CONFIDENCES: [np.asarray(c, dtype=np.float32) if cell is np.asarray else c for c in confidences],
+            }
+        )
+        with pytest.raises(RawTableError) as error:
+            check_table(schema.ITEMS, frame)
+        assert (error.value.column, error.value.rows) == (schema.CONFIDENCES, [1, 2, 4])
+        assert "expected a list of float32" in error.value.problem

@@ -14,14 +14,14 @@ wire format.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from tfrs_ctx import schema
-from tfrs_ctx.data.vocab import Vocabulary
+from tfrs_ctx.data.rawio import ItemColumns
+from tfrs_ctx.data.vocab import IntVocabulary, Vocabulary
 
 S = schema
 Block = dict[str, np.ndarray]  # one user's rows of a table, column-wise
@@ -29,6 +29,7 @@ Columns = dict[str, np.ndarray]  # examples, feature-wise: name -> [N, *shape]
 
 CONVERSION_COLUMNS = (S.TIMESTAMP, S.ITEM_ID, S.ADVERTISER_ID, S.EVENT_TYPE)
 REQUEST_COLUMNS = (S.REQUEST_ID, S.TIMESTAMP, S.SUBJECT_ITEM_ID, S.ITEM_ID)
+INT_VOCABULARIES = (S.VOCAB_ITEM, S.VOCAB_ADVERTISER, S.VOCAB_CATEGORY)  # held as int64 arrays
 _GAP_EDGES = np.asarray(S.TIME_GAP_EDGES, dtype=np.int64)
 
 
@@ -135,26 +136,50 @@ def _by_frequency(counts: Mapping[Any, int]) -> list:
     return [v for v, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
+def _by_count(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Integer values by count desc, then value (:func:`_by_frequency` for arrays)."""
+    return np.asarray(values, dtype=np.int64)[np.lexsort((values, -np.asarray(counts, dtype=np.int64)))]
+
+
+def _counted(values: np.ndarray) -> np.ndarray:
+    uniques, counts = np.unique(np.asarray(values, dtype=np.int64), return_counts=True)
+    return _by_count(uniques, counts)
+
+
+def count_array(item_counts: Mapping[int, int], ids: np.ndarray) -> np.ndarray:
+    """``item_counts[id]`` (0 when absent) for each id, vectorised."""
+    if not item_counts:
+        return np.zeros(len(ids), dtype=np.int64)
+    keys = np.fromiter(item_counts.keys(), dtype=np.int64, count=len(item_counts))
+    values = np.fromiter(item_counts.values(), dtype=np.int64, count=len(item_counts))
+    order = np.argsort(keys)
+    keys, values = keys[order], values[order]
+    pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+    return np.where(keys[pos] == ids, values[pos], 0)
+
+
+def as_item_columns(items: ItemColumns | Sequence[Mapping[str, Any]], with_advertiser: bool = True) -> ItemColumns:
+    return items if isinstance(items, ItemColumns) else ItemColumns.from_rows(items, with_advertiser)
+
+
 def build_vocabularies(
-    items: Sequence[Mapping[str, Any]],
-    subject_items: Sequence[Mapping[str, Any]],
+    items: ItemColumns | Sequence[Mapping[str, Any]],
+    subject_items: ItemColumns | Sequence[Mapping[str, Any]],
     item_counts: Mapping[int, int],
     event_type_counts: Mapping[str, int],
     demographic_counts: Mapping[str, Mapping[str, int]],
-) -> dict[str, list]:
-    """Every schema vocabulary's raw values in index order.
+) -> dict[str, Sequence]:
+    """Every schema vocabulary's raw values in index order (int64 arrays for ads, advertisers, categories).
 
-    Items: the whole ad corpus, by training-target count desc then id. Every other
+    Items: the whole ad corpus (unique ids), by training-target count desc then id. Every other
     vocabulary: by frequency desc then value (advertisers counted over items, categories
     over items and subject items, event types over conversions, demographics over users).
     """
-    ids = [int(r[S.ITEM_ID]) for r in items]
-    advertisers = Counter(int(r[S.ADVERTISER_ID]) for r in items)
-    categories = Counter(int(c) for rows in (items, subject_items) for r in rows for c in r[S.CATEGORIES])
-    vocabs = {
-        S.VOCAB_ITEM: _by_frequency({i: item_counts.get(i, 0) for i in ids}),
-        S.VOCAB_ADVERTISER: _by_frequency(advertisers),
-        S.VOCAB_CATEGORY: _by_frequency(categories),
+    items, subjects = as_item_columns(items), as_item_columns(subject_items, with_advertiser=False)
+    vocabs: dict[str, Sequence] = {
+        S.VOCAB_ITEM: _by_count(items.item_id, count_array(item_counts, items.item_id)),
+        S.VOCAB_ADVERTISER: _counted(items.advertiser_id),
+        S.VOCAB_CATEGORY: _counted(np.concatenate([items.categories, subjects.categories])),
         S.VOCAB_EVENT_TYPE: _by_frequency(event_type_counts),
     }
     for column, name in S.DEMOGRAPHIC_VOCAB.items():
@@ -171,11 +196,30 @@ def top_categories(categories: Sequence[int], confidences: Sequence[float], voca
     )
 
 
-def _category_table(rows: Sequence[Mapping[str, Any]], vocab: Vocabulary, n: int) -> tuple[np.ndarray, np.ndarray]:
-    cats = np.zeros((n, S.MAX_CATEGORIES), dtype=np.int64)
-    confs = np.zeros((n, S.MAX_CATEGORIES), dtype=np.float32)
-    for i, row in enumerate(rows):
-        cats[i], confs[i] = top_categories(row[S.CATEGORIES], row[S.CONFIDENCES], vocab)
+CATEGORY_BLOCK = 262_144  # rows per block of the vectorised top-categories table (bounds its scratch memory)
+
+
+def category_table(items: ItemColumns, vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`top_categories` of every row, vectorised: ``[N, MAX_CATEGORIES]`` indices and float32 confidences."""
+    n, C = len(items), S.MAX_CATEGORIES
+    cats = np.zeros((n, C), dtype=np.int64)
+    confs = np.zeros((n, C), dtype=np.float32)
+    index = vocab.int_indices(items.categories) if len(items.categories) else np.zeros(0, np.int64)
+    for a in range(0, n, CATEGORY_BLOCK):
+        b = min(n, a + CATEGORY_BLOCK)
+        starts, lengths = items.offsets[a:b], np.diff(items.offsets[a : b + 1])
+        width = int(lengths.max()) if len(lengths) else 0
+        if not width:
+            continue
+        valid = np.arange(width)[None, :] < lengths[:, None]
+        flat = np.where(valid, starts[:, None] + np.arange(width)[None, :], 0)
+        keys = np.where(valid, -items.confidences[flat], np.inf)
+        order = np.argsort(keys, axis=1, kind="stable")[:, :C]
+        picked = np.take_along_axis(flat, order, axis=1)
+        kept = np.take_along_axis(valid, order, axis=1)
+        k = order.shape[1]
+        cats[a:b, :k] = np.where(kept, index[picked], S.PAD_ID)
+        confs[a:b, :k] = np.where(kept, items.confidences[picked], 0.0).astype(np.float32)
     return cats, confs
 
 
@@ -201,35 +245,44 @@ class Lookups:
     def build(
         cls,
         vocab_values: Mapping[str, Sequence],
-        items: Sequence[Mapping[str, Any]],
-        subject_items: Sequence[Mapping[str, Any]],
+        items: ItemColumns | Sequence[Mapping[str, Any]],
+        subject_items: ItemColumns | Sequence[Mapping[str, Any]],
         item_counts: Mapping[int, int],
     ) -> Lookups:
-        vocabs = {name: Vocabulary(vocab_values[name]) for name in S.VOCABULARIES}
+        """The lookups of the valid, key-unique ``items`` / ``subject_items`` (columns or row dicts)."""
+        items, subjects = as_item_columns(items), as_item_columns(subject_items, with_advertiser=False)
+        vocabs = {
+            name: IntVocabulary(vocab_values[name]) if name in INT_VOCABULARIES else Vocabulary(vocab_values[name])
+            for name in S.VOCABULARIES
+        }
         item_vocab, categories = vocabs[S.VOCAB_ITEM], vocabs[S.VOCAB_CATEGORY]
         rows = item_vocab.size
-        by_id = {int(r[S.ITEM_ID]): r for r in items}
-        ordered = [by_id[int(v)] for v in item_vocab.values]
+        ids = np.asarray(vocab_values[S.VOCAB_ITEM], dtype=np.int64)
+        by_id = np.argsort(items.item_id, kind="stable")
+        order = by_id[np.searchsorted(items.item_id[by_id], ids)] if len(ids) else np.zeros(0, np.int64)
         item_ids = np.zeros(rows, dtype=np.int64)
-        item_ids[S.NUM_RESERVED_IDS :] = [int(v) for v in item_vocab.values]
+        item_ids[S.NUM_RESERVED_IDS :] = ids
         advertiser = np.zeros(rows, dtype=np.int64)
-        advertiser[S.NUM_RESERVED_IDS :] = vocabs[S.VOCAB_ADVERTISER].indices(r[S.ADVERTISER_ID] for r in ordered)
-        cats, confs = _category_table(ordered, categories, len(ordered))
-        pad = ((S.NUM_RESERVED_IDS, 0), (0, 0))
+        advertiser[S.NUM_RESERVED_IDS :] = vocabs[S.VOCAB_ADVERTISER].int_indices(items.advertiser_id[order])
+        item_categories = np.zeros((rows, S.MAX_CATEGORIES), dtype=np.int64)
+        item_confidences = np.zeros((rows, S.MAX_CATEGORIES), dtype=np.float32)
+        cats, confs = category_table(items, categories)
+        item_categories[S.NUM_RESERVED_IDS :], item_confidences[S.NUM_RESERVED_IDS :] = cats[order], confs[order]
+        del cats, confs
         total = sum(item_counts.values())
-        counts = np.asarray([0, 0] + [item_counts.get(int(v), 0) for v in item_vocab.values], dtype=np.float64)
-        subjects = sorted(subject_items, key=lambda r: int(r[S.ITEM_ID]))
-        s_cats, s_confs = _category_table(subjects, categories, len(subjects))
+        counts = np.r_[np.zeros(S.NUM_RESERVED_IDS), count_array(item_counts, ids)].astype(np.float64)
+        s_order = np.argsort(subjects.item_id, kind="stable")
+        s_cats, s_confs = category_table(subjects, categories)
         return cls(
             vocabularies=vocabs,
             item_ids=item_ids,
             item_advertiser=advertiser,
-            item_categories=np.pad(cats, pad),
-            item_confidences=np.pad(confs, pad),
+            item_categories=item_categories,
+            item_confidences=item_confidences,
             item_sampling_prob=(counts / total if total else counts).astype(np.float32),
-            subject_ids=np.asarray([int(r[S.ITEM_ID]) for r in subjects], dtype=np.int64),
-            subject_categories=s_cats,
-            subject_confidences=s_confs,
+            subject_ids=subjects.item_id[s_order],
+            subject_categories=s_cats[s_order],
+            subject_confidences=s_confs[s_order],
         )
 
     def subject_rows(self, subject_ids: np.ndarray) -> np.ndarray:

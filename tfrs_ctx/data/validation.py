@@ -169,7 +169,35 @@ def _bad_values(column: Column, series: pd.Series) -> np.ndarray:
         if column.name in ALLOWED_VALUES:
             bad = bad | (~nulls & ~series.isin(ALLOWED_VALUES[column.name]).to_numpy(dtype=bool))
         return bad
+    if column.kind.startswith("list_"):
+        bad = _bad_typed_lists(column, series)
+        if bad is not None:
+            return bad
     return series.map(lambda v: value_problem(column, v) is not None).to_numpy(dtype=bool)
+
+
+_LIST_DTYPES = {"list_int64": ("i",), "list_float32": ("f",)}
+
+
+def _bad_typed_lists(column: Column, series: pd.Series) -> np.ndarray | None:
+    """:func:`_bad_values` for a list column whose every value is a 1-d numpy array of the element kind
+    (what Parquet reads give), vectorised over the concatenated values; ``None`` for anything else."""
+    values = series.to_numpy(dtype=object)
+    kinds = _LIST_DTYPES[column.kind]
+    if not all(isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in kinds for v in values):
+        return None
+    lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+    bad = np.zeros(len(values), dtype=bool)
+    if kinds == ("i",):  # int64 elements are always valid ints
+        return bad
+    flat = np.concatenate(list(values)) if len(values) else np.zeros(0)
+    wrong = ~np.isfinite(flat)
+    if column.name == schema.CONFIDENCES:
+        with np.errstate(invalid="ignore"):
+            wrong |= (flat < 0.0) | (flat > 1.0)
+    rows = np.repeat(np.arange(len(values)), lengths)
+    bad[rows[wrong]] = True
+    return bad
 
 
 def check_table(table: Table, frame: pd.DataFrame, known_ids: Mapping[str, Collection[int]] | None = None) -> None:
@@ -190,7 +218,7 @@ def check_table(table: Table, frame: pd.DataFrame, known_ids: Mapping[str, Colle
             raise RawTableError(table.name, column.name, problem, rows)
     for a, b in LIST_PAIRS:
         if a in table.column_names and b in table.column_names:
-            len_a, len_b = frame[a].map(len).to_numpy(), frame[b].map(len).to_numpy()
+            len_a, len_b = (np.fromiter(map(len, frame[c]), dtype=np.int64, count=len(frame)) for c in (a, b))
             bad = len_a != len_b
             if bad.any():
                 rows = np.flatnonzero(bad)
@@ -205,7 +233,8 @@ def check_table(table: Table, frame: pd.DataFrame, known_ids: Mapping[str, Colle
             raise RawTableError(table.name, ",".join(table.key), f"duplicate key ({value}, ...)", rows)
     for (tname, col), ref in REFERENCES.items():
         if known_ids is not None and tname == table.name and ref in known_ids:
-            ids = np.fromiter(known_ids[ref], dtype=np.int64, count=len(known_ids[ref]))
+            known = known_ids[ref]
+            ids = known if isinstance(known, np.ndarray) else np.fromiter(known, dtype=np.int64, count=len(known))
             bad = ~np.isin(frame[col].to_numpy(dtype=np.int64), ids)
             if bad.any():
                 rows = np.flatnonzero(bad)
@@ -235,7 +264,7 @@ def check_raw_dir(raw_dir: str) -> dict[str, pd.DataFrame]:
     referenced = sorted(set(REFERENCES.values()))
     for name in referenced:
         check_table(tables[name], frames[name])
-    known = {name: set(frames[name][schema.ITEM_ID].tolist()) for name in referenced}
+    known = {name: np.unique(frames[name][schema.ITEM_ID].to_numpy(dtype=np.int64)) for name in referenced}
     for name, table in tables.items():
         if name not in referenced:
             check_table(table, frames[name], known)
