@@ -25,7 +25,7 @@ def test_ratio_of_lifts_combines_both_intervals_on_the_log_scale():
 def test_corpus_study_trains_each_size_with_its_loss_and_compares_the_lifts(tmp_path):
     out = tmp_path / "corpus"
     tiny = [f"--set={o}" for o in TINY_MODEL if not o.startswith("train.epochs")]
-    argv = ["corpus", "--out", str(out), "--ads", "400,2000", "--users", "200", "--bootstrap", "50"]
+    argv = ["corpus", "--out", str(out), "--ads", "400,2000", "--users", "150", "--bootstrap", "50"]
     argv += [*tiny, "--set=train.epochs=1", "--set=train.steps_per_epoch=4", "--set=model.full_softmax_max_items=1000"]
     assert studies.main(argv) == 0
 
@@ -50,9 +50,3 @@ def test_corpus_study_trains_each_size_with_its_loss_and_compares_the_lifts(tmp_
     assert large["lift_within_15pct"] == (abs(vs["ratio"] - 1) <= 0.15)
     table = (out / "corpus.md").read_text()
     assert "| 400 | full_softmax |" in table and "| 2,000 | mixed |" in table
-    # each size's data, runs and report stay for inspection; a rerun trains nothing again
-    summary = out / "ads_2000" / "contextual_mixed" / "train_summary.json"
-    stamp = summary.stat().st_mtime_ns
-    assert studies.main(argv) == 0
-    assert summary.stat().st_mtime_ns == stamp
-    assert json.loads((out / "report.json").read_text())["points"][1]["lift"] == large["lift"]
