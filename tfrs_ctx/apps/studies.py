@@ -195,26 +195,32 @@ def corpus(args: argparse.Namespace) -> dict:
             )
             ctx = train_once(args.config, data, os.path.join(root, f"contextual_{loss}"), sets)
             report = evaluate.evaluate_runs(data, ctx, base, os.path.join(root, f"report_{loss}"), args.bootstrap)
-            points.append(_corpus_point(ads, loss, report, read_summary(base), read_summary(ctx)))
+            points.append(corpus_point(ads, loss, report, read_summary(base), read_summary(ctx)))
+    return write_corpus(points, args.out, args.users, args.strength, args.set)
+
+
+def write_corpus(points: list[dict], out: str, users: int, strength: float, overrides: list[str]) -> dict:
+    """Each point's lift against the first's; ``report.json`` and ``corpus.md`` in ``out``."""
     reference = points[0]
     for p in points:
         p["lift_vs_reference"] = _ratio_of_lifts(p["lift"], reference["lift"])
         p["lift_within_15pct"] = abs(p["lift_vs_reference"]["ratio"] - 1) <= LIFT_TOLERANCE
     result = {
-        "users": args.users,
-        "strength": args.strength,
+        "users": users,
+        "strength": strength,
         "metric": "recall@100",
         "reference": {"ads": reference["ads"], "loss": reference["loss"]},
-        "overrides": args.set,
+        "overrides": overrides,
         "points": points,
     }
-    with open(os.path.join(args.out, "report.json"), "w") as f:
+    with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(result, f, indent=2)
-    _write(args.out, "corpus.md", _corpus_lines(result))
+    _write(out, "corpus.md", _corpus_lines(result))
     return result
 
 
-def _corpus_point(ads: int, loss: str, report: dict, base: dict, ctx: dict) -> dict:
+def corpus_point(ads: int, loss: str, report: dict, base: dict, ctx: dict) -> dict:
+    """One size's figures from its evaluation report and both runs' training summaries."""
     rows = {row: report["rows"][row]["recall@100"] for row in ("baseline", "contextual", "contextual_no_context")}
     missing = rows["contextual_no_context"]["mean"] / max(rows["baseline"]["mean"], 1e-12)
     return {
@@ -241,9 +247,9 @@ def _ratio_of_lifts(lift: dict, reference: dict) -> dict:
     def log_se(x: dict) -> float:
         return (math.log(max(x["hi"], 1e-12)) - math.log(max(x["lo"], 1e-12))) / (2 * 1.96)
 
-    ratio = lift["lift"] / max(reference["lift"], 1e-12)
     if lift is reference:
         return {"ratio": 1.0, "lo": 1.0, "hi": 1.0}
+    ratio = lift["lift"] / max(reference["lift"], 1e-12)
     half = 1.96 * math.hypot(log_se(lift), log_se(reference))
     return {"ratio": ratio, "lo": ratio * math.exp(-half), "hi": ratio * math.exp(half)}
 
