@@ -261,7 +261,7 @@ def _corpus_lines(result: dict) -> list[str]:
         f"{result['strength']:g}, Recall@100)",
         "",
         "| ads | loss | requests | trust | baseline | contextual | context missing | lift | "
-        f"lift / {ref['ads']}-ad lift | missing / baseline |",
+        f"lift / {ref['ads']:,}-ad lift | missing / baseline |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["points"]:
