@@ -32,6 +32,25 @@ def test_label_ranks_from_embeddings():
     assert metrics.label_ranks(query, corpus, [R + 0]).tolist() == [2]
 
 
+def test_row_chunks_give_the_same_ranks(monkeypatch):
+    rng = np.random.default_rng(0)
+    query, corpus = rng.normal(size=(37, 8)).astype(np.float32), rng.normal(size=(50, 8)).astype(np.float32)
+    corpus[7] = corpus[3]  # a tie: counts in the label's favour
+    labels = rng.integers(R, R + 50, size=37)
+    labels[:5] = R + 3
+    exclude = rng.integers(0, R + 50, size=(37, 6))
+    whole = metrics.label_ranks(query, corpus, labels, exclude)
+    scores = query @ corpus.T
+    before = scores.copy()
+    whole_scores = metrics.ranks_from_scores(scores, labels, exclude)
+    monkeypatch.setattr(metrics, "SCORE_BUDGET", 3 * 50 + 7)  # 3 rows per chunk, the last chunk shorter
+    assert metrics._row_chunks(37, 50)[-1] == slice(36, 37)
+    np.testing.assert_array_equal(metrics.label_ranks(query, corpus, labels, exclude), whole)
+    np.testing.assert_array_equal(metrics.ranks_from_scores(scores, labels, exclude), whole_scores)
+    np.testing.assert_array_equal(scores, before)  # the caller's scores are not modified
+    assert metrics.label_ranks(np.zeros((0, 8), np.float32), corpus, np.zeros(0, np.int64)).shape == (0,)
+
+
 def test_recall_and_ndcg_by_hand():
     ranks = np.array([0, 3, 9, 10, 60, 150, 500])
     m = metrics.per_request(ranks)

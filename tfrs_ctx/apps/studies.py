@@ -10,6 +10,12 @@
     context dropout, no synthetic context, real request context instead of synthetic),
     each evaluated against the same baseline (``ablation.md``, ``ablation.json``).
 
+``tfrs-ctx study corpus --out DIR [--ads 10000,1000000] [--losses auto,mixed] [--users N]``
+    The same users and generator settings at each corpus size (``--ads``); per size and loss
+    (``auto``: full softmax up to ``model.full_softmax_max_items`` ads, mixed negatives above)
+    the baseline and the contextual model, evaluated; the lift and the context-missing row per
+    point, and each point's lift against the first (``corpus.md``, ``report.json``).
+
 Every run directory, dataset and per-run report stays under ``DIR`` for inspection.
 """
 
@@ -46,7 +52,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
 METRICS = ("recall@10", "recall@50", "recall@100", "recall@200", "ndcg@10")
 
 
-def prepare_data(root: str, users: int, strength: float, max_targets: int, seed: int = 0) -> str:
+def prepare_data(root: str, users: int, strength: float, max_targets: int, seed: int = 0, ads: int = 10_000) -> str:
     """Generate + build (skipped when already there); returns the TFRecord directory."""
     from beam_pipelines import build_training_data
     from tfrs_ctx import schema
@@ -54,7 +60,8 @@ def prepare_data(root: str, users: int, strength: float, max_targets: int, seed:
 
     raw, data = os.path.join(root, "raw"), os.path.join(root, "data")
     if not os.path.exists(os.path.join(data, schema.METADATA_FILE)):
-        generate(raw, SyntheticConfig(users=users, context_strength=strength, seed=seed), progress=False)
+        config = SyntheticConfig(users=users, context_strength=strength, seed=seed, items=ads)
+        generate(raw, config, progress=False)
         build_training_data.run(["--input", raw, "--output", data, "--max_targets_per_user", str(max_targets)])
     return data
 
@@ -162,6 +169,120 @@ def ablation(args: argparse.Namespace) -> dict:
     return results
 
 
+LIFT_TOLERANCE, MISSING_TOLERANCE = 0.15, 0.05  # issue 14: lift within 15% of the reference, missing within 5%
+
+
+def corpus(args: argparse.Namespace) -> dict:
+    """Lift and the context-missing row over corpus sizes (and losses), on the same users."""
+    from tfrs_ctx.config import load_config
+    from tfrs_ctx.evaluation import evaluate
+    from tfrs_ctx.models.two_tower import resolve_loss
+    from tfrs_ctx.training.run_dir import read_summary
+
+    points: list[dict] = []
+    for ads in [int(a) for a in args.ads.split(",")]:
+        root = os.path.join(args.out, f"ads_{ads}")
+        losses: list[str] = []
+        for name in args.losses.split(","):  # auto resolved per size; a size's duplicates trained once
+            loss = resolve_loss(load_config(args.config, [*args.set, f"model.loss={name}"]).model, ads)
+            losses += [] if loss in losses else [loss]
+        print(f"\n=== {ads} ads: {', '.join(losses)}", flush=True)
+        data = prepare_data(root, args.users, args.strength, args.max_targets_per_user, args.seed, ads)
+        for loss in losses:
+            sets = [*args.set, f"model.loss={loss}"]
+            base = train_once(
+                args.config, data, os.path.join(root, f"baseline_{loss}"), [*sets, "model.use_context=false"]
+            )
+            ctx = train_once(args.config, data, os.path.join(root, f"contextual_{loss}"), sets)
+            report = evaluate.evaluate_runs(data, ctx, base, os.path.join(root, f"report_{loss}"), args.bootstrap)
+            points.append(corpus_point(ads, loss, report, read_summary(base), read_summary(ctx)))
+    return write_corpus(points, args.out, args.users, args.strength, args.set)
+
+
+def write_corpus(points: list[dict], out: str, users: int, strength: float, overrides: list[str]) -> dict:
+    """Each point's lift against the first's; ``report.json`` and ``corpus.md`` in ``out``."""
+    reference = points[0]
+    for p in points:
+        p["lift_vs_reference"] = _ratio_of_lifts(p["lift"], reference["lift"])
+        p["lift_within_15pct"] = abs(p["lift_vs_reference"]["ratio"] - 1) <= LIFT_TOLERANCE
+    result = {
+        "users": users,
+        "strength": strength,
+        "metric": "recall@100",
+        "reference": {"ads": reference["ads"], "loss": reference["loss"]},
+        "overrides": overrides,
+        "points": points,
+    }
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    _write(out, "corpus.md", _corpus_lines(result))
+    return result
+
+
+def corpus_point(ads: int, loss: str, report: dict, base: dict, ctx: dict) -> dict:
+    """One size's figures from its evaluation report and both runs' training summaries."""
+    rows = {row: report["rows"][row]["recall@100"] for row in ("baseline", "contextual", "contextual_no_context")}
+    missing = rows["contextual_no_context"]["mean"] / max(rows["baseline"]["mean"], 1e-12)
+    return {
+        "ads": ads,
+        "loss": loss,
+        "requests": report["requests"],
+        "trust": report["context_trust"],
+        "recall@100": rows,
+        "lift": report["lift"]["recall@100"],
+        "missing_over_baseline": missing,
+        "missing_within_5pct": abs(missing - 1) <= MISSING_TOLERANCE,
+        "training": {
+            name: {k: s.get(k) for k in ("loss", "mode", "epochs_run", "steps_per_epoch", "batch_size", "seconds")}
+            for name, s in (("baseline", base), ("contextual", ctx))
+        },
+    }
+
+
+def _ratio_of_lifts(lift: dict, reference: dict) -> dict:
+    """lift / reference lift; the interval combines the two (independent data sets) paired bootstrap
+    intervals on the log scale, each read as normal: an approximation, stated in the report."""
+    import math
+
+    def log_se(x: dict) -> float:
+        return (math.log(max(x["hi"], 1e-12)) - math.log(max(x["lo"], 1e-12))) / (2 * 1.96)
+
+    if lift is reference:
+        return {"ratio": 1.0, "lo": 1.0, "hi": 1.0}
+    ratio = lift["lift"] / max(reference["lift"], 1e-12)
+    half = 1.96 * math.hypot(log_se(lift), log_se(reference))
+    return {"ratio": ratio, "lo": ratio * math.exp(-half), "hi": ratio * math.exp(half)}
+
+
+def _corpus_lines(result: dict) -> list[str]:
+    ref = result["reference"]
+    lines = [
+        f"# Contextual lift over corpus size ({result['users']} synthetic users, context strength "
+        f"{result['strength']:g}, Recall@100)",
+        "",
+        "| ads | loss | requests | trust | baseline | contextual | context missing | lift | "
+        f"lift / {ref['ads']:,}-ad lift | missing / baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in result["points"]:
+        r, lift, vs = p["recall@100"], p["lift"], p["lift_vs_reference"]
+        cells = [f"{r[k]['mean']:.4f} [{r[k]['lo']:.4f}, {r[k]['hi']:.4f}]" for k in r]
+        lines.append(
+            f"| {p['ads']:,} | {p['loss']} | {p['requests']} | {_fmt(p['trust'])} | "
+            + " | ".join(cells)
+            + f" | {lift['lift']:.2f}x [{lift['lo']:.2f}, {lift['hi']:.2f}] | {vs['ratio']:.3f} "
+            f"[{vs['lo']:.3f}, {vs['hi']:.3f}] | {p['missing_over_baseline']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Intervals: 95% bootstrap; lift paired (the same resamples for both models); lift / reference "
+        f"combines the two lifts' intervals on the log scale (independent data sets, an approximation). "
+        f"Reference: {ref['ads']:,} ads, {ref['loss']}. Targets: lift within "
+        f"{LIFT_TOLERANCE:.0%} of the reference, context missing within {MISSING_TOLERANCE:.0%} of the baseline.",
+    ]
+    return lines
+
+
 def _trust(run_dir: str) -> float | None:
     """The calibrated context trust of a run (``None``: not calibrated)."""
     from tfrs_ctx.training.run_dir import read_summary
@@ -206,7 +327,7 @@ def _plot_curve(points: list[dict], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tfrs-ctx study", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="study", required=True)
-    for name in ("lift-curve", "ablation"):
+    for name in ("lift-curve", "ablation", "corpus"):
         p = sub.add_parser(name)
         p.add_argument("--out", required=True)
         p.add_argument("--users", type=int, default=10_000)
@@ -216,13 +337,20 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--bootstrap", type=int, default=1000)
         p.add_argument("--seed", type=int, default=0)
     sub.choices["lift-curve"].add_argument("--strengths", default="0,0.25,0.5,0.75")
-    sub.choices["ablation"].add_argument("--strength", type=float, default=0.75)
+    for name in ("ablation", "corpus"):
+        sub.choices[name].add_argument("--strength", type=float, default=0.75)
+    sub.choices["corpus"].add_argument(
+        "--ads", default="10000,1000000", help="corpus sizes; the first is the reference"
+    )
+    sub.choices["corpus"].add_argument(
+        "--losses", default="auto", help="comma-separated model.loss values trained at every size (auto: by size)"
+    )
     sub.choices["ablation"].add_argument(
         "--only", help=f"comma-separated settings to train (default: all): {', '.join(ABLATIONS)}"
     )
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    (lift_curve if args.study == "lift-curve" else ablation)(args)
+    {"lift-curve": lift_curve, "ablation": ablation, "corpus": corpus}[args.study](args)
     return 0
 
 

@@ -13,6 +13,9 @@ from tfrs_ctx import schema
 
 KS = (10, 50, 100, 200)
 NDCG_K = 10
+# float32 scores held at once (256 MiB): a 1,024-query batch over 1M ads is ranked 67 rows at a time,
+# not as one 4 GiB matrix (and its copy); at 10k ads a whole batch is one chunk.
+SCORE_BUDGET = 1 << 26
 
 
 def label_ranks(query, corpus, labels, exclude=None) -> np.ndarray:
@@ -20,10 +23,17 @@ def label_ranks(query, corpus, labels, exclude=None) -> np.ndarray:
 
     ``query`` ``[B, d]``, ``corpus`` ``[N, d]`` (row r = item index r + NUM_RESERVED_IDS),
     ``labels`` ``[B]`` item indices; ``exclude`` ``[B, M]`` item indices to drop from the
-    ranking (PAD/OOV and the label itself are never dropped).
+    ranking (PAD/OOV and the label itself are never dropped). Queries are scored in row chunks
+    of at most ``SCORE_BUDGET`` scores (a row's label and its competitors from one product).
     """
-    scores = np.asarray(query, dtype=np.float32) @ np.asarray(corpus, dtype=np.float32).T
-    return ranks_from_scores(scores, labels, exclude)
+    query = np.asarray(query, dtype=np.float32)
+    corpus_t = np.asarray(corpus, dtype=np.float32).T
+    labels, exclude = np.asarray(labels), None if exclude is None else np.asarray(exclude)
+    parts = [
+        _ranks(query[rows] @ corpus_t, labels[rows], None if exclude is None else exclude[rows], copy=False)
+        for rows in _row_chunks(len(query), corpus_t.shape[1])
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def recall_at_k(model, batches: list, k: int) -> float | None:
@@ -36,13 +46,31 @@ def recall_at_k(model, batches: list, k: int) -> float | None:
 
 
 def ranks_from_scores(scores: np.ndarray, labels, exclude=None) -> np.ndarray:
-    scores = np.array(scores, dtype=np.float32, copy=True)
-    rows = np.asarray(labels, dtype=np.int64) - schema.NUM_RESERVED_IDS
+    """0-based rank of each label given ``[B, N]`` scores (``scores`` is not modified)."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    exclude = None if exclude is None else np.asarray(exclude)
+    parts = [
+        _ranks(scores[rows], labels[rows], None if exclude is None else exclude[rows], copy=True)
+        for rows in _row_chunks(len(scores), scores.shape[1])
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _row_chunks(rows: int, columns: int) -> list[slice]:
+    """Row slices holding at most ``SCORE_BUDGET`` scores each (at least one row)."""
+    step = max(1, SCORE_BUDGET // max(columns, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def _ranks(scores: np.ndarray, labels: np.ndarray, exclude: np.ndarray | None, copy: bool) -> np.ndarray:
+    """Ranks of one row chunk; ``copy=False``: ``scores`` is a fresh float32 product, modified in place."""
+    scores = np.array(scores, dtype=np.float32) if copy else scores
+    rows = labels.astype(np.int64) - schema.NUM_RESERVED_IDS
     batch = np.arange(len(rows))
     label_scores = scores[batch, rows].copy()
     if exclude is not None:
-        exclude = np.asarray(exclude, dtype=np.int64)
-        drop = (exclude >= schema.NUM_RESERVED_IDS) & (exclude != np.asarray(labels)[:, None])
+        exclude = exclude.astype(np.int64)
+        drop = (exclude >= schema.NUM_RESERVED_IDS) & (exclude != labels[:, None])
         b, j = np.nonzero(drop)
         scores[b, exclude[b, j] - schema.NUM_RESERVED_IDS] = -np.inf
     return (scores > label_scores[:, None]).sum(axis=1)
