@@ -308,3 +308,18 @@ def test_dense_state_positions_pick_an_earlier_state(corpus):
     np.testing.assert_array_equal(
         flat_back[schema.HISTORY_LENGTH].numpy(), np.maximum(flat[schema.HISTORY_LENGTH].numpy() - 1, 0)
     )
+
+
+def test_corpus_embeddings_in_blocks_equal_one_call(corpus, monkeypatch):
+    """Eager corpus embeddings run the tower over blocks (memory at 10M ads); the rows are the same."""
+    from tfrs_ctx.models import two_tower
+
+    m = ContextualTwoTower(ModelConfig(dropout=0.0), VOCAB, corpus)
+    whole = m.corpus_embeddings().numpy()
+    monkeypatch.setattr(two_tower, "CORPUS_BLOCK", 7)  # N is not a multiple of 7: a short last block
+    assert N % 7
+    blocked = m.corpus_embeddings().numpy()
+    assert blocked.shape == whole.shape == (N, ModelConfig().output_dim)
+    np.testing.assert_allclose(blocked, whole, rtol=1e-6, atol=1e-6)
+    graph = tf.function(m.corpus_embeddings)().numpy()  # in a graph (the full-softmax loss): one call
+    np.testing.assert_allclose(graph, whole, rtol=1e-6, atol=1e-6)

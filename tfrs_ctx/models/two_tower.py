@@ -68,6 +68,8 @@ from tfrs_ctx import schema
 from tfrs_ctx.config import ModelConfig
 from tfrs_ctx.models.layers import MLP, ContextLayer, SequenceEncoder, weighted_average
 
+CORPUS_BLOCK = 262_144  # ads per eager candidate-tower call (corpus_embeddings)
+
 
 def is_sequence_batch(features: dict[str, tf.Tensor]) -> bool:
     """A batch of sequence examples (dense training) rather than per-target examples."""
@@ -315,8 +317,21 @@ class ContextualTwoTower(tfrs.models.Model):
         return self.candidate_mlp(x, training=training)
 
     def corpus_embeddings(self, training: bool = False) -> tf.Tensor:
-        """``[num_ads, output_dim]``, row ``r`` = the ad with item-vocab index ``r + NUM_RESERVED_IDS``."""
-        return self.candidate_embedding(self.corpus, training)
+        """``[num_ads, output_dim]``, row ``r`` = the ad with item-vocab index ``r + NUM_RESERVED_IDS``.
+
+        Eagerly (validation, evaluation, export, loading) the tower runs over blocks of
+        ``CORPUS_BLOCK`` ads: in one call its activations (``[N, 5, category_dim]`` category vectors,
+        ``[N, hidden]``) took ~16 GB at 10M ads, where the result is ``N * output_dim`` floats. In a
+        graph (the full-softmax loss, corpora up to ``full_softmax_max_items``) it is one call.
+        """
+        n = int(self.corpus_item_ids.shape[0])
+        if not tf.executing_eagerly() or n <= CORPUS_BLOCK:
+            return self.candidate_embedding(self.corpus, training)
+        blocks = [
+            self.candidate_embedding({k: v[s : s + CORPUS_BLOCK] for k, v in self.corpus.items()}, training)
+            for s in range(0, n, CORPUS_BLOCK)
+        ]
+        return tf.concat(blocks, axis=0)
 
     def call(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         return self.query_embedding(features, training)
