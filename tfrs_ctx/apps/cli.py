@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("tfrs_ctx.training.calibrate", "re-choose a trained run's context trust on real request context"),
     "evaluate": ("tfrs_ctx.evaluation.evaluate", "full-ranking evaluation report on held-out requests"),
     "export": ("tfrs_ctx.export", "hybrid export: encoder, context_head, full SavedModels"),
-    "study": ("tfrs_ctx.apps.studies", "lift over context strength; context-dropout / synthetic-context ablation"),
+    "study": ("tfrs_ctx.apps.studies", "lift over context strength or corpus size; context ablations"),
     "daily": ("tfrs_ctx.apps.daily", "the daily job: Beam-encode users with new activity, materialize Feast"),
     "recommend": ("tfrs_ctx.apps.recommend", "candidate ads for one request via Feast + gRPC Predict"),
     "demo": ("tfrs_ctx.apps.demo", "the end-to-end demo on the embedded synthetic default"),
