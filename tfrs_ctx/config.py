@@ -18,6 +18,8 @@ MODE_DENSE = "dense"  # one causal pass per window, every position a target (`tr
 TRAIN_MODES = (MODE_PER_TARGET, MODE_DENSE)
 TIME_GAP_AUTO = "auto"
 LOSSES = ("auto", "full_softmax", "in_batch", "mixed")  # next_event in dense mode, to_target per target
+FUSION_CONCAT, FUSION_CROSS_ATTENTION = "concat", "cross_attention"
+FUSIONS = (FUSION_CONCAT, FUSION_CROSS_ATTENTION)
 log = logging.getLogger(__name__)
 
 
@@ -44,6 +46,10 @@ class ModelConfig:
     sampled_negatives: int = 1024  # mixed: corpus ads sampled per step, shared by every query of the batch
     sampled_popularity_share: float = 0.0  # mixed: share of them drawn by training popularity, the rest uniform
     time_gap: str = TIME_GAP_AUTO  # history gap semantics: to_target | next_event (schema.TIME_GAP_*)
+    # How the context meets the history: concat (the context vector next to the last state) | cross_attention
+    # (the context vector also attends over the last fusion_states encoded states; the encoder exports [N, d])
+    fusion: str = FUSION_CONCAT
+    fusion_states: int = 8
 
 
 @dataclasses.dataclass
@@ -100,6 +106,7 @@ class Config:
             raise ValueError(f"model.loss must be one of {LOSSES}, got {model.loss!r}")
         if model.sampled_negatives < 1 or not 0.0 <= model.sampled_popularity_share <= 1.0:
             raise ValueError("model.sampled_negatives must be >= 1 and model.sampled_popularity_share in [0, 1]")
+        _check_fusion(model)
         if model.time_gap not in schema.TIME_GAP_SEMANTICS:
             raise ValueError(f"model.time_gap must be one of {(TIME_GAP_AUTO, *schema.TIME_GAP_SEMANTICS)}")
         if train.mode == MODE_DENSE:
@@ -112,6 +119,13 @@ class Config:
             if train.context_source == "real":
                 raise ValueError("train.mode=dense trains on conversions: train.context_source=real needs per_target")
         return cls(model, train)
+
+
+def _check_fusion(model: ModelConfig) -> None:
+    if model.fusion not in FUSIONS:
+        raise ValueError(f"model.fusion must be one of {FUSIONS}, got {model.fusion!r}")
+    if not 1 <= model.fusion_states <= schema.MAX_HISTORY:
+        raise ValueError(f"model.fusion_states must be in 1..{schema.MAX_HISTORY}, got {model.fusion_states}")
 
 
 def _retired_train_keys(values: dict[str, Any]) -> dict[str, Any]:

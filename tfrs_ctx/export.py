@@ -13,7 +13,8 @@ Signatures (``serving_default``; batch dimension first; core TensorFlow ops only
 Inputs are *raw* values: vocabularies are looked up inside the graph, so no client needs them.
 
 * ``encoder``: history (raw ad ids, raw advertiser ids, event-type strings, time-gap
-  buckets, left-padded) + ``history_length`` -> ``encoded_history`` ``[B, d]``,
+  buckets, left-padded) + ``history_length`` -> ``encoded_history`` ``[B, d]`` (``model.fusion=
+  cross_attention``: ``[B, N, d]``, the last N states, rows before the first event zero),
   ``model_version`` ``[B]``.
 * ``context_head``: ``encoded_history``, ``history_length``, context (raw category ids +
   confidences), demographics (raw strings; "" = missing), optional ``k`` -> ``user_embedding``,
@@ -261,6 +262,12 @@ def _write_warmup(path: str, model_name: str, inputs: dict[str, Input]) -> None:
         writer.write(log.SerializeToString())
 
 
+def fusion_info(model: ContextualTwoTower) -> dict:
+    """``model_info.json``'s fusion keys: the fusion, ``N`` (0 = one ``[d]`` vector) and the store layout."""
+    fusion = "cross_attention" if model.fusion_states else "concat"
+    return {"fusion": fusion, "fusion_states": model.fusion_states, "store_schema_version": schema.STORE_SCHEMA_VERSION}
+
+
 def export_all(
     model: ContextualTwoTower,
     data_dir: str,
@@ -293,7 +300,7 @@ def export_all(
     k_default = {schema.REQUEST_K: tf.constant([top_k], tf.int64)}
     plans = {
         schema.MODEL_ENCODER: (exporter.encode, signatures.encoder_inputs_spec(), {}),
-        schema.MODEL_CONTEXT_HEAD: (exporter.head, signatures.head_inputs_spec(dim), k_default),
+        schema.MODEL_CONTEXT_HEAD: (exporter.head, signatures.head_inputs_spec(dim, model.fusion_states), k_default),
         schema.MODEL_FULL: (exporter.full, signatures.full_inputs_spec(), k_default),
     }
     retrieval = {**built.get_config(), "memory_bytes": built.memory_bytes()}
@@ -306,6 +313,7 @@ def export_all(
         "use_context": model.context_layer is not None,
         # How the caller computes the history's gap buckets (beam_pipelines.encode_users reads it).
         "time_gap": model.cfg.time_gap,
+        **fusion_info(model),
         "exported_at": int(time.time()),
     }
     if model.context_layer is not None:  # where the served context trust comes from

@@ -24,6 +24,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
 SCHEMA_VERSION = 2  # 2: HISTORY_NEXT_GAP, the train_sequences split (SEQUENCE_FEATURES), eval_consumed
+# The online store's layout of ENCODED_HISTORY (encode_state.json, model_info.json "store_schema_version"):
+# 1: the last hidden state, [d]. 2: a flat row-major [N, d] (N = model_info "fusion_states", 1 row = [d] for
+# concat models, so every version-1 row is a valid version-2 row), rows before the history's first event zero.
+STORE_SCHEMA_VERSION = 2
 
 # --------------------------------------------------------------------------------------
 # Shapes and padding
@@ -388,7 +392,7 @@ def tfrecord_pattern(data_dir: str, split: str) -> str:
 MODEL_ENCODER = "encoder"
 MODEL_CONTEXT_HEAD = "context_head"
 MODEL_FULL = "full"
-ENCODED_HISTORY = "encoded_history"  # encoder output / head input, [B, d]
+ENCODED_HISTORY = "encoded_history"  # encoder output / head input, [B, d] ([B, N, d]: cross-attention)
 MODEL_VERSION = "model_version"  # every model's output, [B]: the integer version directory
 USER_EMBEDDING = "user_embedding"
 TOP_K_IDS = "top_k_ids"  # raw ad ids, [B, K], best first
@@ -439,8 +443,8 @@ FS_SUBJECT_ITEM = "subject_item"  # entity, join key SUBJECT_ITEM_ID
 FV_USER_SEQUENCE = "user_sequence_encoding"  # ENCODED_HISTORY, HISTORY_LENGTH, MODEL_VERSION
 FV_USER_DEMOGRAPHICS = "user_demographics"  # DEMOGRAPHIC_COLUMNS, raw strings (null: missing)
 FV_SUBJECT_ITEM_CONTEXT = "subject_item_context"  # CATEGORIES (raw ids), CONFIDENCES: top MAX_CATEGORIES
-# The encoder's output as stored: a flat float32 list, row-major [N, d] (N = 1, the last
-# hidden state, today; the last N states for cross-attention later: N = len / d).
+# The encoder's output as stored: a flat float32 list, row-major [N, d] (N = 1, the last hidden
+# state, for concat fusion; the last N states for cross-attention: N = len / d; STORE_SCHEMA_VERSION).
 # ENCODED_HISTORY and MODEL_VERSION (the serving-signature names above) are also the
 # stored feature names: the vector and the integer model version it belongs to.
 EVENT_TIMESTAMP = "event_timestamp"  # Feast timestamp field of every source (UTC)

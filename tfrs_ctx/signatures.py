@@ -6,7 +6,8 @@ them. The specs are plain (dtype, shape, vocabulary) triples, numpy only, so the
 client builds requests without importing TensorFlow; export turns them into ``tf.TensorSpec``.
 
 * ``encoder``: :data:`ENCODER_INPUTS` (the history) -> ``encoded_history``, ``model_version``;
-* ``context_head``: :func:`head_inputs_spec` (the stored ``encoded_history`` and
+* ``context_head``: :func:`head_inputs_spec` (the stored ``encoded_history``, ``[d]`` or ``[N, d]``
+  with cross-attention fusion, and
   ``history_length``, the live context, demographics) and the optional ``k``
   (:data:`OPTIONAL_HEAD_INPUTS`) -> user embedding, top-k, version;
 * ``full``: :func:`full_inputs_spec` (the encoder's and the head's inputs minus
@@ -70,8 +71,13 @@ def encoder_inputs_spec() -> dict[str, Input]:
     return dict(ENCODER_INPUTS)
 
 
-def head_inputs_spec(dim: int) -> dict[str, Input]:
-    return {**HEAD_INPUTS, S.ENCODED_HISTORY: Input("float32", (dim,))}
+def encoded_shape(dim: int, states: int = 0) -> tuple[int, ...]:
+    """One user's ``encoded_history``: ``(d,)`` (concat fusion) or ``(N, d)`` (cross-attention, ``states`` = N)."""
+    return (states, dim) if states else (dim,)
+
+
+def head_inputs_spec(dim: int, states: int = 0) -> dict[str, Input]:
+    return {**HEAD_INPUTS, S.ENCODED_HISTORY: Input("float32", encoded_shape(dim, states))}
 
 
 def full_inputs_spec() -> dict[str, Input]:
@@ -102,16 +108,20 @@ class HeadRow:
         return any(w > 0 for w in self.context_weights[: S.MAX_CATEGORIES])
 
 
-def head_inputs(rows: Sequence[HeadRow], dim: int) -> dict[str, np.ndarray]:
-    """The ``context_head`` inputs of a batch of requests, in the signature's dtypes and shapes."""
+def head_inputs(rows: Sequence[HeadRow], dim: int, states: int = 0) -> dict[str, np.ndarray]:
+    """The ``context_head`` inputs of a batch of requests, in the signature's dtypes and shapes.
+
+    ``states`` > 0 (cross-attention): each stored vector is the flat row-major ``[N, d]`` (or ``[N, d]``).
+    """
     n, c = len(rows), S.MAX_CATEGORIES
-    encoded = np.zeros((n, dim), np.float32)
+    shape = encoded_shape(dim, states)
+    encoded = np.zeros((n, *shape), np.float32)
     length = np.zeros(n, np.int64)
     categories = np.zeros((n, c), np.int64)
     weights = np.zeros((n, c), np.float32)
     for i, row in enumerate(rows):
         if row.has_history:
-            encoded[i], length[i] = row.encoded_history, row.history_length
+            encoded[i], length[i] = np.reshape(row.encoded_history, shape), row.history_length
         cats, ws = list(row.context_categories)[:c], list(row.context_weights)[:c]
         categories[i, : len(cats)], weights[i, : len(ws)] = cats, ws
     out = {

@@ -119,13 +119,21 @@ class SequenceEncoder(keras.layers.Layer):
         self.norm = keras.layers.LayerNormalization(epsilon=1e-6)
 
     def call(
-        self, events: tf.Tensor, length: tf.Tensor, training: bool | None = None, all_positions: bool = False
+        self,
+        events: tf.Tensor,
+        length: tf.Tensor,
+        training: bool | None = None,
+        all_positions: bool = False,
+        last: int = 0,
     ) -> tf.Tensor:
+        """``last`` > 0 (cross-attention fusion): the last ``last`` positions' states ``[B, last, d]``."""
         valid = valid_positions(length, tf.shape(events)[1])
         x = self.input_dropout(self.position(events), training=training)
         for block in self.stack:
             x = block(x, valid, training=training)
-        if not all_positions:
+        if last > 0 and not all_positions:
+            x = x[:, -last:]
+        elif not all_positions:
             return self.norm(x[:, -1])
         shape = tf.shape(x)  # the norm is per position; flattened, it sees the [B, d] rank it was built on
         return tf.reshape(self.norm(tf.reshape(x, [-1, self.dim])), shape)
@@ -193,6 +201,55 @@ class ContextLayer(keras.layers.Layer):
         return _serializable(
             self, {"dim": self.dim, "dropout": self.dropout, "drop_context": self.drop_context, "seed": self.seed}
         )
+
+
+def mask_states(states: tf.Tensor, length: tf.Tensor) -> tf.Tensor:
+    """``[B, N, d]`` states of the last ``N`` positions with the rows before the history's first event zeroed.
+
+    Row ``j`` is a real state iff ``j >= N - min(length, N)`` (left padding): the mask is derived from
+    ``history_length``, so the zero rows and the length are all a store needs to hold.
+    """
+    valid = valid_positions(length, tf.shape(states)[1])
+    return tf.where(valid[..., tf.newaxis], states, tf.zeros_like(states))
+
+
+@keras.utils.register_keras_serializable("tfrs_ctx")
+class CrossAttentionFusion(keras.layers.Layer):
+    """The context vector as the query of a multi-head attention over the last ``N`` encoded states.
+
+    Inputs: ``query`` ``[B, q]`` (the context layer's output), ``states`` ``[B, N, d]`` and ``length``
+    ``[B]`` (the history length: the states before the first event are masked, see :func:`mask_states`).
+    Output ``[B, dim]``: the attention's output projection; zeros where no state is real (no history).
+    A masked state never changes the output (its score is -1e9 before the softmax, its value zeroed).
+    """
+
+    def __init__(self, dim: int, heads: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        if dim % heads:
+            raise ValueError(f"cross-attention: dim {dim} is not a multiple of heads {heads}")
+        self.dim, self.heads = dim, heads
+        self.query_proj = keras.layers.Dense(dim, name="query")
+        self.key_proj = keras.layers.Dense(dim, use_bias=False, name="key")
+        self.value_proj = keras.layers.Dense(dim, name="value")
+        self.output_proj = keras.layers.Dense(dim, name="output")
+
+    def call(self, query: tf.Tensor, states: tf.Tensor, length: tf.Tensor) -> tf.Tensor:
+        n, head_dim = tf.shape(states)[1], self.dim // self.heads
+        valid = valid_positions(length, n)  # [B, N]
+        states = tf.where(valid[..., tf.newaxis], states, tf.zeros_like(states))
+        split = [tf.shape(states)[0], n, self.heads, head_dim]
+        q = tf.reshape(self.query_proj(query), [-1, self.heads, head_dim])
+        k = tf.reshape(self.key_proj(states), split)
+        v = tf.reshape(self.value_proj(states), split)
+        scores = tf.einsum("bhe,bnhe->bhn", q, k) / tf.sqrt(tf.cast(head_dim, q.dtype))
+        scores = tf.where(valid[:, tf.newaxis], scores, tf.cast(-1e9, scores.dtype))
+        weights = tf.nn.softmax(scores, axis=-1) * tf.cast(valid[:, tf.newaxis], scores.dtype)
+        attended = tf.reshape(tf.einsum("bhn,bnhe->bhe", weights, v), [-1, self.dim])
+        any_state = tf.cast(tf.reduce_any(valid, axis=1, keepdims=True), attended.dtype)
+        return self.output_proj(attended) * any_state
+
+    def get_config(self) -> dict:
+        return _serializable(self, {"dim": self.dim, "heads": self.heads})
 
 
 @keras.utils.register_keras_serializable("tfrs_ctx")

@@ -65,8 +65,15 @@ import tensorflow_recommenders as tfrs
 import tf_keras as keras
 
 from tfrs_ctx import schema
-from tfrs_ctx.config import ModelConfig
-from tfrs_ctx.models.layers import MLP, ContextLayer, SequenceEncoder, weighted_average
+from tfrs_ctx.config import FUSION_CROSS_ATTENTION, ModelConfig
+from tfrs_ctx.models.layers import (
+    MLP,
+    ContextLayer,
+    CrossAttentionFusion,
+    SequenceEncoder,
+    mask_states,
+    weighted_average,
+)
 
 CORPUS_BLOCK = 262_144  # ads per eager candidate-tower call (corpus_embeddings)
 
@@ -218,6 +225,7 @@ class ContextualTwoTower(tfrs.models.Model):
             if cfg.use_context
             else None
         )
+        self.cross_attention = self._cross_attention(cfg)
         self.demographic_embeddings = {
             feature: keras.layers.Embedding(
                 vocab_sizes[schema.DEMOGRAPHIC_VOCAB[column]], cfg.demographic_dim, name=f"{feature}_embedding"
@@ -241,6 +249,18 @@ class ContextualTwoTower(tfrs.models.Model):
         self.task.build(None)
         self._config = {"cfg": dataclasses.asdict(cfg), "vocab_sizes": dict(vocab_sizes), "seed": seed}
 
+    @staticmethod
+    def _cross_attention(cfg: ModelConfig) -> CrossAttentionFusion | None:
+        """``model.fusion=cross_attention`` (contextual models only: the baseline has no context query)."""
+        if not cfg.use_context or cfg.fusion != FUSION_CROSS_ATTENTION:
+            return None
+        return CrossAttentionFusion(cfg.embedding_dim, cfg.heads, name="cross_attention")
+
+    @property
+    def fusion_states(self) -> int:
+        """``N``: the encoded states the encoder exports per user (``[N, d]``); 0 = the last state ``[d]``."""
+        return self.cfg.fusion_states if self.cross_attention is not None else 0
+
     def get_config(self) -> dict:
         """The JSON-serializable part of the constructor's arguments (the ad corpus is data, not config)."""
         return dict(self._config)
@@ -255,14 +275,20 @@ class ContextualTwoTower(tfrs.models.Model):
     def encode_history(
         self, features: dict[str, tf.Tensor], training: bool = False, all_positions: bool = False
     ) -> tf.Tensor:
-        """History -> ``[B, embedding_dim]``: the offline encoder's output (``[B, L, d]``: every position)."""
+        """History -> ``[B, embedding_dim]``: the offline encoder's output (``[B, L, d]``: every position).
+
+        With cross-attention fusion: ``[B, N, d]``, the last ``N`` states, rows before the first event zeroed.
+        """
         events = (
             self.item_embedding(features[schema.HISTORY_ITEM])
             + self.advertiser_embedding(features[schema.HISTORY_ADVERTISER])
             + self.event_type_embedding(features[schema.HISTORY_EVENT_TYPE])
             + self.time_gap_embedding(self.time_gaps(features))
         )
-        return self.encoder(events, features[schema.HISTORY_LENGTH], training=training, all_positions=all_positions)
+        length = features[schema.HISTORY_LENGTH]
+        if self.fusion_states and not all_positions:
+            return mask_states(self.encoder(events, length, training=training, last=self.fusion_states), length)
+        return self.encoder(events, length, training=training, all_positions=all_positions)
 
     def dense_targets(
         self, features: dict[str, tf.Tensor], training: bool = False
@@ -286,15 +312,31 @@ class ContextualTwoTower(tfrs.models.Model):
             flat[name] = tf.gather(features[name], where[:, 0])
         if SEQ_TARGET_WEIGHT in features:
             flat[TARGET_WEIGHT] = tf.gather_nd(features[SEQ_TARGET_WEIGHT], where)
+        if self.fusion_states:  # each target's window: the N states ending at its state position (causal)
+            return self.state_windows(states, state_at, flat[schema.HISTORY_LENGTH]), flat
         return tf.gather_nd(states, state_at), flat
+
+    def state_windows(self, states: tf.Tensor, state_at: tf.Tensor, length: tf.Tensor) -> tf.Tensor:
+        """``[T, N, d]``: for each (row, position) of ``state_at``, the states of positions ``position-N+1 ..
+        position`` (never a later one), masked by the events seen there ``length`` as the offline encoder's."""
+        n = self.fusion_states
+        positions = state_at[:, 1:2] - n + 1 + tf.range(n, dtype=state_at.dtype)[tf.newaxis]  # [T, N]
+        rows = tf.broadcast_to(state_at[:, :1], tf.shape(positions))
+        windows = tf.gather_nd(states, tf.stack([rows, tf.maximum(positions, 0)], axis=-1))
+        return mask_states(windows, length)
 
     def head(self, encoded: tf.Tensor, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         """Encoded history + context + demographics -> normalised user embedding (online part)."""
         has_history = tf.reshape(features[schema.HISTORY_LENGTH], [-1, 1]) > 0
+        states = encoded
+        if self.fusion_states:  # [B, N, d]: the last state is the last row
+            encoded = encoded[:, -1]
         parts = [tf.where(has_history, encoded, self.no_history[tf.newaxis])]
         if self.context_layer is not None:
             categories = self.category_embedding(features[schema.CONTEXT_CATEGORIES])
             parts.append(self.context_layer(categories, features[schema.CONTEXT_WEIGHTS], training=training))
+            if self.cross_attention is not None:
+                parts.append(self.cross_attention(parts[-1], states, features[schema.HISTORY_LENGTH]))
         parts += [self.demographic_embeddings[f](features[f]) for f in schema.DEMOGRAPHIC_FEATURES]
         return self.user_mlp(tf.concat(parts, axis=-1), training=training)
 
