@@ -10,13 +10,15 @@ What it does
 1. Picks the encoder: ``--model`` is a TF Serving base path (``models/encoder``: its highest
    integer version) or one version directory; the version comes from
    ``assets.extra/model_info.json``.
-2. Selects users: on the first run, with ``--full`` or when the model version changed since
-   the last run, every user with a conversion; otherwise only users with a conversion newer
-   than the *watermark* (the newest conversion timestamp a previous run processed, kept in
-   ``STORE_DIR/encode_state.json``). Conversions are validated like the training pipeline's:
-   bad rows go to ``STORE_DIR/dead_letter/run-<event_ts>-<table>-*.jsonl`` (with the reason;
-   only non-empty files are kept) and are counted in the summary's ``dead_letter``; for every
-   table read, the rows read equal ``rows`` (kept) plus ``dead_letter``.
+2. Selects users: on the first run, with ``--full``, when the model version changed since
+   the last run or when the store's layout (``encode_state.json`` ``store_schema_version``,
+   absent = 1) is not :data:`tfrs_ctx.schema.STORE_SCHEMA_VERSION` (the migration), every user
+   with a conversion; otherwise only users with a conversion newer than the *watermark* (the
+   newest conversion timestamp a previous run processed, kept in ``STORE_DIR/encode_state.json``).
+   Conversions are validated like the training pipeline's: bad rows go to
+   ``STORE_DIR/dead_letter/run-<event_ts>-<table>-*.jsonl`` (with the reason; only non-empty
+   files are kept) and are counted in the summary's ``dead_letter``; for every table read, the
+   rows read equal ``rows`` (kept) plus ``dead_letter``.
 3. Builds each selected user's latest history with the training examples' functions: their
    last ``MAX_HISTORY`` conversions at or before the reference time ``--as_of`` (default: the
    newest conversion in the data), time gaps bucketed relative to it, left-padded; raw ids and
@@ -27,7 +29,8 @@ What it does
    ``BatchElements``, which loses batches on the DaskRunner).
 5. Writes Parquet a Feast ``FileSource`` reads (names from :mod:`tfrs_ctx.schema`):
    ``STORE_DIR/user_encodings/run-<event_ts>-v<version>-part-*.parquet`` (``user_id``,
-   ``event_timestamp``, ``encoded_history`` list<float32>, ``history_length``,
+   ``event_timestamp``, ``encoded_history`` list<float32> (row-major ``[N, d]``: ``N`` = 1 for concat
+   fusion, ``model.fusion_states`` for cross-attention), ``history_length``,
    ``model_version``); every run *adds* files, and Feast serves the newest row per user.
    Snapshots of the ``users`` (raw demographic strings, null when missing) and
    ``subject_items`` (top ``MAX_CATEGORIES`` categories by confidence) tables go to
@@ -203,6 +206,11 @@ class EncodeState:
     as_of: int | None = None
     snapshots: dict[str, str] = dataclasses.field(default_factory=dict)  # raw table -> fingerprint
     last_run: dict[str, Any] = dataclasses.field(default_factory=dict)
+    store_schema_version: int | None = None  # the rows' layout (S.STORE_SCHEMA_VERSION); absent: 1
+
+    @property
+    def store_layout(self) -> int:
+        return 1 if self.store_schema_version is None else int(self.store_schema_version)
 
     @classmethod
     def load(cls, path: str) -> EncodeState:
@@ -249,6 +257,8 @@ def plan_run(config: EncodeConfig, model: EncoderModel, state: EncodeState, path
         full, reason = True, "first run"
     elif state.model_version != model.version:
         full, reason = True, f"model version changed ({state.model_version} -> {model.version})"
+    elif state.store_layout != S.STORE_SCHEMA_VERSION:  # the migration: one full run rewrites every row
+        full, reason = True, f"store schema version changed ({state.store_layout} -> {S.STORE_SCHEMA_VERSION})"
     else:
         full, reason = False, f"incremental (conversions after {state.watermark})"
     last = state.event_timestamp or 0
@@ -524,6 +534,7 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = False) -> d
         "mode": plan.reason,
         "model_version": model.version,
         "model_path": model.path,
+        "store_schema_version": S.STORE_SCHEMA_VERSION,
         "as_of": window["as_of"],
         "event_timestamp": plan.event_timestamp,
         "watermark": watermark,
@@ -541,6 +552,7 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = False) -> d
         as_of=window["as_of"],
         snapshots=plan.snapshots if plan.export_snapshots else state.snapshots,
         last_run={k: summary[k] for k in ("mode", "as_of", *USER_COUNTERS)},
+        store_schema_version=S.STORE_SCHEMA_VERSION,
     ).save(paths.state)
     print(json.dumps(summary, indent=2))
     return summary

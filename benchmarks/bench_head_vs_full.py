@@ -20,7 +20,7 @@ import numpy as np
 from benchmarks import emit
 
 
-def batch1_inputs(data_dir: str, dim: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+def batch1_inputs(data_dir: str, dim: int, seed: int = 0, states: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """Raw inputs for each model: a full-length history, a 5-category context, demographics."""
     from tfrs_ctx import schema
     from tfrs_ctx.data import vocab
@@ -38,12 +38,28 @@ def batch1_inputs(data_dir: str, dim: int, seed: int = 0) -> dict[str, dict[str,
         schema.HISTORY_LENGTH: np.asarray([L], np.int64),
     }
     context = HeadRow(
-        rng.normal(size=dim).astype(np.float32), L, rng.choice(cats, C).tolist(), [0.9, 0.5, 0.3, 0.2, 0.1]
+        rng.normal(size=dim * max(1, states)).astype(np.float32),
+        L,
+        rng.choice(cats, C).tolist(),
+        [0.9, 0.5, 0.3, 0.2, 0.1],
     )
-    head = head_inputs([context], dim)
+    head = head_inputs([context], dim, states)
     return {
         schema.MODEL_CONTEXT_HEAD: head,
         schema.MODEL_FULL: {**history, **{k: v for k, v in head.items() if k != schema.ENCODED_HISTORY}},
+    }
+
+
+def stored_bytes(floats: int) -> dict[str, int]:
+    """Bytes of one user's ``encoded_history`` in the online store: the float32 payload and the Feast
+    ``ValueProto`` (``float_list_val``) the SQLite and Redis online stores serialize."""
+    from feast.protos.feast.types.Value_pb2 import FloatList, Value
+
+    proto = Value(float_list_val=FloatList(val=np.zeros(floats, np.float32).tolist()))
+    return {
+        "stored_floats_per_user": floats,
+        "stored_float_bytes_per_user": 4 * floats,
+        "stored_value_proto_bytes": proto.ByteSize(),
     }
 
 
@@ -67,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = os.path.join(tmp, "models")  # serving/models.config's base paths are models/<name>
         result = export.export_all(model, cfg.train.data_dir, tmp, version=1)
-        inputs = batch1_inputs(cfg.train.data_dir, cfg.model.embedding_dim)
+        states = model.fusion_states
+        inputs = batch1_inputs(cfg.train.data_dir, cfg.model.embedding_dim, states=states)
         out: dict = {"embedding_dim": cfg.model.embedding_dim, "corpus": int(model.corpus_item_ids.shape[0])}
+        out |= {"fusion": export.fusion_info(model)["fusion"], "fusion_states": states}
+        out |= stored_bytes(cfg.model.embedding_dim * max(1, states))
         for name in names:
             request = predict_pb2.PredictRequest()
             for key, value in inputs[name].items():

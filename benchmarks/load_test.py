@@ -367,6 +367,7 @@ class Reference:
                 self.top_k[version] = int(json.load(f)["top_k"])
         spec = next(iter(self.heads.values())).structured_input_signature[1][schema.ENCODED_HISTORY]
         self.dim = int(spec.shape[-1])
+        self.states = int(spec.shape[1]) if spec.shape.rank == 3 else 0  # cross-attention's [N, d]
         self.cache: dict[tuple[int, int | None, int], tuple[list[int], np.ndarray]] = {}
         self.tie_reorders = 0  # right answers whose tied ads came in another order than the reference's
 
@@ -389,7 +390,7 @@ class Reference:
         cats = list(subject[schema.CATEGORIES]) if subject else []
         weights = list(subject[schema.CONFIDENCES]) if subject else []
         demographics = {column: row.get(column) for column in schema.DEMOGRAPHIC_COLUMNS}
-        return head_inputs([HeadRow(vector, length, cats, weights, demographics)], self.dim)
+        return head_inputs([HeadRow(vector, length, cats, weights, demographics)], self.dim, self.states)
 
     def expected(self, p: Planned, version: int) -> tuple[list[int], np.ndarray]:
         key = (p.user_id, p.subject_item_id, version)

@@ -5,7 +5,8 @@ directory in ``$TFRS_CTX_STORE`` (see ``README.md`` in this folder). The sources
 written by ``python -m beam_pipelines.encode_users`` (or ``tfrs-ctx daily``).
 
 * ``user_sequence_encoding`` (entity ``user``): the offline encoder's output, a flat
-  ``Array(Float32)`` (row-major ``[N, d]``; ``N = 1`` today), the history length and the
+  ``Array(Float32)`` (row-major ``[N, d]``; ``N = 1`` for concat fusion, the last N states for
+  cross-attention; tag ``store_schema_version``), the history length and the
   model version the vector belongs to (the online head must be of the same version).
   TTL 2 days: the job runs daily, and a re-encoded user's newest row wins.
 * ``user_demographics`` (entity ``user``): raw strings, null when missing. TTL 30 days.
@@ -53,6 +54,7 @@ user_sequence_encoding = FeatureView(
     source=user_encodings_source,
     online=True,
     description="offline Transformer encoding of the user's conversion history (flat row-major [N, d])",
+    tags={"store_schema_version": str(S.STORE_SCHEMA_VERSION)},  # the rows' layout: tfrs_ctx.schema
 )
 
 user_demographics = FeatureView(

@@ -10,8 +10,9 @@ It cannot tell TF Serving from the protocol-compatible server, and does not need
 
 Defined behaviour for the odd cases (each logged, and reported on the result):
 
-* user with no stored vector, or one with NaN/inf or of the wrong length -> cold start: the
-  no-history path the model was trained for;
+* user with no stored vector, or one with NaN/inf or of the wrong length (not the served head's
+  ``N * d``: another store layout, see ``feature_repo/README.md``) -> cold start: the no-history
+  path the model was trained for;
 * stored vector of another model version than any served head -> ``version_policy``:
   ``"refuse"`` raises :class:`ModelVersionMismatch`; ``"cold_start"`` drops the vector and
   serves the no-history path on the latest head (never a silent mix);
@@ -133,6 +134,12 @@ class Recommendation:
 
 
 # ---- the client ------------------------------------------------------------------------
+def encoded_layout(shape) -> tuple[int, int]:
+    """``(d, N)`` of a signature's ``encoded_history`` ``TensorShapeProto``: ``[B, d]`` -> N = 0, ``[B, N, d]``."""
+    dims = [int(d.size) for d in shape.dim]
+    return dims[-1], (dims[1] if len(dims) == 3 else 0)
+
+
 class CandidateClient:
     """Joins stored user state and live context in one Predict call per model version.
 
@@ -165,10 +172,13 @@ class CandidateClient:
         store_retries: int = 1,
         known_categories: Collection[int] | None = None,
         k: int | None = None,
+        fusion_states: int | None = None,
     ):
         if version_policy not in ("refuse", "cold_start"):
             raise ValueError(f"version_policy must be 'refuse' or 'cold_start', got {version_policy!r}")
         self.features, self._dim, self.model_name = features, embedding_dim, model_name
+        # N of a cross-attention head's [N, d] input (0: [d]); read with the width unless both are given
+        self._states = fusion_states if fusion_states is not None else (0 if embedding_dim is not None else None)
         self.deadline_s, self.retries, self.backoff_s, self.version_policy = (
             deadline_s,
             retries,
@@ -198,8 +208,8 @@ class CandidateClient:
         signatures = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signatures)
         sig = signatures.signature_def["serving_default"]
-        if self._dim is None:
-            self._dim = int(sig.inputs[schema.ENCODED_HISTORY].tensor_shape.dim[-1].size)
+        if self._dim is None or self._states is None:
+            self._dim, self._states = encoded_layout(sig.inputs[schema.ENCODED_HISTORY].tensor_shape)
         self._has_k = schema.REQUEST_K in sig.inputs
         if self._has_k and schema.REQUEST_K in sig.defaults:
             self._max_k = int(to_ndarray(sig.defaults[schema.REQUEST_K]).reshape(-1)[0])
@@ -212,6 +222,18 @@ class CandidateClient:
         if self._dim is None:
             self._metadata()
         return self._dim
+
+    @property
+    def fusion_states(self) -> int:
+        """``N`` of the served head's ``[N, d]`` ``encoded_history`` (cross-attention); 0: ``[d]``."""
+        if self._states is None:
+            self._metadata()
+        return self._states
+
+    @property
+    def stored_width(self) -> int:
+        """The floats a stored vector must hold for the served head: ``N * d`` (``d`` for concat)."""
+        return self.embedding_dim * max(1, self.fusion_states)
 
     @property
     def max_k(self) -> int:
@@ -382,14 +404,14 @@ class CandidateClient:
                 cats, weights = list(subject[0])[:c], list(subject[1])[:c]
         user = user or UserState()
         vector, length, version = user.encoded_history, int(user.history_length), user.model_version
-        if vector is not None and np.size(vector) != self.embedding_dim:
+        if vector is not None and np.size(vector) != self.stored_width:  # another layout (store schema)
             log.warning(
                 "user %s: stored vector has length %d, the model expects %d: cold start",
                 request.user_id,
                 np.size(vector),
-                self.embedding_dim,
+                self.stored_width,
             )
-            notes.append(f"stored vector has length {np.size(vector)}, not {self.embedding_dim}: cold start")
+            notes.append(f"stored vector has length {np.size(vector)}, not {self.stored_width}: cold start")
             vector, length, version = None, 0, None
         elif vector is None or length <= 0 or not np.all(np.isfinite(vector)):
             if vector is not None and not np.all(np.isfinite(vector)):
@@ -422,7 +444,7 @@ class CandidateClient:
         request.model_spec.signature_name = "serving_default"
         if version is not None:
             request.model_spec.version.value = int(version)
-        for name, value in head_inputs(rows, self.embedding_dim).items():
+        for name, value in head_inputs(rows, self.embedding_dim, self.fusion_states).items():
             request.inputs[name].CopyFrom(to_tensor_proto(value))
         if ks is not None and self._has_k and None not in ks:
             request.inputs[schema.REQUEST_K].CopyFrom(to_tensor_proto(np.asarray(ks, np.int64)))
