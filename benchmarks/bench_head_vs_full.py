@@ -1,11 +1,14 @@
 """Online cost of the hybrid split: ``context_head`` against ``full`` at batch 1, 50-event history.
 
-    python -m benchmarks.bench_head_vs_full --run RUN_DIR [--data DATA_DIR] [--requests 500] [--json PATH]
+    python -m benchmarks.bench_head_vs_full --run RUN_DIR [--run RUN_DIR2 ...] [--data DATA_DIR] [--requests 500]
+        [--json PATH]
 
 Exports the trained run, then measures in one process: each model's compute alone (the
 signature run in-process, one intra-op thread) and Predict latency through the model server
 on loopback, both at batch 1 with a full ``MAX_HISTORY``-event history. Reports p50/p99 and
-the full / head ratios.
+the full / head ratios, the fusion (concat, or cross-attention over N states) and the bytes one
+user's ``encoded_history`` takes in the online store. Several ``--run``: measured one after the other
+in one process, with each head's compute relative to the first run's.
 """
 
 from __future__ import annotations
@@ -63,14 +66,8 @@ def stored_bytes(floats: int) -> dict[str, int]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", required=True)
-    parser.add_argument("--data")
-    parser.add_argument("--requests", type=int, default=500)
-    parser.add_argument("--json")
-    args = parser.parse_args(argv)
-
+def bench_run(run: str, data: str | None, requests: int) -> dict:
+    """One run's export: head and full compute alone and through the server, stored bytes per user."""
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
 
@@ -78,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from tfrs_ctx import export, schema
     from tfrs_ctx.training.run_dir import load_trained
 
-    model, cfg = load_trained(args.run, args.data)
+    model, cfg = load_trained(run, data)
     names = (schema.MODEL_CONTEXT_HEAD, schema.MODEL_FULL)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = os.path.join(tmp, "models")  # serving/models.config's base paths are models/<name>
@@ -92,12 +89,31 @@ def main(argv: list[str] | None = None) -> int:
             request = predict_pb2.PredictRequest()
             for key, value in inputs[name].items():
                 request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
-            out[f"compute_{name}"] = measure_compute(result["paths"][name], request, args.requests)
-        served = compare_models(tmp, names, requests=args.requests, inputs=inputs)
+            out[f"compute_{name}"] = measure_compute(result["paths"][name], request, requests)
+        served = compare_models(tmp, names, requests=requests, inputs=inputs)
         out.update({f"predict_{n}": served[n] for n in names})
     for kind in ("compute", "predict"):
         head, full = out[f"{kind}_{names[0]}"], out[f"{kind}_{names[1]}"]
         out[f"{kind}_full_over_head_p50"] = round(full["p50_ms"] / head["p50_ms"], 2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, action="append", help="a run directory; repeat to compare runs")
+    parser.add_argument("--data")
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    results = [bench_run(run, args.data, args.requests) for run in args.run]
+    if len(results) == 1:
+        emit(results[0], args.json)
+        return 0
+    first = results[0]["compute_context_head"]["p50_ms"]  # e.g. concat first, then cross_attention
+    out = {
+        "runs": dict(zip(args.run, results, strict=True)),
+        "head_compute_p50_over_first_run": [round(r["compute_context_head"]["p50_ms"] / first, 2) for r in results],
+    }
     emit(out, args.json)
     return 0
 

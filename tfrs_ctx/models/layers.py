@@ -233,20 +233,35 @@ class CrossAttentionFusion(keras.layers.Layer):
         self.value_proj = keras.layers.Dense(dim, name="value")
         self.output_proj = keras.layers.Dense(dim, name="output")
 
+    def build(self, input_shape) -> None:
+        # The key and value projections are applied folded (see call), never to a [B, N, d] tensor.
+        self.key_proj.build((None, self.dim))
+        self.value_proj.build((None, self.dim))
+        super().build(input_shape)
+
     def call(self, query: tf.Tensor, states: tf.Tensor, length: tf.Tensor) -> tf.Tensor:
-        n, head_dim = tf.shape(states)[1], self.dim // self.heads
-        valid = valid_positions(length, n)  # [B, N]
-        states = tf.where(valid[..., tf.newaxis], states, tf.zeros_like(states))
-        split = [tf.shape(states)[0], n, self.heads, head_dim]
-        q = tf.reshape(self.query_proj(query), [-1, self.heads, head_dim])
-        k = tf.reshape(self.key_proj(states), split)
-        v = tf.reshape(self.value_proj(states), split)
-        scores = tf.einsum("bhe,bnhe->bhn", q, k) / tf.sqrt(tf.cast(head_dim, q.dtype))
-        scores = tf.where(valid[:, tf.newaxis], scores, tf.cast(-1e9, scores.dtype))
-        weights = tf.nn.softmax(scores, axis=-1) * tf.cast(valid[:, tf.newaxis], scores.dtype)
-        attended = tf.reshape(tf.einsum("bhn,bnhe->bhe", weights, v), [-1, self.dim])
-        any_state = tf.cast(tf.reduce_any(valid, axis=1, keepdims=True), attended.dtype)
-        return self.output_proj(attended) * any_state
+        """Standard multi-head attention, computed with the key and value projections folded.
+
+        Score of head h at state s: ``(W_q q)_h . (W_k s)_h = s . (W_k,h (W_q q)_h)``, and the attended
+        value ``sum_n w_hn (W_v s_n + b_v)_h = W_v,h (sum_n w_hn s_n) + b_v,h``: two batched matmuls
+        over the ``[B, N, d]`` states instead of two projections of them (fewer ops online, the same
+        numbers up to float rounding).
+        """
+        n, h, head_dim = tf.shape(states)[1], self.heads, self.dim // self.heads
+        valid = tf.cast(valid_positions(length, n), states.dtype)[..., tf.newaxis]  # [B, N, 1]
+        q = tf.reshape(self.query_proj(query), [-1, 1, h, head_dim])  # [B, 1, H, e]
+        w_k = tf.reshape(self.key_proj.kernel, [self.dim, h, head_dim])  # [d, H, e]
+        folded = tf.reduce_sum(q * w_k[tf.newaxis], axis=-1)  # [B, d, H]
+        scores = tf.matmul(states * valid, folded) / tf.sqrt(tf.cast(head_dim, states.dtype))  # [B, N, H]
+        scores += (1.0 - valid) * tf.cast(-1e9, scores.dtype)
+        weights = tf.nn.softmax(scores, axis=1) * valid  # [B, N, H]; all zero with no real state
+        pooled = tf.matmul(weights, states * valid, transpose_a=True)  # [B, H, d]
+        w_v = tf.reshape(self.value_proj.kernel, [self.dim, h, head_dim])  # [d, H, e]
+        attended = tf.einsum("bhd,dhe->bhe", pooled, w_v)
+        total = tf.transpose(tf.reduce_sum(weights, axis=1, keepdims=True), [0, 2, 1])  # [B, H, 1]
+        attended += total * tf.reshape(self.value_proj.bias, [h, head_dim])
+        any_state = tf.minimum(tf.reduce_sum(valid, axis=1), 1.0)  # [B, 1]
+        return self.output_proj(tf.reshape(attended, [-1, self.dim])) * any_state
 
     def get_config(self) -> dict:
         return _serializable(self, {"dim": self.dim, "heads": self.heads})
