@@ -77,6 +77,7 @@ class TrainConfig:
     # model.subject_embedding: the share of training targets given their previous event as the subject ad
     # (that event then left out of their history, as in a request); the others have no subject
     subject_share: float = 0.5
+    subject_real_context: bool = True  # a subject target's category context: the subject's own (else the label's)
     exclude_history: bool = False  # evaluation: drop already-converted ads from the ranking
     seed: int = 0
 

@@ -95,15 +95,23 @@ def test_dense_subjects_score_from_the_state_before_the_subject_event():
     items[0, -3:] = [7, 8, 9]  # three inputs at L-3..L-1
     labels = np.zeros((1, L), np.int64)
     labels[0, -4:] = [7, 8, 9, 10]  # L-4 (empty history) predicts 7, ..., L-1 predicts 10
+    context = {
+        n: tf.zeros((1, L, schema.MAX_CATEGORIES), d)
+        for n, d in ((schema.SEQ_CONTEXT_CATEGORIES, tf.int64), (schema.SEQ_CONTEXT_WEIGHTS, tf.float32))
+    }
+    tables = (tf.constant(np.arange(N * 5).reshape(N, 5), tf.int64), tf.ones((N, 5), tf.float32))
     out = subject.with_sequence_subjects(
         {schema.HISTORY_ITEM: tf.constant(items), schema.SEQ_LABEL_ITEM: tf.constant(labels),
-         schema.HISTORY_LENGTH: tf.constant([3])},
-        share=1.0,
+         schema.HISTORY_LENGTH: tf.constant([3]), **context},
+        share=1.0, tables=tables,
     )  # fmt: skip
     state, subj = out[SEQ_STATE_POSITION].numpy()[0], out[SEQ_SUBJECT_ITEM].numpy()[0]
     assert state[L - 4] == L - 4 and subj[L - 4] == schema.PAD_ID  # no previous event: no subject
     np.testing.assert_array_equal(state[-3:], [L - 4, L - 3, L - 2])  # the state before the subject event
     np.testing.assert_array_equal(subj[-3:], [7, 8, 9])
+    cats = out[schema.SEQ_CONTEXT_CATEGORIES].numpy()[0]  # a subject target's context: the subject's categories
+    np.testing.assert_array_equal(cats[-3:], tables[0].numpy()[[5, 6, 7]])
+    assert not cats[: L - 3].any()
 
 
 def test_config_refuses_a_subject_path_nothing_trains():
@@ -112,7 +120,7 @@ def test_config_refuses_a_subject_path_nothing_trains():
     with pytest.raises(ValueError, match="use_context"):
         Config.from_dict({"model": {"subject_embedding": True, "use_context": False}})
     cfg = Config.from_dict({"model": {"subject_embedding": True}, "train": {"context_is_previous_event": True}})
-    assert cfg.model.subject_embedding and cfg.train.subject_share == 0.5
+    assert cfg.model.subject_embedding and cfg.train.subject_share == 0.5 and cfg.train.subject_real_context
 
 
 def test_hybrid_export_with_the_subject_ad_is_exact(small_data, tmp_path):
@@ -168,3 +176,24 @@ def _call(path: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if schema.REQUEST_K in fn.structured_input_signature[1]:
         inputs = {**inputs, schema.REQUEST_K: np.asarray([10], np.int64)}
     return {k: v.numpy() for k, v in fn(**{k: tf.constant(v) for k, v in inputs.items()}).items()}
+
+
+def test_subject_ads_come_from_ad_id_only_and_older_rows_mean_none(caplog):
+    """ItemColumns rows -> SUBJECT_ITEM: PAD where ad_id is null or the column is absent (older data,
+    logged), OOV for an ad id outside the vocabulary, the ad's index otherwise; never the subject's own id."""
+    import logging
+
+    from tfrs_ctx.data import examples
+    from tfrs_ctx.data.rawio import ItemColumns
+    from tfrs_ctx.data.vocab import IntVocabulary
+
+    vocab = IntVocabulary([101, 102])
+    rows = [{schema.ITEM_ID: 101, schema.CATEGORIES: [1], schema.CONFIDENCES: [1.0], schema.AD_ID: v}
+            for v in (None, 102, 999)]  # fmt: skip
+    ads = examples.subject_ad_ids(ItemColumns.from_rows(rows, with_advertiser=False))
+    assert examples.subject_ad_indices(ads, vocab).tolist() == [schema.PAD_ID, 3, schema.OOV_ID]
+    older = [{k: v for k, v in r.items() if k != schema.AD_ID} for r in rows]
+    with caplog.at_level(logging.INFO, logger=examples.__name__):
+        ads = examples.subject_ad_ids(ItemColumns.from_rows(older, with_advertiser=False))
+    assert examples.subject_ad_indices(ads, vocab).tolist() == [schema.PAD_ID] * 3
+    assert "no subject item is an ad" in caplog.text

@@ -108,8 +108,10 @@ def sequence_dataset(
             lambda f: mix_sequence_context(f, t.context_noise, t.seed), num_parallel_calls=tf.data.AUTOTUNE
         )
     if cfg.model.subject_embedding:  # the previous event as the subject ad (training/subject.py)
+        tables = subject.corpus_tables(t.data_dir) if t.subject_real_context else None
         train = train.map(
-            lambda f: subject.with_sequence_subjects(f, t.subject_share, t.seed), num_parallel_calls=tf.data.AUTOTUNE
+            lambda f: subject.with_sequence_subjects(f, t.subject_share, t.seed, tables),
+            num_parallel_calls=tf.data.AUTOTUNE,
         )
     if t.dense_strict_history:
         train = train.map(dense.with_strict_state_positions, num_parallel_calls=tf.data.AUTOTUNE)
@@ -147,8 +149,9 @@ def training_dataset(
         if t.context_noise > 0:
             train = train.map(lambda f: mix_context(f, t.context_noise, t.seed), num_parallel_calls=tf.data.AUTOTUNE)
         if cfg.model.subject_embedding:  # the previous event as the subject ad (training/subject.py)
+            tables = subject.corpus_tables(t.data_dir) if t.subject_real_context else None
             train = train.map(
-                lambda f: subject.with_example_subjects(f, t.subject_share, t.seed),
+                lambda f: subject.with_example_subjects(f, t.subject_share, t.seed, tables),
                 num_parallel_calls=tf.data.AUTOTUNE,
             )
         return train, counts[schema.SPLIT_TRAIN]
