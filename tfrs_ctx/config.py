@@ -124,10 +124,8 @@ class Config:
 
 def _check_subject(model: ModelConfig, train: TrainConfig) -> None:
     """model.subject_embedding needs a contextual model and a training source of subject ads."""
-    if not model.subject_embedding:
+    if not model.subject_embedding or not model.use_context:  # a baseline has no context path: nothing to check
         return
-    if not model.use_context:
-        raise ValueError("model.subject_embedding needs model.use_context=true (it is part of the context path)")
     if not train.context_is_previous_event:
         raise ValueError(
             "model.subject_embedding is trained on the previous event as the subject: it needs "

@@ -117,8 +117,8 @@ def test_dense_subjects_score_from_the_state_before_the_subject_event():
 def test_config_refuses_a_subject_path_nothing_trains():
     with pytest.raises(ValueError, match="context_is_previous_event"):
         Config.from_dict({"model": {"subject_embedding": True}})
-    with pytest.raises(ValueError, match="use_context"):
-        Config.from_dict({"model": {"subject_embedding": True, "use_context": False}})
+    baseline = Config.from_dict({"model": {"subject_embedding": True, "use_context": False}})
+    assert ContextualTwoTower(baseline.model, VOCAB, _corpus()).subject_layer is None  # no context path at all
     cfg = Config.from_dict({"model": {"subject_embedding": True}, "train": {"context_is_previous_event": True}})
     assert cfg.model.subject_embedding and cfg.train.subject_share == 0.5 and cfg.train.subject_real_context
 
