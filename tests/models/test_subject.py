@@ -197,3 +197,11 @@ def test_subject_ads_come_from_ad_id_only_and_older_rows_mean_none(caplog):
         ads = examples.subject_ad_ids(ItemColumns.from_rows(older, with_advertiser=False))
     assert examples.subject_ad_indices(ads, vocab).tolist() == [schema.PAD_ID] * 3
     assert "no subject item is an ad" in caplog.text
+
+
+def test_served_index_evaluation_sends_the_raw_subject_ad():
+    from tfrs_ctx.evaluation.evaluate import raw_subject_ads
+
+    corpus_ids = np.asarray([500, 600, 700], np.int64)  # rows 0..2 = ad indices 2..4
+    got = raw_subject_ads(np.asarray([schema.PAD_ID, schema.OOV_ID, 2, 4]), corpus_ids)
+    assert got.tolist() == [schema.NO_SUBJECT_AD, schema.NO_SUBJECT_AD, 500, 700]
