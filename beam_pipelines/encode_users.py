@@ -225,6 +225,14 @@ class EncodeState:
         FileSystems.rename([tmp], [path])
 
 
+def snapshot_has_ad_id(path: str) -> bool:
+    """Whether a ``subject_items`` snapshot has the AD_ID column the Feast view reads (older stores do not)."""
+    import pyarrow.parquet as pq
+
+    with FileSystems.open(path) as f:
+        return S.AD_ID in pq.read_schema(f).names
+
+
 def table_fingerprint(raw_dir: str, table: S.Table) -> str:
     """A hash of a raw table's file names, sizes and modification times."""
     stats = {os.path.basename(p): os.stat(p) for p in rawio.table_files(raw_dir, table)}
@@ -267,6 +275,7 @@ def plan_run(config: EncodeConfig, model: EncoderModel, state: EncodeState, path
     event_ts = config.event_timestamp if config.event_timestamp is not None else max(int(time.time()), last + 1)
     snapshots = {t.name: table_fingerprint(config.raw, t) for t in SNAPSHOT_TABLES}
     present = all(FileSystems.exists(p) for p in (paths.demographics, paths.subject_items))
+    present = present and snapshot_has_ad_id(paths.subject_items)  # a store from before ad_id: re-export
     return RunPlan(
         full=full,
         reason=reason,

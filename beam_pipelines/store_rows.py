@@ -57,6 +57,7 @@ def subject_items_schema() -> Any:
             (S.SUBJECT_ITEM_ID, pa.int64()),
             (S.CATEGORIES, pa.list_(pa.int64())),
             (S.CONFIDENCES, pa.list_(pa.float32())),
+            (S.AD_ID, pa.int64()),  # null: not an ad (schema.SUBJECT_ITEMS)
             (S.EVENT_TIMESTAMP, _timestamp_type()),
         ]
     )
@@ -97,5 +98,12 @@ def subject_item_row(row: Mapping[str, Any], event_us: int) -> dict[str, Any]:
         S.SUBJECT_ITEM_ID: int(row[S.ITEM_ID]),
         S.CATEGORIES: categories,
         S.CONFIDENCES: confidences,
+        S.AD_ID: subject_ad_id(row),
         S.EVENT_TIMESTAMP: event_us,
     }
+
+
+def subject_ad_id(row: Mapping[str, Any]) -> int | None:
+    """The subject item's AD_ID (``None``: not an ad, also for raw data without the column)."""
+    value = row.get(S.AD_ID)
+    return None if is_missing(value) else int(value)

@@ -390,7 +390,8 @@ class Reference:
         cats = list(subject[schema.CATEGORIES]) if subject else []
         weights = list(subject[schema.CONFIDENCES]) if subject else []
         demographics = {column: row.get(column) for column in schema.DEMOGRAPHIC_COLUMNS}
-        return head_inputs([HeadRow(vector, length, cats, weights, demographics)], self.dim, self.states)
+        ad = subject.get(schema.AD_ID) if subject else None  # the subject ad, as the client sends it
+        return head_inputs([HeadRow(vector, length, cats, weights, demographics, ad)], self.dim, self.states)
 
     def expected(self, p: Planned, version: int) -> tuple[list[int], np.ndarray]:
         key = (p.user_id, p.subject_item_id, version)
@@ -399,6 +400,10 @@ class Reference:
             inputs = self.inputs(p)
             if schema.REQUEST_K in self.heads[version].structured_input_signature[1]:
                 inputs[schema.REQUEST_K] = np.asarray([self.top_k[version]], np.int64)
+            if schema.SUBJECT_AD not in self.heads[version].structured_input_signature[1]:
+                inputs.pop(schema.SUBJECT_AD, None)
+            else:  # in process no signature default fills it: none
+                inputs.setdefault(schema.SUBJECT_AD, np.asarray([schema.NO_SUBJECT_AD], np.int64))
             out = self.heads[version](**{k: tf.constant(v) for k, v in inputs.items()})
             self.cache[key] = (out[schema.TOP_K_IDS].numpy()[0].tolist(), out[schema.TOP_K_SCORES].numpy()[0])
         return self.cache[key]

@@ -11,7 +11,8 @@ written by ``python -m beam_pipelines.encode_users`` (or ``tfrs-ctx daily``).
   TTL 2 days: the job runs daily, and a re-encoded user's newest row wins.
 * ``user_demographics`` (entity ``user``): raw strings, null when missing. TTL 30 days.
 * ``subject_item_context`` (entity ``subject_item``): a subject item's top categories
-  (raw ids) and their confidences, the live context of a related-items request. TTL 30 days.
+  (raw ids) and their confidences, the live context of a related-items request, and ``ad_id``: the
+  ad the subject item is (null: not an ad; the head's ``subject_ad_id``). TTL 30 days.
 """
 
 from datetime import timedelta
@@ -71,8 +72,13 @@ subject_item_context = FeatureView(
     name=S.FV_SUBJECT_ITEM_CONTEXT,
     entities=[subject_item],
     ttl=timedelta(days=30),
-    schema=[Field(name=S.CATEGORIES, dtype=Array(Int64)), Field(name=S.CONFIDENCES, dtype=Array(Float32))],
+    schema=[
+        Field(name=S.CATEGORIES, dtype=Array(Int64)),
+        Field(name=S.CONFIDENCES, dtype=Array(Float32)),
+        Field(name=S.AD_ID, dtype=Int64),  # the ad this subject item is; null: not an ad
+    ],
     source=subject_items_source,
     online=True,
-    description=f"top {S.MAX_CATEGORIES} interest categories (raw ids) by confidence, with the confidences",
+    description=f"top {S.MAX_CATEGORIES} interest categories (raw ids) by confidence, with the confidences, "
+    "and the ad the subject item is (null: not an ad)",
 )

@@ -92,6 +92,10 @@ def raw(small_raw, tmp_path_factory):
     shutil.copytree(small_raw, out)
     extra = {S.USER_ID: [NO_HISTORY_USER], S.AGE_BUCKET: [None], S.COUNTRY: ["US"], S.GENDER: [None]}
     pq.write_table(pa.table(extra, schema=S.USERS.arrow_schema()), out / S.USERS.name / "part-extra.parquet")
+    subjects = rawio.read_table(str(out), S.SUBJECT_ITEMS)  # the first 5 subject items are ads (stated)
+    subjects[S.AD_ID] = [1 + i if i < 5 else None for i in range(len(subjects))]
+    shutil.rmtree(out / S.SUBJECT_ITEMS.name)
+    rawio.write_table(str(out), S.SUBJECT_ITEMS, subjects.astype({S.AD_ID: "Int64"}))
     return out
 
 
@@ -210,6 +214,7 @@ def test_demographics_and_subject_items(first, raw):
         order = sorted(range(len(cats)), key=lambda i: -confs[i])[: S.MAX_CATEGORIES]
         assert item[S.CATEGORIES] == [int(cats[i]) for i in order]
         np.testing.assert_allclose(item[S.CONFIDENCES], [confs[i] for i in order], rtol=1e-6)
+    assert [item[S.AD_ID] for item in got[:-1]] == [1, 2, 3, 4, 5] + [None] * 15  # null: not an ad
 
 
 def test_incremental_run_touches_only_active_users(first, incremental, raw, models):

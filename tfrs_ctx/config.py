@@ -50,6 +50,9 @@ class ModelConfig:
     # (the context vector also attends over the last fusion_states encoded states; the encoder exports [N, d])
     fusion: str = FUSION_CONCAT
     fusion_states: int = 8
+    # The subject ad's own id embedding (shared with the towers) in the context path (tfrs_ctx/models/subject.py);
+    # trained where the data defines the subject (train.context_is_previous_event; tfrs_ctx/training/subject.py)
+    subject_embedding: bool = False
 
 
 @dataclasses.dataclass
@@ -77,6 +80,10 @@ class TrainConfig:
     # The data's request context is the user's previous event (MovieLens): with too few logged
     # requests, calibrate on requests derived from the training histories (training/calibrate.py).
     context_is_previous_event: bool = False
+    # model.subject_embedding: the share of training targets given their previous event as the subject ad
+    # (that event then left out of their history, as in a request); the others have no subject
+    subject_share: float = 0.5
+    subject_real_context: bool = True  # a subject target's category context: the subject's own (else the label's)
     exclude_history: bool = False  # evaluation: drop already-converted ads from the ranking
     seed: int = 0
 
@@ -118,6 +125,7 @@ class Config:
                 raise ValueError("train.dense_user_targets must be >= 0 (0: every target weighs 1)")
             if train.context_source == "real":
                 raise ValueError("train.mode=dense trains on conversions: train.context_source=real needs per_target")
+        _check_subject(model, train)
         return cls(model, train)
 
 
@@ -126,6 +134,21 @@ def _check_fusion(model: ModelConfig) -> None:
         raise ValueError(f"model.fusion must be one of {FUSIONS}, got {model.fusion!r}")
     if not 1 <= model.fusion_states <= schema.MAX_HISTORY:
         raise ValueError(f"model.fusion_states must be in 1..{schema.MAX_HISTORY}, got {model.fusion_states}")
+
+
+def _check_subject(model: ModelConfig, train: TrainConfig) -> None:
+    """model.subject_embedding needs a contextual model and a training source of subject ads."""
+    if not model.subject_embedding or not model.use_context:  # a baseline has no context path: nothing to check
+        return
+    if not train.context_is_previous_event:
+        raise ValueError(
+            "model.subject_embedding is trained on the previous event as the subject: it needs "
+            "train.context_is_previous_event=true (the data must define a request's subject that way)"
+        )
+    if not 0.0 < train.subject_share <= 1.0:
+        raise ValueError("train.subject_share must be in (0, 1]")
+    if train.mode == MODE_DENSE and train.dense_strict_history:
+        raise ValueError("model.subject_embedding with train.dense_strict_history is not supported")
 
 
 def _retired_train_keys(values: dict[str, Any]) -> dict[str, Any]:

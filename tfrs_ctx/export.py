@@ -21,6 +21,10 @@ Inputs are *raw* values: vocabularies are looked up inside the graph, so no clie
   ``top_k_ids`` (raw ad ids), ``top_k_scores``, ``model_version``.
 * ``full``: the encoder's and the head's inputs, minus ``encoded_history`` -> the head's
   outputs (the reference, and the latency baseline).
+* a model with ``model.subject_embedding`` (``model_info.json`` ``subject_embedding``): ``context_head``
+  and ``full`` also take an optional ``subject_ad_id`` (``[B]`` or ``[1]``; default
+  ``schema.NO_SUBJECT_AD``): the request's subject ad as a raw ad id, looked up in the graph (an
+  unknown id: no subject). Other models' signatures are unchanged.
 
 The corpus is searched by one :class:`tfrs_ctx.retrieval.IVFIndex` (brute force up to the
 exact threshold, IVF above), built here and saved into ``context_head`` and ``full`` only (the
@@ -47,6 +51,7 @@ import tensorflow as tf
 
 from tfrs_ctx import schema, signatures
 from tfrs_ctx.data import vocab
+from tfrs_ctx.models.subject import raw_subject_index
 from tfrs_ctx.models.two_tower import ContextualTwoTower
 from tfrs_ctx.retrieval import IVFIndex
 from tfrs_ctx.retrieval.ivf import QUANTIZATIONS, popularity_weights
@@ -194,9 +199,22 @@ class ExportModule:
         self.index = index if index is not None else build_index(model, self.top_k)
         self.lookups = {
             schema.MODEL_ENCODER: _Lookups(data_dir, signatures.ENCODER_INPUTS),
-            schema.MODEL_CONTEXT_HEAD: _Lookups(data_dir, signatures.HEAD_INPUTS),
+            schema.MODEL_CONTEXT_HEAD: _Lookups(data_dir, {**signatures.HEAD_INPUTS, **self._subject_inputs()}),
             schema.MODEL_FULL: _Lookups(data_dir, signatures.full_inputs_spec()),
         }
+
+    def _subject_inputs(self) -> dict[str, Input]:
+        """The subject ad's input where the model reads it: the head then carries the ad-id table."""
+        if self.model.subject_layer is None:
+            return {}
+        return {schema.SUBJECT_AD: signatures.OPTIONAL_HEAD_INPUTS[schema.SUBJECT_AD]}
+
+    def _with_subject(self, module: _Exported, raw: dict[str, tf.Tensor], features: dict, batch_of) -> dict:
+        """``features`` plus the subject ad's vocab index (raw ``subject_ad_id`` mapped in the graph)."""
+        if self.model.subject_layer is None:
+            return features
+        table = module.lookups.tables[schema.VOCAB_ITEM]
+        return {**features, schema.SUBJECT_ITEM: raw_subject_index(table, raw[schema.SUBJECT_AD], batch_of)}
 
     def module(self, name: str) -> _Exported:
         """The ``tf.Module`` saved as model ``name`` (only the tables its signature uses)."""
@@ -215,6 +233,7 @@ class ExportModule:
 
     def head(self, module: _Exported, raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         features = module.lookups(raw, signatures.HEAD_INPUTS)
+        features = self._with_subject(module, raw, features, raw[schema.ENCODED_HISTORY])
         user = self.model.head(raw[schema.ENCODED_HISTORY], features, training=False)
         # k: [B], or [1] for every row (the default); any other length fails in BroadcastTo.
         k = tf.broadcast_to(tf.reshape(raw[schema.REQUEST_K], [-1]), tf.shape(user)[:1])
@@ -298,6 +317,8 @@ def export_all(
     exporter = ExportModule(model, data_dir, version, top_k, built)
     dim = model.cfg.embedding_dim
     k_default = {schema.REQUEST_K: tf.constant([top_k], tf.int64)}
+    if model.subject_layer is not None:  # only a model that reads the subject ad takes it (default: none)
+        k_default[schema.SUBJECT_AD] = tf.constant([schema.NO_SUBJECT_AD], tf.int64)
     plans = {
         schema.MODEL_ENCODER: (exporter.encode, signatures.encoder_inputs_spec(), {}),
         schema.MODEL_CONTEXT_HEAD: (exporter.head, signatures.head_inputs_spec(dim, model.fusion_states), k_default),
@@ -311,6 +332,7 @@ def export_all(
         "top_k": top_k,
         "n_items": int(built.n_items),
         "use_context": model.context_layer is not None,
+        "subject_embedding": getattr(model, "subject_layer", None) is not None,
         # How the caller computes the history's gap buckets (beam_pipelines.encode_users reads it).
         "time_gap": model.cfg.time_gap,
         **fusion_info(model),

@@ -46,7 +46,9 @@ USER_FEATURES: dict[str, tuple[str, ...]] = {
     S.FV_USER_SEQUENCE: (S.ENCODED_HISTORY, S.HISTORY_LENGTH, S.MODEL_VERSION),
     S.FV_USER_DEMOGRAPHICS: S.DEMOGRAPHIC_COLUMNS,
 }
-SUBJECT_ITEM_FEATURES: dict[str, tuple[str, ...]] = {S.FV_SUBJECT_ITEM_CONTEXT: (S.CATEGORIES, S.CONFIDENCES)}
+SUBJECT_ITEM_FEATURES: dict[str, tuple[str, ...]] = {
+    S.FV_SUBJECT_ITEM_CONTEXT: (S.CATEGORIES, S.CONFIDENCES, S.AD_ID)  # AD_ID: the ad it is (None: not an ad)
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -259,7 +261,8 @@ def read_user_features(store: FeatureStore, user_ids: Sequence[int]) -> list[dic
 
 
 def read_subject_items(store: FeatureStore, subject_item_ids: Sequence[int]) -> list[dict[str, Any] | None]:
-    """Per subject item: ``None`` when unknown, else ``{categories: [raw ids], confidences: [floats]}``.
+    """Per subject item: ``None`` when unknown, else ``{categories: [raw ids], confidences: [floats],
+    ad_id: the raw ad id it is, or None when it is not an ad}``.
 
     The lists hold the item's top ``MAX_CATEGORIES`` categories by confidence (unpadded).
     """
@@ -314,6 +317,6 @@ def _subject_rows(data: dict, n: int) -> list[dict[str, Any] | None]:
     names = SUBJECT_ITEM_FEATURES[S.FV_SUBJECT_ITEM_CONTEXT]
     out: list[dict[str, Any] | None] = []
     for i in range(n):
-        row = {name: data[name][i] for name in names}
-        out.append(None if all(v is None for v in row.values()) else row)
+        row = {name: data[name][i] if name in data else None for name in names}
+        out.append(None if all(row[c] is None for c in (S.CATEGORIES, S.CONFIDENCES)) else row)
     return out

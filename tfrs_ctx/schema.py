@@ -92,6 +92,7 @@ COUNTRY = "country"
 GENDER = "gender"
 REQUEST_ID = "request_id"
 SUBJECT_ITEM_ID = "subject_item_id"
+AD_ID = "ad_id"  # subject_items: the ad (items.item_id) this subject item is; null: not an ad
 
 DEMOGRAPHIC_COLUMNS = (AGE_BUCKET, COUNTRY, GENDER)
 
@@ -101,6 +102,9 @@ class Column:
     name: str
     kind: str  # "int64" | "float32" | "string" | "list_int64" | "list_float32"
     nullable: bool = False
+    # May be absent from a raw table altogether (data written before the column existed): absent
+    # reads as null in every row. Only nullable columns can be optional.
+    optional: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +170,12 @@ SUBJECT_ITEMS = Table(  # what a user can be looking at on a related-items surfa
         Column(ITEM_ID, "int64"),
         Column(CATEGORIES, "list_int64"),
         Column(CONFIDENCES, "list_float32"),
+        # "Subject items are ads" is stated here, never inferred from ids: the ad this subject item
+        # is (an items.item_id), null when it is not an ad. A subject id equal to some ad id with a
+        # null ad_id is NOT that ad. Raw data without the column (older data): no subject item is an
+        # ad (the validation report and the training-data pipeline say so). An ad_id absent from the
+        # items table reads as "not an ad" too (counted, see SUBJECT_ITEM below).
+        Column(AD_ID, "int64", nullable=True, optional=True),
     ),
     key=(ITEM_ID,),
 )
@@ -278,8 +288,13 @@ LABEL_ADVERTISER = "label_advertiser"
 LABEL_CATEGORIES = "label_categories"
 LABEL_CONFIDENCES = "label_confidences"
 LABEL_SAMPLING_PROB = "label_sampling_prob"
-# Eval only: the request's subject item as an ad-vocabulary index (PAD_ID: no request;
-# OOV_ID: the subject item is not an ad). Lets evaluation feed it as a fresh history event.
+# Request examples (train_requests, eval): the request's subject item as an ad, an ad-vocabulary
+# index from the subject_items table's AD_ID (never from the subject item's own id). PAD_ID: no
+# subject ad (no request, or the subject item is not an ad: null AD_ID, or older data without the
+# column); OOV_ID: an AD_ID outside the ad vocabulary. The model (model.subject_embedding) reads
+# both as "absent" (its subject vector masked to zero); evaluation feeds a subject ad as a fresh
+# history event. Training examples (train, train_sequences) carry PAD_ID: dense training derives the
+# subject from the previous event where the data defines it (train.context_is_previous_event).
 SUBJECT_ITEM = "subject_item"
 
 HISTORY_FEATURES = (HISTORY_ITEM, HISTORY_ADVERTISER, HISTORY_EVENT_TYPE, HISTORY_TIME_GAP)
@@ -398,6 +413,11 @@ USER_EMBEDDING = "user_embedding"
 TOP_K_IDS = "top_k_ids"  # raw ad ids, [B, K], best first
 TOP_K_SCORES = "top_k_scores"
 REQUEST_K = "k"  # optional head input, [B] or [1] int64: results wanted, 1..exported top_k
+# Optional head input, [B] int64: the request's subject ad as a raw ad id (the subject item's AD_ID,
+# from the Feast subject-item view), mapped in the graph like every raw id; NO_SUBJECT_AD (the
+# default) or an id outside the ad vocabulary: no subject ad (a raw ad id of -1 cannot be a subject).
+SUBJECT_AD = "subject_ad_id"
+NO_SUBJECT_AD = -1
 
 
 def feature_spec(features: dict[str, Feature] | None = None) -> dict[str, Any]:

@@ -64,7 +64,13 @@ HEAD_INPUTS: dict[str, Input] = {
 # Inputs a request may leave out: the signature's ``defaults`` fill them (SignatureDef.defaults,
 # honoured by tensorflow_model_server and the compatible server). ``k``: results per row, [B] or
 # [1] (one k for every row), 1 <= k <= the exported top_k; default: the exported top_k.
-OPTIONAL_HEAD_INPUTS: dict[str, Input] = {S.REQUEST_K: Input("int64", ())}
+# ``subject_ad_id`` (only models with model.subject_embedding take it): the request's subject ad, a raw
+# ad id (the subject item's ``ad_id`` from the Feast subject-item view), [B] or [1]; default
+# NO_SUBJECT_AD (none).
+OPTIONAL_HEAD_INPUTS: dict[str, Input] = {
+    S.REQUEST_K: Input("int64", ()),
+    S.SUBJECT_AD: Input("int64", (), S.VOCAB_ITEM),
+}
 
 
 def encoder_inputs_spec() -> dict[str, Input]:
@@ -98,6 +104,7 @@ class HeadRow:
     context_categories: Sequence[int] = ()
     context_weights: Sequence[float] = ()
     demographics: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+    subject_ad_id: int | None = None  # raw ad id of the subject item where it is an ad
 
     @property
     def has_history(self) -> bool:
@@ -132,7 +139,16 @@ def head_inputs(rows: Sequence[HeadRow], dim: int, states: int = 0) -> dict[str,
     }
     for column, feature in S.DEMOGRAPHIC_FEATURE_OF_COLUMN.items():
         out[feature] = np.asarray([(r.demographics.get(column) or S.MISSING_STRING).encode() for r in rows], object)
+    out.update(subject_ad_inputs(rows))
     return out
+
+
+def subject_ad_inputs(rows: Sequence[HeadRow]) -> dict[str, np.ndarray]:
+    """The optional ``subject_ad_id`` input where some row has a subject ad (else nothing: the default)."""
+    if all(r.subject_ad_id is None for r in rows):
+        return {}
+    ids = [S.NO_SUBJECT_AD if r.subject_ad_id is None else int(r.subject_ad_id) for r in rows]
+    return {S.SUBJECT_AD: np.asarray(ids, np.int64)}
 
 
 def example_inputs(specs: Mapping[str, Input], batch: int = 2) -> dict[str, np.ndarray]:

@@ -191,6 +191,7 @@ class CandidateClient:
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self._max_k: int | None = None
         self._has_k = False
+        self._has_subject: bool | None = None  # the served signature takes subject_ad_id (None: not asked yet)
         self.k = k
         if k is not None:
             self._check_k(k)
@@ -211,10 +212,17 @@ class CandidateClient:
         if self._dim is None or self._states is None:
             self._dim, self._states = encoded_layout(sig.inputs[schema.ENCODED_HISTORY].tensor_shape)
         self._has_k = schema.REQUEST_K in sig.inputs
+        self._has_subject = schema.SUBJECT_AD in sig.inputs
         if self._has_k and schema.REQUEST_K in sig.defaults:
             self._max_k = int(to_ndarray(sig.defaults[schema.REQUEST_K]).reshape(-1)[0])
         else:  # an export without a k input: its output width is the only k
             self._max_k = int(sig.outputs[schema.TOP_K_IDS].tensor_shape.dim[-1].size)
+
+    def _takes_subject(self) -> bool:
+        """Whether the served signature has the optional ``subject_ad_id`` input (asked once)."""
+        if self._has_subject is None:
+            self._metadata()
+        return bool(self._has_subject)
 
     @property
     def embedding_dim(self) -> int:
@@ -384,6 +392,7 @@ class CandidateClient:
         c = schema.MAX_CATEGORIES
         cats: list[int] = []
         weights: list[float] = []
+        subject_ad: int | None = None
         if request.context_categories is not None:
             values = list(request.context_categories)[:c]
             w = list(request.context_weights or [1.0] * len(values))[:c]
@@ -402,6 +411,7 @@ class CandidateClient:
                 notes.append(f"unknown subject item {request.subject_item_id}: no context")
             else:
                 cats, weights = list(subject[0])[:c], list(subject[1])[:c]
+                subject_ad = subject_ad_of(subject)
         user = user or UserState()
         vector, length, version = user.encoded_history, int(user.history_length), user.model_version
         if vector is not None and np.size(vector) != self.stored_width:  # another layout (store schema)
@@ -421,7 +431,7 @@ class CandidateClient:
                 log.info("user %s: no stored history vector: cold start", request.user_id)
                 notes.append("no stored history: cold start")
             vector, length, version = None, 0, None
-        return HeadRow(vector, length, cats, weights, user.demographics), version
+        return HeadRow(vector, length, cats, weights, user.demographics, subject_ad), version
 
     def _note_unknown_categories(self, categories: np.ndarray, notes: list[str]) -> None:
         """Log and note each explicit context category outside ``known_categories`` (when given)."""
@@ -445,6 +455,8 @@ class CandidateClient:
         if version is not None:
             request.model_spec.version.value = int(version)
         for name, value in head_inputs(rows, self.embedding_dim, self.fusion_states).items():
+            if name == schema.SUBJECT_AD and not self._takes_subject():
+                continue  # an export from before the subject ad input
             request.inputs[name].CopyFrom(to_tensor_proto(value))
         if ks is not None and self._has_k and None not in ks:
             request.inputs[schema.REQUEST_K].CopyFrom(to_tensor_proto(np.asarray(ks, np.int64)))
@@ -479,3 +491,9 @@ class CandidateClient:
             f"model server did not answer within {self.deadline_s}s after {self.retries + 1} attempts: "
             f"{last.code().name if last else 'unknown'}"
         ) from last
+
+
+def subject_ad_of(subject: Sequence) -> int | None:
+    """A feature reader's subject-item entry ``(categories, confidences[, ad_id])`` -> its ad id, or ``None``."""
+    ad = subject[2] if len(subject) > 2 else None
+    return None if ad is None else int(ad)

@@ -64,9 +64,12 @@ def _users(user_ids: Sequence[int], rows: list) -> dict[int, UserState]:
     return out
 
 
-def _subjects(item_ids: Sequence[int], rows: list) -> dict[int, tuple[list[int], list[float]] | None]:
+def _subjects(item_ids: Sequence[int], rows: list) -> dict[int, tuple | None]:
+    """Per subject item: ``(categories, confidences, ad_id)`` (``ad_id`` ``None``: not an ad), or ``None``."""
     return {
-        int(i): None if row is None else (list(row[schema.CATEGORIES]), list(row[schema.CONFIDENCES]))
+        int(i): None
+        if row is None
+        else (list(row[schema.CATEGORIES]), list(row[schema.CONFIDENCES]), row.get(schema.AD_ID))
         for i, row in zip(item_ids, rows, strict=True)
     }
 

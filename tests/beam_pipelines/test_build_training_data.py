@@ -225,7 +225,8 @@ def test_request_context_comes_from_the_subject_item(built, small_raw, examples,
             np.testing.assert_array_equal(ex[S.CONTEXT_CATEGORIES][i], S.pad_right(cats, S.MAX_CATEGORIES))
             np.testing.assert_allclose(ex[S.CONTEXT_WEIGHTS][i], S.pad_right(confs, S.MAX_CATEGORIES, 0.0))
             assert ex[S.LABEL_ITEM][i] == item_vocab.index(int(request[S.ITEM_ID]))
-            assert ex[S.SUBJECT_ITEM][i] == item_vocab.index(int(request[S.SUBJECT_ITEM_ID]))
+            # synthetic subject items are not ads (ad_id null): never an ad index, whatever their id
+            assert ex[S.SUBJECT_ITEM][i] == S.PAD_ID
 
 
 # --------------------------------------------------------------------------------------
@@ -278,7 +279,9 @@ ADS = {  # item_id -> (advertiser, categories, confidences)
     104: (8, [14, 15], [0.3, 0.35]),
     105: (9, [16], [1.0]),
 }
-SUBJECTS = {101: ([20, 21], [0.6, 0.3]), 900: ([22], [0.9])}  # 101 is also an ad
+# subject id -> (categories, confidences, ad_id): 101 is the ad 101 (stated); 103 has an ad's id but
+# is not an ad (ad_id null); 900 is not an ad
+SUBJECTS = {101: ([20, 21], [0.6, 0.3], 101), 103: ([23], [0.7], None), 900: ([22], [0.9], None)}
 LONG = [101, 102, 103, 104, 105, 102, 103]  # the long user's items, cycled
 CUTOFF = T0 + 60 * 1000 + 1
 
@@ -299,7 +302,9 @@ def write_tiny_raw(raw: pathlib.Path) -> None:
     rawio.write_table(
         str(raw),
         S.SUBJECT_ITEMS,
-        pd.DataFrame([(i, c, w) for i, (c, w) in SUBJECTS.items()], columns=list(S.SUBJECT_ITEMS.column_names)),
+        pd.DataFrame(
+            [(i, c, w, a) for i, (c, w, a) in SUBJECTS.items()], columns=list(S.SUBJECT_ITEMS.column_names)
+        ).astype({S.AD_ID: "Int64"}),
     )
     rawio.write_table(
         str(raw),
@@ -313,7 +318,8 @@ def write_tiny_raw(raw: pathlib.Path) -> None:
         str(raw),
         S.REQUESTS,
         pd.DataFrame(
-            [(1, 2, T0 + 65 * 1000 + 500, 101, 102), (2, 1, T0 + 200, 900, 105)], columns=list(S.REQUESTS.column_names)
+            [(1, 2, T0 + 65 * 1000 + 500, 101, 102), (2, 1, T0 + 200, 900, 105), (3, 3, T0 + 60, 103, 104)],
+            columns=list(S.REQUESTS.column_names),
         ),
     )
 
@@ -406,9 +412,19 @@ def test_eval_request_uses_the_subject_and_holds_its_conversions_out(tiny):
     kept = [i for i in range(66) if LONG[i % len(LONG)] != 101][-S.MAX_HISTORY :]  # events 0..65, minus item 101
     np.testing.assert_array_equal(row[S.HISTORY_ITEM], [items.index(LONG[i % len(LONG)]) for i in kept])
     assert items.index(101) not in row[S.HISTORY_ITEM]
-    # A request before the cutoff, whose subject is not an ad: train_requests, subject_item = OOV.
+    # A request before the cutoff, whose subject is not an ad: train_requests, subject_item = PAD.
     row = _row(ex[S.SPLIT_TRAIN_REQUESTS], 1, T0 + 200)
-    assert row[S.SUBJECT_ITEM] == S.OOV_ID and row[S.EX_REQUEST_ID] == 2 and row[S.HISTORY_LENGTH] == 2
+    assert row[S.SUBJECT_ITEM] == S.PAD_ID and row[S.EX_REQUEST_ID] == 2 and row[S.HISTORY_LENGTH] == 2
+
+
+def test_a_subject_id_equal_to_an_ad_id_is_not_that_ad_unless_ad_id_says_so(tiny):
+    """Subject 103 shares its id with the ad 103 but its ad_id is null: not an ad, so no subject index
+    and the user's conversion of the ad 103 stays in the history (only a subject ad's event is held out)."""
+    out, ex = tiny
+    items = Vocabulary(load_vocab(str(out), S.VOCAB_ITEM))
+    row = _row(ex[S.SPLIT_TRAIN_REQUESTS], 3, T0 + 60)
+    assert row[S.EX_REQUEST_ID] == 3 and row[S.SUBJECT_ITEM] == S.PAD_ID
+    assert row[S.HISTORY_LENGTH] == 3 and items.index(103) in row[S.HISTORY_ITEM]
 
 
 def test_users_and_metadata_of_the_tiny_run(tiny):
@@ -417,7 +433,7 @@ def test_users_and_metadata_of_the_tiny_run(tiny):
     assert metadata["cutoff_timestamp"] == CUTOFF
     assert metadata["counts"] == {
         S.SPLIT_TRAIN: 2 + 61 + 3,
-        S.SPLIT_TRAIN_REQUESTS: 1,
+        S.SPLIT_TRAIN_REQUESTS: 2,
         S.SPLIT_EVAL: 1,
         S.SPLIT_TRAIN_SEQUENCES: 1 + 2 + 1,
     }

@@ -140,3 +140,23 @@ def test_one_read_for_users_and_subject_items_equals_two(reader, known):
                 assert other.encoded_history is None
             else:
                 np.testing.assert_array_equal(other.encoded_history, state.encoded_history)
+
+
+def test_the_subject_ad_from_the_feature_view_is_sent_only_to_a_head_that_takes_it():
+    """The subject item's ad_id (the Feast view's third field) becomes ``subject_ad_id``; a subject
+    that is not an ad sends nothing, and a head exported without the input never receives it."""
+    from serving.client.candidates import AdRequest, CandidateClient
+    from serving.tensor_codec import to_ndarray
+    from tfrs_ctx import schema
+
+    client = CandidateClient(f"127.0.0.1:{free_port()}", None, embedding_dim=4)
+    subjects = {5: ([1, 2], [0.6, 0.4], 77), 6: ([3], [1.0], None), 7: ([3], [1.0])}  # 7: an older reader
+    rows = [client._row(AdRequest(1, s), None, subjects, [])[0] for s in (5, 6, 7)]
+    assert [r.subject_ad_id for r in rows] == [77, None, None]
+    client._has_subject = True
+    sent = client._build(rows, None).inputs[schema.SUBJECT_AD]
+    assert to_ndarray(sent).tolist() == [77, schema.NO_SUBJECT_AD, schema.NO_SUBJECT_AD]
+    assert schema.SUBJECT_AD not in client._build(rows[1:], None).inputs  # no subject ad: the default
+    client._has_subject = False
+    assert schema.SUBJECT_AD not in client._build(rows, None).inputs
+    client.close()

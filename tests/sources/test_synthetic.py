@@ -41,7 +41,9 @@ def _assert_same(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame], names=t
 
 
 def _plain(value):
-    return value.tolist() if isinstance(value, np.ndarray) else value
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value  # null ad_id
 
 
 def test_same_seed_gives_identical_tables(tmp_path):

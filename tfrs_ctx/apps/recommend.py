@@ -4,8 +4,9 @@
         [--server 127.0.0.1:8500] [--store STORE_DIR] [--online sqlite|redis] [--raw RAW_DIR]
     tfrs-ctx recommend --user 42 --categories 3001:0.9,3000:0.4 [--data DATA_DIR]  # explicit context
 
-Reads the user's stored encoding and demographics and the subject item's categories from
-the Feast online store, calls ``context_head`` over gRPC (TF Serving or the compatible
+Reads the user's stored encoding and demographics and the subject item's categories (and the ad
+it is, ``ad_id``: sent as ``subject_ad_id`` where the served model takes it) from the Feast online
+store, calls ``context_head`` over gRPC (TF Serving or the compatible
 server), prints rank, ad, advertiser, categories and score, or JSON with ``--json``. The
 advertiser and categories of each ad come from ``--raw`` (the raw ``items`` table) or, without
 it, from ``--data`` (the ``build-data`` output the model was trained on: its ad corpus and

@@ -14,6 +14,7 @@ wire format.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from tfrs_ctx.data.rawio import ItemColumns
 from tfrs_ctx.data.vocab import IntVocabulary, Vocabulary
 
 S = schema
+log = logging.getLogger(__name__)
 Block = dict[str, np.ndarray]  # one user's rows of a table, column-wise
 Columns = dict[str, np.ndarray]  # examples, feature-wise: name -> [N, *shape]
 
@@ -223,6 +225,24 @@ def category_table(items: ItemColumns, vocab: Vocabulary) -> tuple[np.ndarray, n
     return cats, confs
 
 
+def subject_ad_ids(subjects: ItemColumns) -> np.ndarray:
+    """Each subject item's AD_ID (raw; ``NO_SUBJECT_AD`` where null). Without the column: none is an ad."""
+    if subjects.ad_id is None:
+        if len(subjects):
+            log.info("subject_items has no '%s' column (older data): no subject item is an ad", S.AD_ID)
+        return np.full(len(subjects), S.NO_SUBJECT_AD, np.int64)
+    return subjects.ad_id
+
+
+def subject_ad_indices(ad_ids: np.ndarray, item_vocab: Vocabulary) -> np.ndarray:
+    """:data:`schema.SUBJECT_ITEM` of raw AD_IDs: PAD_ID where not an ad, else the ad-vocab index (OOV_ID: unknown)."""
+    is_ad = ad_ids != S.NO_SUBJECT_AD
+    out = np.full(len(ad_ids), S.PAD_ID, np.int64)
+    if is_ad.any():
+        out[is_ad] = item_vocab.int_indices(ad_ids[is_ad])
+    return out
+
+
 @dataclasses.dataclass
 class Lookups:
     """Vocabularies plus per-item feature tables, built once and shared by every user.
@@ -240,6 +260,10 @@ class Lookups:
     subject_ids: np.ndarray
     subject_categories: np.ndarray
     subject_confidences: np.ndarray
+    # The subject items' AD_ID (raw, NO_SUBJECT_AD where not an ad) and its item-vocabulary index
+    # (PAD_ID where not an ad, OOV_ID for an ad id outside the vocabulary); aligned with subject_ids.
+    subject_ad_ids: np.ndarray | None = None
+    subject_ad: np.ndarray | None = None
 
     @classmethod
     def build(
@@ -273,6 +297,7 @@ class Lookups:
         counts = np.r_[np.zeros(S.NUM_RESERVED_IDS), count_array(item_counts, ids)].astype(np.float64)
         s_order = np.argsort(subjects.item_id, kind="stable")
         s_cats, s_confs = category_table(subjects, categories)
+        ad_ids = subject_ad_ids(subjects)[s_order]
         return cls(
             vocabularies=vocabs,
             item_ids=item_ids,
@@ -283,7 +308,15 @@ class Lookups:
             subject_ids=subjects.item_id[s_order],
             subject_categories=s_cats[s_order],
             subject_confidences=s_confs[s_order],
+            subject_ad_ids=ad_ids,
+            subject_ad=subject_ad_indices(ad_ids, item_vocab),
         )
+
+    def subject_ads(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The raw AD_ID and its ad-vocabulary index (:data:`schema.SUBJECT_ITEM`) of subject rows ``rows``."""
+        if self.subject_ad is None:  # lookups pickled before the column: no subject item is an ad
+            return np.full(len(rows), S.NO_SUBJECT_AD, np.int64), np.full(len(rows), S.PAD_ID, np.int64)
+        return self.subject_ad_ids[rows], self.subject_ad[rows]
 
     def subject_rows(self, subject_ids: np.ndarray) -> np.ndarray:
         """Row of each (known) subject item in the ``subject_*`` tables."""
@@ -677,22 +710,23 @@ def request_examples(
     """One example per request (``rank``: its user's position): real context, label = the request's ad.
 
     The history holds conversions strictly before the request, without the user's
-    conversions of the subject item itself (a real previous event used as the subject).
+    conversions of the subject ad itself (a real previous event used as the subject). Whether the
+    subject item is an ad, and which, is the subject_items table's AD_ID, never the subject's own id.
     """
     item_vocab = lookups.vocabularies[S.VOCAB_ITEM]
-    subject_ad = item_vocab.int_indices(requests.subject_item)
+    rows = lookups.subject_rows(requests.subject_item)
+    subject_ad_id, subject_ad = lookups.subject_ads(rows)
     positions = window_positions(encoded.ends_before(rank, requests.timestamp), encoded.user_start[rank])
-    for i in np.flatnonzero(subject_ad != S.OOV_ID):
+    for i in np.flatnonzero(subject_ad >= S.NUM_RESERVED_IDS):
         window = positions[i][positions[i] >= 0]
-        if (encoded.item[window] == requests.subject_item[i]).any():  # else the window already excludes it
+        if (encoded.item[window] == subject_ad_id[i]).any():  # else the window already excludes it
             positions[i] = positions_before(
-                encoded, int(requests.timestamp[i]), int(requests.subject_item[i]), user_rank=int(rank[i])
+                encoded, int(requests.timestamp[i]), int(subject_ad_id[i]), user_rank=int(rank[i])
             )
     columns = _common(
         user_ids[rank], requests.timestamp, demographics[rank], item_vocab.int_indices(requests.item), lookups
     )
     columns.update(gather_history(encoded, positions, requests.timestamp))
-    rows = lookups.subject_rows(requests.subject_item)
     columns[S.CONTEXT_CATEGORIES] = lookups.subject_categories[rows]
     columns[S.CONTEXT_WEIGHTS] = lookups.subject_confidences[rows]
     columns[S.EX_REQUEST_ID] = requests.request_id.astype(np.int64)

@@ -45,11 +45,18 @@ def write_table(raw_dir: str, table: Table, frame: pd.DataFrame | Mapping[str, S
     writer = TableWriter(raw_dir, table)
     columns = {c: frame[c] for c in table.column_names}
     if isinstance(frame, pd.DataFrame):
-        columns = {
-            c: frame[c].tolist() if frame[c].dtype == object else frame[c].to_numpy() for c in table.column_names
-        }
+        columns = {c: _column_values(frame[c]) for c in table.column_names}
     writer.write(columns)
     return writer.rows
+
+
+def _column_values(series: pd.Series) -> Any:
+    """A frame column for Arrow: lists for objects, ``None`` for nulls of a nullable number column."""
+    if series.dtype == object:
+        return series.tolist()
+    if series.hasnans:  # e.g. a nullable int64 (pandas Int64, or floats with NaN for null)
+        return [None if pd.isna(v) else v for v in series.astype(object).tolist()]
+    return series.to_numpy()
 
 
 def table_files(raw_dir: str, table: Table) -> list[str]:
@@ -112,6 +119,8 @@ class ItemColumns:
     categories: np.ndarray
     confidences: np.ndarray
     rows: list | None = None
+    # subject_items only: each row's AD_ID, schema.NO_SUBJECT_AD where null (None: no row has the column)
+    ad_id: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.item_id)
@@ -136,6 +145,7 @@ class ItemColumns:
             categories=np.fromiter((int(c) for c in flat), dtype=np.int64, count=n),
             confidences=np.fromiter((float(v) for r in rows for v in r[schema.CONFIDENCES]), dtype=np.float64, count=n),
             rows=list(rows),
+            ad_id=_ad_ids(rows),
         )
 
     @classmethod
@@ -153,6 +163,11 @@ class ItemColumns:
             offsets=np.r_[0, np.cumsum(lengths, dtype=np.int64)].astype(np.int64),
             categories=flat(schema.CATEGORIES, np.int64),
             confidences=flat(schema.CONFIDENCES, np.float64),
+            ad_id=(
+                pc.fill_null(batch.column(schema.AD_ID), schema.NO_SUBJECT_AD).to_numpy().astype(np.int64)
+                if schema.AD_ID in batch.schema.names
+                else None
+            ),
         )
 
     @classmethod
@@ -175,6 +190,9 @@ class ItemColumns:
             categories=np.concatenate([p.categories for p in parts]),
             confidences=np.concatenate([p.confidences for p in parts]),
             rows=rows,
+            ad_id=None
+            if all(p.ad_id is None for p in parts)
+            else np.concatenate([p.ad_id if p.ad_id is not None else _no_ads(len(p)) for p in parts]),
         )
 
     def row_dict(self, i: int) -> dict:
@@ -187,6 +205,8 @@ class ItemColumns:
             row[schema.ADVERTISER_ID] = int(self.advertiser_id[i])
         row[schema.CATEGORIES] = self.categories[a:b].tolist()
         row[schema.CONFIDENCES] = self.confidences[a:b].tolist()
+        if self.ad_id is not None:
+            row[schema.AD_ID] = None if self.ad_id[i] == schema.NO_SUBJECT_AD else int(self.ad_id[i])
         return row
 
     def row_dicts(self) -> list[dict]:
@@ -205,4 +225,19 @@ class ItemColumns:
             categories=self.categories[flat],
             confidences=self.confidences[flat],
             rows=None if self.rows is None else [r for r, k in zip(self.rows, keep.tolist(), strict=True) if k],
+            ad_id=None if self.ad_id is None else self.ad_id[keep],
         )
+
+
+def _no_ads(n: int) -> np.ndarray:
+    return np.full(n, schema.NO_SUBJECT_AD, dtype=np.int64)
+
+
+def _ad_ids(rows: Sequence[Mapping[str, Any]]) -> np.ndarray | None:
+    """Each row's AD_ID (``NO_SUBJECT_AD`` where null or absent); ``None`` when no row has the column."""
+    if not any(schema.AD_ID in r for r in rows):
+        return None
+    values = (r.get(schema.AD_ID) for r in rows)
+    return np.fromiter(
+        (schema.NO_SUBJECT_AD if v is None or v != v else int(v) for v in values), dtype=np.int64, count=len(rows)
+    )

@@ -137,6 +137,8 @@ def row_problem(
         return f"unparseable row: {row['__unparseable__']}"
     for column in table.columns:
         if column.name not in row:
+            if column.optional:  # older data: the column absent means null
+                continue
             return f"column '{column.name}': missing"
         problem = value_problem(column, row[column.name])
         if problem:
@@ -206,10 +208,12 @@ def check_table(table: Table, frame: pd.DataFrame, known_ids: Mapping[str, Colle
     Order: missing columns, bad values (column by column), list-length mismatches,
     duplicate keys, unknown ids (only for references whose table is in ``known_ids``).
     """
-    missing = [c for c in table.column_names if c not in frame.columns]
+    missing = [c.name for c in table.columns if c.name not in frame.columns and not c.optional]
     if missing:
         raise RawTableError(table.name, missing[0], f"missing column (table has {sorted(map(str, frame.columns))})")
     for column in table.columns:
+        if column.name not in frame.columns:  # an optional column the data predates
+            continue
         series = frame[column.name]
         bad = _bad_values(column, series)
         if bad.any():
@@ -271,6 +275,22 @@ def check_raw_dir(raw_dir: str) -> dict[str, pd.DataFrame]:
     return frames
 
 
+def absent_optional_columns(frames: Mapping[str, pd.DataFrame]) -> list[str]:
+    """One line per optional column a table lacks, saying what that means (the validation report's notes)."""
+    notes = []
+    for name, frame in frames.items():
+        table = schema.RAW_TABLES.get(name) or schema.OPTIONAL_RAW_TABLES[name]
+        for column in table.columns:
+            if column.optional and column.name not in frame.columns:
+                notes.append(
+                    f"{name} has no '{column.name}' column (older data): {OPTIONAL_MEANING[name, column.name]}"
+                )
+    return notes
+
+
+OPTIONAL_MEANING = {(schema.SUBJECT_ITEMS.name, schema.AD_ID): "no subject item is an ad"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``tfrs-ctx validate --raw DIR``: print row counts (0) or the first problem (1)."""
     parser = argparse.ArgumentParser(prog="tfrs-ctx validate", description="Validate every raw table of a directory.")
@@ -281,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # RawTableError, missing table, unreadable file
         print(f"tfrs-ctx validate: {args.raw}: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({"raw": args.raw, "valid": True, "rows": {name: len(f) for name, f in frames.items()}}, indent=2))
+    report = {"raw": args.raw, "valid": True, "rows": {name: len(f) for name, f in frames.items()}}
+    report["notes"] = absent_optional_columns(frames)
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -189,6 +189,13 @@ def raw_inputs(batch: dict, data_dir: str) -> dict[str, np.ndarray]:
     return out
 
 
+def raw_subject_ads(subject: np.ndarray, corpus_ids: np.ndarray) -> np.ndarray:
+    """Subject ad indices (``SUBJECT_ITEM``) -> the raw ad ids the head takes (``NO_SUBJECT_AD`` where none)."""
+    subject = np.asarray(subject, np.int64).reshape(-1)
+    rows = np.clip(subject - schema.NUM_RESERVED_IDS, 0, max(len(corpus_ids) - 1, 0))
+    return np.where(subject >= schema.NUM_RESERVED_IDS, corpus_ids[rows], schema.NO_SUBJECT_AD).astype(np.int64)
+
+
 def served_index_ranks(
     models_dir: str, data_dir: str, exclude_history: bool, max_requests: int | None = None
 ) -> tuple[np.ndarray, dict]:
@@ -214,6 +221,8 @@ def served_index_ranks(
     for batch in ds:
         batch = {name: v.numpy() for name, v in batch.items()}
         raw = {name: tf.constant(v) for name, v in raw_inputs(batch, data_dir).items()}
+        if schema.SUBJECT_AD in fn.structured_input_signature[1]:  # a model that reads the subject ad
+            raw[schema.SUBJECT_AD] = tf.constant(raw_subject_ads(batch[schema.SUBJECT_ITEM], corpus_ids))
         ids = fn(**raw, k=tf.constant([k], tf.int64))[schema.TOP_K_IDS].numpy()
         pos = np.searchsorted(corpus_ids, ids, sorter=order).clip(0, len(corpus_ids) - 1)
         index = np.where(ids >= 0, order[pos] + schema.NUM_RESERVED_IDS, -1)  # raw id -> item index

@@ -74,6 +74,7 @@ from tfrs_ctx.models.layers import (
     mask_states,
     weighted_average,
 )
+from tfrs_ctx.models.subject import SubjectLayer, subject_of
 
 CORPUS_BLOCK = 262_144  # ads per eager candidate-tower call (corpus_embeddings)
 
@@ -97,14 +98,19 @@ def position_history_length(length: tf.Tensor, max_length: tf.Tensor | int) -> t
 # * SEQ_TARGET_WEIGHT ``[B, L]`` float32: each target position's loss weight (absent: 1).
 SEQ_STATE_POSITION = "seq_state_position"
 SEQ_TARGET_WEIGHT = "seq_target_weight"
+# * SEQ_SUBJECT_ITEM ``[B, L]`` int64: a target position's subject ad (model.subject_embedding;
+#   :mod:`tfrs_ctx.training.subject`), PAD_ID where none.
+SEQ_SUBJECT_ITEM = "seq_subject_item"
 TARGET_WEIGHT = "target_weight"  # the per-target name of SEQ_TARGET_WEIGHT once a position is a target
 
 
 def without_context(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """The same examples with the context cleared (categories PAD, weights 0)."""
+    """The same examples with the context cleared (categories PAD, weights 0, no subject ad)."""
     features = dict(features)
     features[schema.CONTEXT_CATEGORIES] = tf.zeros_like(features[schema.CONTEXT_CATEGORIES])
     features[schema.CONTEXT_WEIGHTS] = tf.zeros_like(features[schema.CONTEXT_WEIGHTS])
+    if schema.SUBJECT_ITEM in features:
+        features[schema.SUBJECT_ITEM] = tf.zeros_like(features[schema.SUBJECT_ITEM])
     return features
 
 
@@ -226,6 +232,10 @@ class ContextualTwoTower(tfrs.models.Model):
             else None
         )
         self.cross_attention = self._cross_attention(cfg)
+        # model.subject_embedding: the subject ad's id embedding (the shared item table) in the context path
+        self.subject_layer = (
+            SubjectLayer(cfg.context_dim, name="subject_layer") if cfg.use_context and cfg.subject_embedding else None
+        )
         self.demographic_embeddings = {
             feature: keras.layers.Embedding(
                 vocab_sizes[schema.DEMOGRAPHIC_VOCAB[column]], cfg.demographic_dim, name=f"{feature}_embedding"
@@ -312,6 +322,8 @@ class ContextualTwoTower(tfrs.models.Model):
             flat[name] = tf.gather(features[name], where[:, 0])
         if SEQ_TARGET_WEIGHT in features:
             flat[TARGET_WEIGHT] = tf.gather_nd(features[SEQ_TARGET_WEIGHT], where)
+        if SEQ_SUBJECT_ITEM in features:
+            flat[schema.SUBJECT_ITEM] = tf.gather_nd(features[SEQ_SUBJECT_ITEM], where)
         if self.fusion_states:  # each target's window: the N states ending at its state position (causal)
             return self.state_windows(states, state_at, flat[schema.HISTORY_LENGTH]), flat
         return tf.gather_nd(states, state_at), flat
@@ -337,8 +349,16 @@ class ContextualTwoTower(tfrs.models.Model):
             parts.append(self.context_layer(categories, features[schema.CONTEXT_WEIGHTS], training=training))
             if self.cross_attention is not None:
                 parts.append(self.cross_attention(parts[-1], states, features[schema.HISTORY_LENGTH]))
+        if self.subject_layer is not None:
+            parts.append(self.subject_part(features, encoded))
         parts += [self.demographic_embeddings[f](features[f]) for f in schema.DEMOGRAPHIC_FEATURES]
         return self.user_mlp(tf.concat(parts, axis=-1), training=training)
+
+    def subject_part(self, features: dict[str, tf.Tensor], batch_of: tf.Tensor) -> tf.Tensor:
+        """``[B, context_dim + 1]``: the subject ad's shared id embedding, zero where it is not an ad; x trust."""
+        subject = subject_of(features, batch_of)
+        embedding = self.item_embedding(tf.maximum(subject, 0))
+        return self.subject_layer(embedding, subject) * self.context_layer.trust
 
     def query_embedding(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         return self.head(self.encode_history(features, training), features, training)

@@ -12,7 +12,8 @@ Mapping
 * ``items`` (the ad corpus) and ``subject_items``: the 1682 movies. ``categories`` are
   genre ids (``u.genre`` index + 1; the "unknown" genre is 1) in genre-index order, at
   most ``MAX_CATEGORIES`` of them, each with confidence ``1 / number kept``. A movie with
-  no genre flag gets the "unknown" genre.
+  no genre flag gets the "unknown" genre. Every subject item is an ad: ``subject_items.ad_id``
+  = its own movie id (stated in the table, see ``schema.SUBJECT_ITEMS``).
 * ``users``: 943 users. ``age_bucket`` in the synthetic generator's buckets plus
   ``"under-18"``; ``gender`` ``"female"``/``"male"``; ``country`` a region from the zip
   code: ``"US-<first digit>"`` for a 5-digit numeric zip, ``"non-US"`` otherwise.
@@ -171,7 +172,8 @@ def build_tables(src: str) -> dict[str, pd.DataFrame]:
             schema.CONFIDENCES: confidences,
         }
     )
-    subject_items = items[[schema.ITEM_ID, schema.CATEGORIES, schema.CONFIDENCES]]
+    subject_items = items[[schema.ITEM_ID, schema.CATEGORIES, schema.CONFIDENCES]].copy()
+    subject_items[schema.AD_ID] = items[schema.ITEM_ID]  # stated, not inferred: each subject movie is that ad
 
     bad_ratings = np.flatnonzero(~ratings[_RATING].isin(list(EVENT_TYPE_OF_RATING)))
     if len(bad_ratings):

@@ -12,7 +12,7 @@ The world
   ``--ads N`` goes up to 10M: advertisers (``N / 20``) and leaves per top-level interest
   (``15 sqrt(N / 10k)``) scale with it unless given.
 * ``subject_items``: what a user can be looking at on a related-items surface, built the
-  same way as ads but a separate corpus.
+  same way as ads but a separate corpus: none of them is an ad (``ad_id`` null in every row).
 * Users hold a few long-term interests (leaves), each of which may drift to another leaf at
   a random time; every conversion picks an interest by weight and an ad of that leaf.
 * The related-items request log: a user views a subject item (from their own interests with
@@ -297,6 +297,8 @@ def generate(out_dir: str, cfg: SyntheticConfig, progress: bool = True) -> dict:
             columns = {schema.ITEM_ID: np.arange(start, stop, dtype=np.int64) + first_id}
             if "advertiser" in corpus:
                 columns[schema.ADVERTISER_ID] = corpus["advertiser"][start:stop]
+            else:  # subject items are a corpus of their own (ids above SUBJECT_ID_OFFSET): none is an ad
+                columns[schema.AD_ID] = pa.nulls(stop - start, pa.int64())
             writers[name].write({**columns, schema.CATEGORIES: cats, schema.CONFIDENCES: confs})
     from tqdm import tqdm
 

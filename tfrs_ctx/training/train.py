@@ -28,7 +28,7 @@ from tfrs_ctx.config import MODE_DENSE, Config, load_config, save_config
 from tfrs_ctx.data import dataset
 from tfrs_ctx.evaluation.metrics import recall_at_k
 from tfrs_ctx.models.two_tower import without_context
-from tfrs_ctx.training import dense, distributed
+from tfrs_ctx.training import dense, distributed, subject
 from tfrs_ctx.training.calibrate import calibrate
 from tfrs_ctx.training.run_dir import (
     CHECKPOINT_DIR,
@@ -107,6 +107,12 @@ def sequence_dataset(
         train = train.map(
             lambda f: mix_sequence_context(f, t.context_noise, t.seed), num_parallel_calls=tf.data.AUTOTUNE
         )
+    if cfg.model.subject_embedding:  # the previous event as the subject ad (training/subject.py)
+        tables = subject.corpus_tables(t.data_dir) if t.subject_real_context else None
+        train = train.map(
+            lambda f: subject.with_sequence_subjects(f, t.subject_share, t.seed, tables),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
     if t.dense_strict_history:
         train = train.map(dense.with_strict_state_positions, num_parallel_calls=tf.data.AUTOTUNE)
     if t.dense_user_targets:
@@ -142,6 +148,12 @@ def training_dataset(
     if t.context_source == "synthetic":
         if t.context_noise > 0:
             train = train.map(lambda f: mix_context(f, t.context_noise, t.seed), num_parallel_calls=tf.data.AUTOTUNE)
+        if cfg.model.subject_embedding:  # the previous event as the subject ad (training/subject.py)
+            tables = subject.corpus_tables(t.data_dir) if t.subject_real_context else None
+            train = train.map(
+                lambda f: subject.with_example_subjects(f, t.subject_share, t.seed, tables),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
         return train, counts[schema.SPLIT_TRAIN]
     train = train.map(without_context, num_parallel_calls=tf.data.AUTOTUNE)
     if t.context_source == "none" or not counts.get(schema.SPLIT_TRAIN_REQUESTS):
