@@ -256,11 +256,14 @@ class CrossAttentionFusion(keras.layers.Layer):
         scores = tf.reduce_sum(states[..., tf.newaxis] * folded[:, tf.newaxis], axis=2)  # [B, N, H]
         scores /= tf.sqrt(tf.cast(head_dim, states.dtype))
         scores += (1.0 - valid) * tf.cast(-1e9, scores.dtype)
-        weights = tf.nn.softmax(scores, axis=1) * valid  # [B, N, H]; all zero with no real state
-        pooled = tf.reduce_sum(weights[..., tf.newaxis] * states[:, :, tf.newaxis], axis=1)  # [B, H, d]
+        # The softmax over the N states (axis 1) written out: tf.nn.softmax on a non-last axis adds two
+        # transposes, and it and the einsum it replaced were 60 % of the served head's CPU time at batch 1.
+        scores = tf.exp(scores - tf.reduce_max(scores, axis=1, keepdims=True))
+        weights = scores / tf.reduce_sum(scores, axis=1, keepdims=True) * valid  # [B, N, H]; 0 without a real state
+        pooled = tf.reduce_sum(weights[:, :, tf.newaxis] * states[..., tf.newaxis], axis=1)  # [B, d, H]
         w_v = tf.reshape(self.value_proj.kernel, [self.dim, h, head_dim])  # [d, H, e]
-        attended = tf.einsum("bhd,dhe->bhe", pooled, w_v)
-        total = tf.transpose(tf.reduce_sum(weights, axis=1, keepdims=True), [0, 2, 1])  # [B, H, 1]
+        attended = tf.reduce_sum(pooled[..., tf.newaxis] * w_v[tf.newaxis], axis=1)  # [B, H, e]
+        total = tf.reduce_sum(weights, axis=1)[..., tf.newaxis]  # [B, H, 1]
         attended += total * tf.reshape(self.value_proj.bias, [h, head_dim])
         any_state = tf.minimum(tf.reduce_sum(valid, axis=1), 1.0)  # [B, 1]
         return self.output_proj(tf.reshape(attended, [-1, self.dim])) * any_state
