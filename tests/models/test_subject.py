@@ -125,7 +125,8 @@ def test_config_refuses_a_subject_path_nothing_trains():
 
 def test_hybrid_export_with_the_subject_ad_is_exact(small_data, tmp_path):
     """head(encoder(x), subject ad) == full(x, subject ad) == the Keras model, within 1e-5; a raw id
-    outside the vocabulary and NO_SUBJECT_AD (the default) are the no-subject answer."""
+    outside the vocabulary and NO_SUBJECT_AD (the default) are the no-subject answer. With cross-attention
+    fusion, so the two optional context parts are checked together ([N, d] states and the subject ad)."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     from tfrs_ctx.config import load_config
@@ -135,7 +136,7 @@ def test_hybrid_export_with_the_subject_ad_is_exact(small_data, tmp_path):
 
     cfg = load_config(
         "synthetic", [f"model.{k}={v}" for k, v in SMALL.items()] + ["model.subject_embedding=true",
-                                                                      "train.context_is_previous_event=true"]
+        "model.fusion=cross_attention", "model.fusion_states=4", "train.context_is_previous_event=true"]
     )  # fmt: skip
     cfg.model.mlp_hidden = [32]
     cfg.train.data_dir = str(small_data)
@@ -149,6 +150,7 @@ def test_hybrid_export_with_the_subject_ad_is_exact(small_data, tmp_path):
     raw = raw_inputs({k: v.numpy() for k, v in batch.items()}, str(small_data))
     subject_ids = ads[index]
     enc = _call(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})[schema.ENCODED_HISTORY]
+    assert enc.shape == (16, 4, cfg.model.embedding_dim)  # the [N, d] states of cross-attention
     head_in = {k: raw[k] for k in signatures.HEAD_INPUTS} | {schema.ENCODED_HISTORY: enc}
     head = _call(paths["context_head"], {**head_in, schema.SUBJECT_AD: subject_ids})[schema.USER_EMBEDDING]
     full = _call(paths["full"], {**raw, schema.SUBJECT_AD: subject_ids})[schema.USER_EMBEDDING]
