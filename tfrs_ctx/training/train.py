@@ -28,7 +28,7 @@ from tfrs_ctx.config import MODE_DENSE, Config, load_config, save_config
 from tfrs_ctx.data import dataset
 from tfrs_ctx.evaluation.metrics import recall_at_k
 from tfrs_ctx.models.two_tower import without_context
-from tfrs_ctx.training import dense, distributed
+from tfrs_ctx.training import dense, distributed, optimizers
 from tfrs_ctx.training.calibrate import calibrate
 from tfrs_ctx.training.run_dir import (
     CHECKPOINT_DIR,
@@ -266,7 +266,8 @@ def train(cfg: Config, run_dir: str, verbose: int = 1, strategy=None) -> dict:
             warmup_target=t.learning_rate,
             warmup_steps=int(t.warmup_fraction * total_steps),
         )
-        optimizer = keras.optimizers.Adam(schedule)
+        optimizer_name = optimizers.resolve(t.optimizer, meta["vocab_sizes"][schema.VOCAB_ITEM])
+        optimizer = optimizers.make_optimizer(optimizer_name, schedule, meta["vocab_sizes"][schema.VOCAB_ITEM])
         model = build_model(cfg)
         model.compile(optimizer=optimizer)
 
@@ -319,6 +320,7 @@ def train(cfg: Config, run_dir: str, verbose: int = 1, strategy=None) -> dict:
     examples = epochs_run * steps * batch_size
     summary = {
         "mode": t.mode,
+        "optimizer": optimizer_name,
         "time_gap": cfg.model.time_gap,
         "epochs_run": epochs_run,
         "steps_per_epoch": steps,
