@@ -309,7 +309,7 @@ def train(cfg: Config, run_dir: str, verbose: int = 1, strategy=None) -> dict:
     seconds = time.perf_counter() - started
     epochs_run = len(history.epoch)
     with strategy.scope():  # the candidate tower too (a resumed run with no epoch left has not built it)
-        model.corpus_embeddings()
+        model.candidate_embedding({k: v[:1] for k, v in model.corpus.items()})  # one ad: all 10M held 5 GB
     calibration = calibrate(model, cfg, meta["counts"], validation)
     if multi and model.context_layer is not None:  # the same trust on every worker, the chief's
         model.context_layer.trust.assign(distributed.from_chief(strategy, float(model.context_layer.trust.numpy())))
