@@ -20,6 +20,7 @@ TIME_GAP_AUTO = "auto"
 LOSSES = ("auto", "full_softmax", "in_batch", "mixed")  # next_event in dense mode, to_target per target
 FUSION_CONCAT, FUSION_CROSS_ATTENTION = "concat", "cross_attention"
 FUSIONS = (FUSION_CONCAT, FUSION_CROSS_ATTENTION)
+OPTIMIZERS = ("auto", "adam", "lazy_adam", "adagrad")  # tfrs_ctx/training/optimizers.py
 log = logging.getLogger(__name__)
 
 
@@ -69,6 +70,7 @@ class TrainConfig:
     learning_rate: float = 2e-3
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0
+    optimizer: str = "auto"  # auto (lazy_adam above 200k item rows, else adam) | adam | lazy_adam | adagrad
     context_source: str = "synthetic"  # synthetic | real (request log) | none
     context_noise: float = 0.2  # synthetic context: share of examples given another example's context
     early_stopping_patience: int = 2
@@ -109,6 +111,8 @@ class Config:
             raise ValueError(f"train.mode must be one of {TRAIN_MODES}, got {train.mode!r}")
         if model.time_gap == TIME_GAP_AUTO:
             model.time_gap = schema.TIME_GAP_NEXT_EVENT if train.mode == MODE_DENSE else schema.TIME_GAP_TO_TARGET
+        if train.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {train.optimizer!r}")
         if model.loss not in LOSSES:
             raise ValueError(f"model.loss must be one of {LOSSES}, got {model.loss!r}")
         if model.sampled_negatives < 1 or not 0.0 <= model.sampled_popularity_share <= 1.0:

@@ -28,7 +28,7 @@ from tfrs_ctx.config import MODE_DENSE, Config, load_config, save_config
 from tfrs_ctx.data import dataset
 from tfrs_ctx.evaluation.metrics import recall_at_k
 from tfrs_ctx.models.two_tower import without_context
-from tfrs_ctx.training import dense, distributed, subject
+from tfrs_ctx.training import dense, distributed, optimizers, subject
 from tfrs_ctx.training.calibrate import calibrate
 from tfrs_ctx.training.run_dir import (
     CHECKPOINT_DIR,
@@ -278,7 +278,8 @@ def train(cfg: Config, run_dir: str, verbose: int = 1, strategy=None) -> dict:
             warmup_target=t.learning_rate,
             warmup_steps=int(t.warmup_fraction * total_steps),
         )
-        optimizer = keras.optimizers.Adam(schedule)
+        optimizer_name = optimizers.resolve(t.optimizer, meta["vocab_sizes"][schema.VOCAB_ITEM])
+        optimizer = optimizers.make_optimizer(optimizer_name, schedule, meta["vocab_sizes"][schema.VOCAB_ITEM])
         model = build_model(cfg)
         model.compile(optimizer=optimizer)
 
@@ -320,7 +321,7 @@ def train(cfg: Config, run_dir: str, verbose: int = 1, strategy=None) -> dict:
     seconds = time.perf_counter() - started
     epochs_run = len(history.epoch)
     with strategy.scope():  # the candidate tower too (a resumed run with no epoch left has not built it)
-        model.corpus_embeddings()
+        model.candidate_embedding({k: v[:1] for k, v in model.corpus.items()})  # one ad: all 10M held 5 GB
     calibration = calibrate(model, cfg, meta["counts"], validation)
     if multi and model.context_layer is not None:  # the same trust on every worker, the chief's
         model.context_layer.trust.assign(distributed.from_chief(strategy, float(model.context_layer.trust.numpy())))
@@ -331,6 +332,7 @@ def train(cfg: Config, run_dir: str, verbose: int = 1, strategy=None) -> dict:
     examples = epochs_run * steps * batch_size
     summary = {
         "mode": t.mode,
+        "optimizer": optimizer_name,
         "time_gap": cfg.model.time_gap,
         "epochs_run": epochs_run,
         "steps_per_epoch": steps,
