@@ -100,7 +100,7 @@ def exact_in_process(args, model, users: np.ndarray, labels: np.ndarray, figures
     without the head's lookups and MLP (so the speedup it gives is a lower bound)."""
     import tensorflow as tf
 
-    corpus = tf.constant(model.corpus_embeddings().numpy())
+    corpus = tf.constant(model.corpus_embeddings_array())
     item_ids = model.corpus_item_ids.numpy()
 
     @tf.function(input_signature=[tf.TensorSpec([None, users.shape[1]], tf.float32)])

@@ -152,7 +152,7 @@ def build_index(
     if index not in INDEX_CHOICES:
         raise ValueError(f"index must be one of {INDEX_CHOICES}, got {index!r}")
     params = {k: v for k, v in params.items() if v is not None}
-    embeddings = model.corpus_embeddings().numpy()
+    embeddings = model.corpus_embeddings_array()
     ids = model.corpus_item_ids.numpy().astype(np.int64)
     if index == "exact":
         params["exact_threshold"] = len(ids)

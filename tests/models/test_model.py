@@ -319,6 +319,7 @@ def test_corpus_embeddings_in_blocks_equal_one_call(corpus, monkeypatch):
     monkeypatch.setattr(two_tower, "CORPUS_BLOCK", 7)  # N is not a multiple of 7: a short last block
     assert N % 7
     blocked = m.corpus_embeddings().numpy()
+    np.testing.assert_array_equal(m.corpus_embeddings_array(), blocked)  # export's: one preallocated array
     assert blocked.shape == whole.shape == (N, ModelConfig().output_dim)
     np.testing.assert_allclose(blocked, whole, rtol=1e-6, atol=1e-6)
     graph = tf.function(m.corpus_embeddings)().numpy()  # in a graph (the full-softmax loss): one call

@@ -389,11 +389,17 @@ class ContextualTwoTower(tfrs.models.Model):
         n = int(self.corpus_item_ids.shape[0])
         if not tf.executing_eagerly() or n <= CORPUS_BLOCK:
             return self.candidate_embedding(self.corpus, training)
-        blocks = [
-            self.candidate_embedding({k: v[s : s + CORPUS_BLOCK] for k, v in self.corpus.items()}, training)
-            for s in range(0, n, CORPUS_BLOCK)
-        ]
-        return tf.concat(blocks, axis=0)
+        return tf.convert_to_tensor(self.corpus_embeddings_array(training))
+
+    def corpus_embeddings_array(self, training: bool = False) -> np.ndarray:
+        """Eager :meth:`corpus_embeddings` as a numpy array, block by block into one preallocated array
+        (a list of blocks and their ``tf.concat`` held the corpus twice: +2.56 GB at 10M ads x 64)."""
+        n = int(self.corpus_item_ids.shape[0])
+        out = np.empty((n, self.cfg.output_dim), np.float32)
+        for s in range(0, n, CORPUS_BLOCK):
+            block = {k: v[s : s + CORPUS_BLOCK] for k, v in self.corpus.items()}
+            out[s : s + CORPUS_BLOCK] = self.candidate_embedding(block, training).numpy()
+        return out
 
     def call(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         return self.query_embedding(features, training)
