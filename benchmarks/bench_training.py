@@ -8,15 +8,20 @@ warm-up that includes tracing) from the real tf.data pipeline, each variant in i
 process (so each peak RSS is its own): the per-target mode (``train.mode=per_target``, one
 target per example, batch 512) and the dense mode (``train.mode=dense``, every position of a
 window a target, ``train.sequence_batch_size`` windows per step), same model size and ad
-corpus, each with the full softmax (the default at 10k ads) and with logQ-corrected in-batch
-negatives (``model.loss=in_batch``), and with mixed negatives (``model.loss=mixed``: in-batch plus
-``model.sampled_negatives`` corpus ads per step, shared by every target of the step). Reports
-targets/s (labels learned per second; a dense target is a window position holding a conversion
-as its label, each conversion exactly once), examples/s, peak RSS, and the ratios
-``dense_targets_per_s`` / ``per_target_targets_per_s`` (full softmax), dense / per target with the same
-in-batch or mixed loss (``dense_mixed_over_per_target_mixed_targets_per_s``; also per CPU-second, which
-other jobs on the machine disturb less than wall time), dense mixed / the per-target default
-(``dense_mixed_over_per_target_targets_per_s``, ``..._per_cpu_s``) and contextual / baseline.
+corpus. ``dense`` is the bundled config's dense recipe (``train.dense_loss=mixed``: in-batch plus
+``model.sampled_negatives`` corpus ads per step, shared by every target of the step;
+``train.dense_no_context_share``: the no-context loss on that share of each step's targets);
+``dense_full_softmax`` is dense with the per-target default's loss (full softmax at 10k ads, the
+no-context loss on every target); both modes also with logQ-corrected in-batch negatives
+(``model.loss=in_batch``) and with mixed negatives (``model.loss=mixed``), dense with the no-context
+loss on every target (the same loss as per target). Reports targets/s (labels learned per second; a
+dense target is a window position holding a conversion as its label, each conversion exactly once),
+examples/s, peak RSS, and the ratios ``dense_targets_per_s`` / ``per_target_targets_per_s`` (the
+recipe against the per-target default; ``..._per_cpu_s``: per CPU-second, which other jobs on the
+machine disturb less than wall time), dense / per target with the same loss
+(``dense_full_softmax_over_...``, ``dense_mixed_over_per_target_mixed_targets_per_s``, ...), dense
+mixed / the per-target default (``dense_mixed_over_per_target_targets_per_s``, ``..._per_cpu_s``),
+contextual / baseline, and the load average at the end.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import tempfile
 import time
 
 from benchmarks import emit
+
+SAME_LOSS = ["train.dense_no_context_share=1"]  # dense with the per-target loss: the no-context loss on every target
 
 
 class StepTimer:
@@ -128,19 +135,24 @@ def main(argv: list[str] | None = None) -> int:
             "users": args.users,
             "contextual": measure_in_child(data, [], args.steps, args.warmup),
             "baseline": measure_in_child(data, ["model.use_context=false"], args.steps, args.warmup),
+            # the dense recipe of the bundled config (train.dense_loss, train.dense_no_context_share)
             "dense": measure_in_child(data, ["train.mode=dense"], args.dense_steps, dense_warmup),
             "dense_baseline": measure_in_child(
                 data, ["train.mode=dense", "model.use_context=false"], args.dense_steps, dense_warmup
             ),
+            # dense with the per-target default's loss: the full softmax, the no-context loss on every target
+            "dense_full_softmax": measure_in_child(
+                data, ["train.mode=dense", "model.loss=full_softmax", *SAME_LOSS], args.dense_steps, dense_warmup
+            ),
             # the same two modes with logQ-corrected in-batch negatives instead of the full softmax
             "per_target_in_batch": measure_in_child(data, ["model.loss=in_batch"], args.steps, args.warmup),
             "dense_in_batch": measure_in_child(
-                data, ["train.mode=dense", "model.loss=in_batch"], args.dense_steps, dense_warmup
+                data, ["train.mode=dense", "model.loss=in_batch", *SAME_LOSS], args.dense_steps, dense_warmup
             ),
             # and with mixed negatives (in-batch + model.sampled_negatives corpus ads per step, shared)
             "per_target_mixed": measure_in_child(data, ["model.loss=mixed"], args.steps, args.warmup),
             "dense_mixed": measure_in_child(
-                data, ["train.mode=dense", "model.loss=mixed"], args.dense_steps, dense_warmup
+                data, ["train.mode=dense", "model.loss=mixed", *SAME_LOSS], args.dense_steps, dense_warmup
             ),
         }
     result["ratio_contextual_over_baseline_time"] = round(
@@ -151,6 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     result["dense_over_per_target_targets_per_s"] = round(
         result["dense_targets_per_s"] / result["per_target_targets_per_s"], 2
     )
+    result["dense_over_per_target_targets_per_cpu_s"] = round(
+        result["dense"]["targets_per_cpu_second"] / result["contextual"]["targets_per_cpu_second"], 2
+    )
+    result["dense_full_softmax_over_per_target_targets_per_s"] = round(
+        result["dense_full_softmax"]["targets_per_second"] / result["per_target_targets_per_s"], 2
+    )
+    result["dense_full_softmax_over_per_target_targets_per_cpu_s"] = round(
+        result["dense_full_softmax"]["targets_per_cpu_second"] / result["contextual"]["targets_per_cpu_second"], 2
+    )
+    result["load_average"] = [round(x, 2) for x in os.getloadavg()]
     result["per_target_in_batch_targets_per_s"] = result["per_target_in_batch"]["targets_per_second"]
     result["dense_in_batch_targets_per_s"] = result["dense_in_batch"]["targets_per_second"]
     result["dense_in_batch_over_per_target_targets_per_s"] = round(

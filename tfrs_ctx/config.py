@@ -66,6 +66,10 @@ class TrainConfig:
     # (as a per-target history); weigh a user's targets to count as at most this many (0: every target 1)
     dense_strict_history: bool = False
     dense_user_targets: int = 0
+    # The dense recipe (issue 18; the bundled configs set it): the loss dense mode uses where model.loss is auto
+    # ("": auto's), and the share of each step's targets the no-context loss runs on (1: every target)
+    dense_loss: str = ""
+    dense_no_context_share: float = 1.0
     epochs: int = 8
     learning_rate: float = 2e-3
     warmup_fraction: float = 0.05
@@ -113,6 +117,10 @@ class Config:
             model.time_gap = schema.TIME_GAP_NEXT_EVENT if train.mode == MODE_DENSE else schema.TIME_GAP_TO_TARGET
         if train.optimizer not in OPTIMIZERS:
             raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {train.optimizer!r}")
+        if train.mode == MODE_DENSE and train.dense_loss and model.loss == "auto":
+            model.loss = train.dense_loss
+        if train.dense_loss not in ("", *LOSSES) or not 0.0 < train.dense_no_context_share <= 1.0:
+            raise ValueError(f"train.dense_loss must be '' or one of {LOSSES}; train.dense_no_context_share in (0, 1]")
         if model.loss not in LOSSES:
             raise ValueError(f"model.loss must be one of {LOSSES}, got {model.loss!r}")
         if model.sampled_negatives < 1 or not 0.0 <= model.sampled_popularity_share <= 1.0:

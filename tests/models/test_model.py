@@ -324,3 +324,55 @@ def test_corpus_embeddings_in_blocks_equal_one_call(corpus, monkeypatch):
     np.testing.assert_allclose(blocked, whole, rtol=1e-6, atol=1e-6)
     graph = tf.function(m.corpus_embeddings)().numpy()  # in a graph (the full-softmax loss): one call
     np.testing.assert_allclose(graph, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["full_softmax", "in_batch", "mixed"])
+def test_dense_no_context_share_over_every_target_is_the_plain_loss(corpus, loss):
+    # a share just under 1 draws every target (in a random order): the subset path must give the plain loss
+    x = sequence_batch(9)
+    rows = tf.constant(np.arange(0, N, 3), tf.int64)  # mixed: the same sampled ads whatever else is drawn
+
+    def fixed(model: ContextualTwoTower) -> ContextualTwoTower:
+        if model.negatives is not None:
+            model.negatives.sample = lambda: rows
+        model.compute_loss(x)  # builds the candidate tower too
+        return model
+
+    plain = fixed(dense_model(corpus, loss=loss))
+
+    def with_share(share: float) -> ContextualTwoTower:
+        model = fixed(ContextualTwoTower(plain.cfg, VOCAB, corpus, dense_no_context_share=share))
+        model.set_weights(plain.get_weights())
+        return model
+
+    assert seeded_loss(with_share(0.999), x) == pytest.approx(seeded_loss(plain, x), rel=1e-5)
+    # a real subset: another estimate of the same loss
+    assert seeded_loss(with_share(0.5), x) != pytest.approx(seeded_loss(plain, x), rel=1e-4)
+
+
+def test_mixed_loss_of_a_subset_of_queries_is_their_share_of_the_batch_loss():
+    from tfrs_ctx.models.two_tower import mixed_softmax_loss
+
+    rng = np.random.default_rng(3)
+    q, c = tf.constant(rng.normal(size=(12, 8)), tf.float32), tf.constant(rng.normal(size=(20, 8)), tf.float32)
+    ids = tf.constant(rng.integers(2, 9, 20))  # repeats: accidental hits to mask
+    log_counts = tf.constant(rng.normal(size=20), tf.float32)
+    subset = tf.constant([1, 4, 5, 10])
+    indicator = tf.scatter_nd(subset[:, tf.newaxis], tf.ones(4), [12])
+    whole = mixed_softmax_loss(q, c, ids, log_counts, 0.1, indicator)
+    part = mixed_softmax_loss(tf.gather(q, subset), c, ids, log_counts, 0.1, positives=subset)
+    assert float(part) == pytest.approx(float(whole), rel=1e-5)
+
+
+def test_dense_training_with_a_no_context_share_lowers_the_loss(corpus):
+    import tf_keras as keras
+
+    cfg = ModelConfig(dropout=0.0, time_gap=schema.TIME_GAP_NEXT_EVENT, loss="mixed", sampled_negatives=64)
+    model = ContextualTwoTower(cfg, VOCAB, corpus, dense_no_context_share=0.25)
+    model(batch())
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    x = sequence_batch(6, rows=16)
+    first = seeded_loss(model, x)
+    for _ in range(15):
+        model.train_step(x)
+    assert seeded_loss(model, x) < first

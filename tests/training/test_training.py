@@ -329,3 +329,14 @@ def test_dense_training_with_strict_history_and_user_weights_lowers_the_loss(sma
     assert trained_loss < np.mean([float(untrained.compute_loss(b)) for b in sequences]) - 0.2
     with pytest.raises(ValueError, match="dense_user_targets"):
         load_config("synthetic", ["train.mode=dense", "train.dense_user_targets=-1"])
+
+
+def test_the_dense_recipe_keys_apply_to_dense_mode_only():
+    dense = load_config("synthetic", ["train.mode=dense", "train.dense_loss=mixed"])
+    assert dense.model.loss == "mixed"
+    assert load_config("synthetic", ["train.dense_loss=mixed"]).model.loss == "auto"  # per target: untouched
+    explicit = load_config("synthetic", ["train.mode=dense", "train.dense_loss=mixed", "model.loss=full_softmax"])
+    assert explicit.model.loss == "full_softmax"  # an explicit model.loss wins
+    for bad in ("train.dense_no_context_share=0", "train.dense_no_context_share=1.5", "train.dense_loss=sampled"):
+        with pytest.raises(ValueError, match="dense_"):
+            load_config("synthetic", [bad])

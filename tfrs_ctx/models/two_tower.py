@@ -187,8 +187,10 @@ def mixed_softmax_loss(
     log_counts: tf.Tensor,
     temperature: float,
     weights: tf.Tensor | None = None,
+    positives: tf.Tensor | None = None,
 ) -> tf.Tensor:
-    """The summed softmax loss of ``B`` queries over ``[B + M]`` candidates (query ``i``'s positive: column ``i``).
+    """The summed softmax loss of ``B`` queries over ``[B + M]`` candidates (query ``i``'s positive: column ``i``,
+    or ``positives[i]``: a subset of the batch's queries against the whole batch's candidates).
 
     Logits are ``score / temperature - log_counts`` (the logQ correction, unclipped: TFRS's clips the
     probability to [1e-6, 1], which flattens the uniform share of a corpus above 1M ads); a column
@@ -196,18 +198,28 @@ def mixed_softmax_loss(
     in-batch loss: summed over replicas it is the global sum. ``weights`` ``[B]``: each query's weight.
     """
     logits = tf.matmul(queries, candidates, transpose_b=True) / temperature - log_counts[tf.newaxis]
-    batch = tf.shape(queries)[0]
-    positive = tf.range(batch)
-    hit = tf.equal(ids[:batch, tf.newaxis], ids[tf.newaxis]) & ~tf.cast(tf.one_hot(positive, tf.shape(ids)[0]), tf.bool)
+    positive = tf.range(tf.shape(queries)[0]) if positives is None else tf.cast(positives, tf.int32)
+    own = tf.gather(ids, positive)
+    hit = tf.equal(own[:, tf.newaxis], ids[tf.newaxis]) & ~tf.cast(tf.one_hot(positive, tf.shape(ids)[0]), tf.bool)
     logits = tf.where(hit, tf.cast(-1e9, logits.dtype), logits)
     losses = tf.nn.sparse_softmax_cross_entropy_with_logits(positive, logits)
     return tf.reduce_sum(losses if weights is None else weights * losses)
 
 
 class ContextualTwoTower(tfrs.models.Model):
-    def __init__(self, cfg: ModelConfig, vocab_sizes: dict[str, int], corpus: dict[str, np.ndarray], seed: int = 0):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_sizes: dict[str, int],
+        corpus: dict[str, np.ndarray],
+        seed: int = 0,
+        dense_no_context_share: float = 1.0,
+    ):
         super().__init__()
         self.cfg = cfg
+        # dense training only (train.dense_no_context_share): the share of a step's targets the no-context loss
+        # runs on, drawn at random per step (1: every target)
+        self.dense_no_context_share = float(dense_no_context_share)
         d = cfg.embedding_dim
         self.item_embedding = keras.layers.Embedding(vocab_sizes[schema.VOCAB_ITEM], d, name="item_embedding")
         self.advertiser_embedding = keras.layers.Embedding(
@@ -406,54 +418,96 @@ class ContextualTwoTower(tfrs.models.Model):
 
     # ---- loss --------------------------------------------------------------------------
     def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        if is_sequence_batch(features):
+        sequence = is_sequence_batch(features)
+        if sequence:
             encoded, features = self.dense_targets(features, training)
         else:
             encoded = self.encode_history(features, training)
         queries = [self.head(encoded, features, training)]
-        weights = [1.0]
+        weights, subsets = [1.0], [None]
         if self.context_layer is not None and self.cfg.no_context_loss_weight > 0:
-            queries.append(self.head(encoded, without_context(features), training))
+            subset = None
+            if sequence and self.dense_no_context_share < 1.0:
+                subset = no_context_subset(tf.shape(encoded)[0], self.dense_no_context_share)
+                encoded = tf.gather(encoded, subset)
+                features_nc = {name: tf.gather(value, subset) for name, value in features.items()}
+            else:
+                features_nc = features
+            queries.append(self.head(encoded, without_context(features_nc), training))
             weights.append(self.cfg.no_context_loss_weight)
-        losses = self.retrieval_losses(queries, features, training)
+            subsets.append(subset)
+        losses = self.retrieval_losses(queries, features, training, subsets)
         return tf.add_n([w * loss for w, loss in zip(weights, losses, strict=True)])
 
     def retrieval_losses(
-        self, queries: list[tf.Tensor], features: dict[str, tf.Tensor], training: bool = False
+        self,
+        queries: list[tf.Tensor],
+        features: dict[str, tf.Tensor],
+        training: bool = False,
+        subsets: list[tf.Tensor | None] | None = None,
     ) -> list[tf.Tensor]:
         """The retrieval loss of each query batch against the same labels (candidates computed once).
 
         ``features[TARGET_WEIGHT]`` (dense training, optional): each query's weight in the loss.
+        ``subsets[i]`` (optional): query batch ``i`` holds only these rows of the batch (their labels,
+        the whole batch's candidates); its loss estimates the whole batch's (a mean, or a sum scaled by
+        rows / subset rows).
         """
+        subsets = subsets or [None] * len(queries)
         weights = features.get(TARGET_WEIGHT)
         if self.full_softmax:
             corpus = self.corpus_embeddings(training)
             rows = features[schema.LABEL_ITEM] - schema.NUM_RESERVED_IDS
-            losses = [
-                tf.nn.sparse_softmax_cross_entropy_with_logits(
-                    rows, tf.matmul(q, corpus, transpose_b=True) / self.cfg.temperature
+            out = []
+            for q, subset in zip(queries, subsets, strict=True):
+                r, w = (rows, weights) if subset is None else (tf.gather(rows, subset), _gather(weights, subset))
+                loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    r, tf.matmul(q, corpus, transpose_b=True) / self.cfg.temperature
                 )
-                for q in queries
-            ]
-            return [global_mean(loss if weights is None else weights * loss) for loss in losses]
+                out.append(global_mean(loss if w is None else w * loss))
+            return out
         candidates = self.candidate_embedding(features, training)
         ids, probability = features[schema.LABEL_ITEM], features[schema.LABEL_SAMPLING_PROB]
         if self.negatives is None:
-            return [
-                self.task(
-                    q,
-                    candidates,
-                    sample_weight=weights,
-                    candidate_sampling_probability=probability,
-                    candidate_ids=ids,
-                    compute_metrics=False,
+            out = []
+            for q, subset in zip(queries, subsets, strict=True):
+                c, p, i, w, scale = candidates, probability, ids, weights, 1.0
+                if subset is not None:  # in-batch over the subset's own labels
+                    c, p, i, w = (tf.gather(x, subset) for x in (candidates, probability, ids, _ones(weights, ids)))
+                    scale = _scale(ids, subset)
+                loss = self.task(
+                    q, c, sample_weight=w, candidate_sampling_probability=p, candidate_ids=i, compute_metrics=False
                 )
-                for q in queries
-            ]
+                out.append(scale * loss)
+            return out
         # mixed: + corpus ads drawn once per step, shared by every query (and by both heads)
         rows = self.negatives.sample()
         sampled = {name: tf.gather(self.corpus[name], rows) for name in schema.CANDIDATE_FEATURES}
         candidates = tf.concat([candidates, self.candidate_embedding(sampled, training)], axis=0)
         log_counts = tf.math.log(self.negatives.expected_counts(ids, probability, rows))
-        ids = tf.concat([ids, rows + schema.NUM_RESERVED_IDS], axis=0)
-        return [mixed_softmax_loss(q, candidates, ids, log_counts, self.cfg.temperature, weights) for q in queries]
+        all_ids = tf.concat([ids, rows + schema.NUM_RESERVED_IDS], axis=0)
+        out = []
+        for q, subset in zip(queries, subsets, strict=True):
+            w = weights if subset is None else _gather(weights, subset)
+            loss = mixed_softmax_loss(q, candidates, all_ids, log_counts, self.cfg.temperature, w, subset)
+            out.append(loss if subset is None else _scale(ids, subset) * loss)
+        return out
+
+
+def no_context_subset(targets: tf.Tensor, share: float) -> tf.Tensor:
+    """``ceil(share * targets)`` distinct target rows drawn at random (the no-context loss's share of a dense step)."""
+    count = tf.cast(tf.math.ceil(share * tf.cast(targets, tf.float32)), tf.int32)
+    return tf.random.shuffle(tf.range(targets))[:count]
+
+
+def _gather(values: tf.Tensor | None, rows: tf.Tensor) -> tf.Tensor | None:
+    return None if values is None else tf.gather(values, rows)
+
+
+def _ones(weights: tf.Tensor | None, ids: tf.Tensor) -> tf.Tensor:
+    return tf.ones(tf.shape(ids), tf.float32) if weights is None else weights
+
+
+def _scale(ids: tf.Tensor, subset: tf.Tensor) -> tf.Tensor:
+    """rows / subset rows: a subset's summed loss as an estimate of the whole batch's sum."""
+    return tf.math.divide_no_nan(tf.cast(tf.shape(ids)[0], tf.float32), tf.cast(tf.shape(subset)[0], tf.float32))

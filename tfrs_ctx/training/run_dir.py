@@ -32,7 +32,8 @@ def build_model(cfg: Config) -> ContextualTwoTower:
     corpus = dataset.load_corpus(cfg.train.data_dir)
     if resolve_loss(cfg.model, len(corpus[schema.ITEM_ID])) == LOSS_MIXED:
         corpus[schema.LABEL_SAMPLING_PROB] = ad_popularity(cfg.train.data_dir, corpus[schema.ITEM_ID])
-    return ContextualTwoTower(cfg.model, meta["vocab_sizes"], corpus, seed=cfg.train.seed)
+    share = cfg.train.dense_no_context_share
+    return ContextualTwoTower(cfg.model, meta["vocab_sizes"], corpus, seed=cfg.train.seed, dense_no_context_share=share)
 
 
 def ad_popularity(data_dir: str, item_ids: np.ndarray) -> np.ndarray:
