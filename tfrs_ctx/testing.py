@@ -1,5 +1,5 @@
-"""Test and benchmark infrastructure: a private ``redis-server``, free loopback ports, and a
-local multi-worker training cluster.
+"""Test and benchmark infrastructure: a private ``redis-server``, free loopback ports, a
+local multi-worker training cluster, and toy corpora and feature batches for model unit tests.
 
 The tests, the benchmarks and the load test start real services with these (a private Redis
 server; model servers on a free port: ``serving.launcher.start_server(port=0)``; training workers
@@ -19,6 +19,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+
+import numpy as np
+
+from tfrs_ctx import schema
 
 LOOPBACK = "127.0.0.1"
 
@@ -184,3 +188,26 @@ def _run_workers(argv, hosts, workers, deadline, env, grace_s, logs) -> list[Wor
         results.append(WorkerResult(None if k else p.returncode, out.read(), k))
         out.close()
     return results
+
+
+def toy_corpus(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``n`` ads (raw ids 100.., vocabulary indices from ``NUM_RESERVED_IDS``) with random advertisers
+    (2..11), categories (2..29) and confidences: the candidate-tower features of a model unit test."""
+    return {
+        schema.ITEM_ID: np.arange(n) + 100,
+        schema.LABEL_ITEM: np.arange(n) + schema.NUM_RESERVED_IDS,
+        schema.LABEL_ADVERTISER: rng.integers(2, 12, n),
+        schema.LABEL_CATEGORIES: rng.integers(2, 30, (n, schema.MAX_CATEGORIES)),
+        schema.LABEL_CONFIDENCES: rng.random((n, schema.MAX_CATEGORIES)).astype("float32"),
+    }
+
+
+def random_features(batch: int, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Every example feature at random (ints 2..11, floats in [0, 1)) with history items among the
+    ``n`` ads of :func:`toy_corpus`; tests then set the features they are about."""
+    out = {}
+    for f in schema.FEATURES.values():
+        shape = (batch, *f.shape)
+        out[f.name] = rng.integers(2, 12, shape) if f.dtype == "int64" else rng.random(shape).astype("float32")
+    out[schema.HISTORY_ITEM] = rng.integers(2, n + 2, (batch, schema.MAX_HISTORY))
+    return out

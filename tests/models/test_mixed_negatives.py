@@ -14,20 +14,14 @@ import tensorflow as tf
 from tfrs_ctx import schema
 from tfrs_ctx.config import ModelConfig, load_config
 from tfrs_ctx.models.two_tower import LOSS_MIXED, ContextualTwoTower, CorpusNegatives, resolve_loss
+from tfrs_ctx.testing import random_features, toy_corpus
 
 N, B = 200, 32
 VOCAB = {v: 12 for v in schema.VOCABULARIES} | {schema.VOCAB_ITEM: N + 2, schema.VOCAB_CATEGORY: 30}
 
 
 def make_corpus(popularity: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    corpus = {
-        schema.ITEM_ID: np.arange(N) + 100,
-        schema.LABEL_ITEM: np.arange(N) + schema.NUM_RESERVED_IDS,
-        schema.LABEL_ADVERTISER: rng.integers(2, 12, N),
-        schema.LABEL_CATEGORIES: rng.integers(2, 30, (N, schema.MAX_CATEGORIES)),
-        schema.LABEL_CONFIDENCES: rng.random((N, schema.MAX_CATEGORIES)).astype("float32"),
-    }
+    corpus = toy_corpus(N, np.random.default_rng(0))
     zipf = 1.0 / np.arange(1, N + 1)
     corpus[schema.LABEL_SAMPLING_PROB] = (zipf / zipf.sum() if popularity is None else popularity).astype("float32")
     return corpus
@@ -35,11 +29,7 @@ def make_corpus(popularity: np.ndarray | None = None) -> dict[str, np.ndarray]:
 
 def make_batch(corpus: dict[str, np.ndarray], seed: int = 0, labels: np.ndarray | None = None) -> dict:
     rng = np.random.default_rng(seed)
-    out = {}
-    for f in schema.FEATURES.values():
-        shape = (B, *f.shape)
-        out[f.name] = rng.integers(2, 12, shape) if f.dtype == "int64" else rng.random(shape).astype("float32")
-    out[schema.HISTORY_ITEM] = rng.integers(2, N + 2, (B, schema.MAX_HISTORY))
+    out = random_features(B, N, rng)
     out[schema.HISTORY_TIME_GAP] = rng.integers(1, schema.NUM_TIME_GAP_BUCKETS, (B, schema.MAX_HISTORY))
     out[schema.HISTORY_LENGTH] = rng.integers(0, schema.MAX_HISTORY + 1, B)
     out[schema.CONTEXT_CATEGORIES] = rng.integers(2, 30, (B, schema.MAX_CATEGORIES))

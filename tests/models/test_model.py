@@ -9,6 +9,7 @@ import tensorflow as tf
 from tfrs_ctx import schema
 from tfrs_ctx.config import ModelConfig
 from tfrs_ctx.models.two_tower import ContextualTwoTower
+from tfrs_ctx.testing import toy_corpus
 
 N, B = 200, 32
 
@@ -16,14 +17,9 @@ N, B = 200, 32
 @pytest.fixture(scope="module")
 def corpus():
     rng = np.random.default_rng(0)
-    return {
-        schema.ITEM_ID: np.arange(N) + 100,
-        schema.LABEL_ITEM: np.arange(N) + schema.NUM_RESERVED_IDS,
-        schema.LABEL_ADVERTISER: rng.integers(2, 12, N),
-        schema.LABEL_CATEGORIES: rng.integers(2, 30, (N, schema.MAX_CATEGORIES)),
-        schema.LABEL_CONFIDENCES: rng.random((N, schema.MAX_CATEGORIES)).astype("float32"),
-        schema.LABEL_SAMPLING_PROB: rng.random(N).astype("float32"),  # popularity: mixed negatives' sampler
-    }
+    corpus = toy_corpus(N, rng)
+    corpus[schema.LABEL_SAMPLING_PROB] = rng.random(N).astype("float32")  # popularity: mixed negatives' sampler
+    return corpus
 
 
 VOCAB = {v: 12 for v in schema.VOCABULARIES} | {schema.VOCAB_ITEM: N + 2, schema.VOCAB_CATEGORY: 30}
@@ -346,8 +342,9 @@ def test_dense_no_context_share_over_every_target_is_the_plain_loss(corpus, loss
         return model
 
     assert seeded_loss(with_share(0.999), x) == pytest.approx(seeded_loss(plain, x), rel=1e-5)
-    # a real subset: another estimate of the same loss
-    assert seeded_loss(with_share(0.5), x) != pytest.approx(seeded_loss(plain, x), rel=1e-4)
+    # a real subset: another estimate of the same loss (close on an untrained model, where every target's
+    # loss is near log(candidates): so the same tolerance as above, not a wider one)
+    assert seeded_loss(with_share(0.5), x) != pytest.approx(seeded_loss(plain, x), rel=1e-5)
 
 
 def test_mixed_loss_of_a_subset_of_queries_is_their_share_of_the_batch_loss():

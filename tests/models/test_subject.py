@@ -10,6 +10,7 @@ import tensorflow as tf
 from tfrs_ctx import export, schema, signatures
 from tfrs_ctx.config import Config, ModelConfig
 from tfrs_ctx.models.two_tower import SEQ_STATE_POSITION, SEQ_SUBJECT_ITEM, ContextualTwoTower, without_context
+from tfrs_ctx.testing import random_features, toy_corpus
 from tfrs_ctx.training import subject
 
 N, B = 60, 8
@@ -18,23 +19,12 @@ SMALL = dict(embedding_dim=16, ff_dim=32, mlp_hidden=[32], output_dim=16, catego
 
 
 def _corpus() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {
-        schema.ITEM_ID: np.arange(N) + 100,
-        schema.LABEL_ITEM: np.arange(N) + schema.NUM_RESERVED_IDS,
-        schema.LABEL_ADVERTISER: rng.integers(2, 12, N),
-        schema.LABEL_CATEGORIES: rng.integers(2, 30, (N, schema.MAX_CATEGORIES)),
-        schema.LABEL_CONFIDENCES: rng.random((N, schema.MAX_CATEGORIES)).astype("float32"),
-    }
+    return toy_corpus(N, np.random.default_rng(0))
 
 
 def _batch(seed: int = 0) -> dict[str, tf.Tensor]:
     rng = np.random.default_rng(seed)
-    out = {}
-    for f in schema.FEATURES.values():
-        shape = (B, *f.shape)
-        out[f.name] = rng.integers(2, 12, shape) if f.dtype == "int64" else rng.random(shape).astype("float32")
-    out[schema.HISTORY_ITEM] = rng.integers(2, N + 2, (B, schema.MAX_HISTORY))
+    out = random_features(B, N, rng)
     out[schema.HISTORY_LENGTH] = rng.integers(1, schema.MAX_HISTORY + 1, B)
     for name in (schema.HISTORY_TIME_GAP, schema.HISTORY_NEXT_GAP):
         out[name] = rng.integers(1, schema.NUM_TIME_GAP_BUCKETS, (B, schema.MAX_HISTORY))
