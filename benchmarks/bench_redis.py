@@ -97,9 +97,11 @@ def write_side_sources(store_dir: str, user_ids: np.ndarray, at: dt.datetime) ->
         S.SUBJECT_ITEM_ID: pa.array([1, 2], pa.int64()),
         S.CATEGORIES: pa.array([[1, 2], [3]], pa.list_(pa.int64())),
         S.CONFIDENCES: pa.array([[0.5, 0.5], [1.0]], pa.list_(pa.float32())),
+        S.AD_ID: pa.array([None, None], pa.int64()),  # not ads
         S.EVENT_TIMESTAMP: pa.array([at, at], pa.timestamp("us", "UTC")),
     }
-    pq.write_table(pa.table(subjects).cast(subject_items_schema()), paths.subject_items)
+    schema = subject_items_schema()
+    pq.write_table(pa.table(subjects).select(schema.names).cast(schema), paths.subject_items)
 
 
 def redis_memory(server: RedisServer) -> dict[str, int]:

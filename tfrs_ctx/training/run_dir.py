@@ -54,7 +54,7 @@ def load_trained(run_dir: str, data_dir: str | None = None) -> tuple[ContextualT
     model = build_model(cfg)
     status = tf.train.Checkpoint(model=model).read(os.path.join(run_dir, FINAL_DIR, FINAL_WEIGHTS))
     model(dummy_batch(1), training=False)  # create the variables; restores them
-    model.corpus_embeddings()
+    model.candidate_embedding({k: v[:1] for k, v in model.corpus.items()})  # the tower on one ad, not 10M
     status.assert_existing_objects_matched().expect_partial()
     return model, cfg
 
