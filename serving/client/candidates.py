@@ -103,12 +103,13 @@ class FeatureReader(Protocol):
     """Online feature reads the client needs (a Feast-backed one is in ``serving.client.features``).
 
     A reader may also offer ``request_features(user_ids, item_ids) -> (users, subject_items)``, the
-    two in one read; the client uses it when present.
+    two in one read; the client uses it when present. A subject item's entry is ``(categories,
+    confidences)`` or ``(categories, confidences, ad_id)`` (``ad_id`` ``None``: not an ad).
     """
 
     def users(self, user_ids: Sequence[int]) -> dict[int, UserState]: ...
 
-    def subject_items(self, item_ids: Sequence[int]) -> dict[int, tuple[list[int], list[float]] | None]: ...
+    def subject_items(self, item_ids: Sequence[int]) -> dict[int, tuple | None]: ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,9 @@ from serving.client.candidates import UserState
 from tfrs_ctx import feature_store as fs
 from tfrs_ctx import schema
 
+# A subject item's online features: (categories, confidences, ad_id); ad_id None: not an ad
+SubjectEntry = tuple[list[int], list[float], int | None]
+
 log = logging.getLogger("tfrs_ctx.features")
 
 
@@ -38,12 +41,12 @@ class FeastFeatureReader:
     def users(self, user_ids: Sequence[int]) -> dict[int, UserState]:
         return _users(user_ids, fs.read_user_features(self.store, user_ids))
 
-    def subject_items(self, item_ids: Sequence[int]) -> dict[int, tuple[list[int], list[float]] | None]:
+    def subject_items(self, item_ids: Sequence[int]) -> dict[int, SubjectEntry | None]:
         return _subjects(item_ids, fs.read_subject_items(self.store, item_ids))
 
     def request_features(
         self, user_ids: Sequence[int], item_ids: Sequence[int]
-    ) -> tuple[dict[int, UserState], dict[int, tuple[list[int], list[float]] | None]]:
+    ) -> tuple[dict[int, UserState], dict[int, SubjectEntry | None]]:
         """``users(user_ids)`` and ``subject_items(item_ids)`` in one Feast online read."""
         users, subjects = fs.read_request_features(self.store, user_ids, item_ids)
         return _users(user_ids, users), _subjects(item_ids, subjects)
@@ -64,7 +67,7 @@ def _users(user_ids: Sequence[int], rows: list) -> dict[int, UserState]:
     return out
 
 
-def _subjects(item_ids: Sequence[int], rows: list) -> dict[int, tuple | None]:
+def _subjects(item_ids: Sequence[int], rows: list) -> dict[int, SubjectEntry | None]:
     """Per subject item: ``(categories, confidences, ad_id)`` (``ad_id`` ``None``: not an ad), or ``None``."""
     return {
         int(i): None

@@ -46,7 +46,7 @@ def test_unknown_subject_item_gets_the_no_context_path(client, known):
 
 def test_batch_and_explicit_context(client, known, reader):
     user, subject = known[0][1], known[1][2]
-    cats, weights = reader.subject_items([subject])[subject]
+    cats, weights, _ = reader.subject_items([subject])[subject]  # (categories, confidences, ad_id)
     via_subject, explicit = client.recommend([AdRequest(user, subject), AdRequest(user, None, cats, weights)])
     assert via_subject.item_ids == explicit.item_ids
     assert via_subject.scores == pytest.approx(explicit.scores, abs=1e-6)
