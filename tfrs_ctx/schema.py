@@ -259,9 +259,9 @@ def vocab_size(num_values: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class Feature:
     name: str
-    dtype: str  # "int64" | "float32"
+    dtype: str  # "int64" | "float32" | "string"
     shape: tuple[int, ...]  # per example, without the batch dimension
-    default: float | int = 0
+    default: float | int | str = 0
 
 
 # Identity / bookkeeping
@@ -278,6 +278,12 @@ HISTORY_LENGTH = "history_length"
 # Context: interest categories of what the user is looking at, with confidence weights
 CONTEXT_CATEGORIES = "context_categories"
 CONTEXT_WEIGHTS = "context_weights"
+# Search surface context: the query text as the user typed it ("" = no query). Request examples of
+# the search log carry the real query; training examples (where the data has the taxonomy's names,
+# CATEGORY_NAMES) a synthetic one written from the label ad's category names
+# (:mod:`tfrs_ctx.data.search_context`). Not in FEATURES: only search-capable data and models read it
+# (:func:`with_query`); a parser that asks for it gets "" where an example lacks it.
+CONTEXT_QUERY = "context_query"
 # Demographics (vocab indices; PAD_ID means missing)
 USER_AGE_BUCKET = "user_age_bucket"
 USER_COUNTRY = "user_country"
@@ -327,6 +333,14 @@ FEATURES: dict[str, Feature] = {
         Feature(SUBJECT_ITEM, "int64", ()),
     )
 }
+
+QUERY_FEATURE = Feature(CONTEXT_QUERY, "string", (), "")
+
+
+def with_query(features: dict[str, Feature]) -> dict[str, Feature]:
+    """A feature set plus the search query (:data:`CONTEXT_QUERY`)."""
+    return {**features, CONTEXT_QUERY: QUERY_FEATURE}
+
 
 # Sequence examples (dense training: every position of a history is a target in one pass).
 # One example = a window of one user's conversions before the cutoff. The inputs are the
@@ -382,16 +396,24 @@ SPLIT_TRAIN_REQUESTS = "train_requests"  # requests before the cutoff, their rea
 SPLIT_EVAL = "eval"  # requests at/after the cutoff, their real context
 SPLIT_TRAIN_SEQUENCES = "train_sequences"  # SEQUENCE_FEATURES: windows of conversions before the cutoff
 SPLITS = (SPLIT_TRAIN, SPLIT_TRAIN_REQUESTS, SPLIT_EVAL, SPLIT_TRAIN_SEQUENCES)
+# Search surface splits, written only where the raw data has a SEARCH_REQUESTS table: its requests
+# before / at-or-after the same cutoff, with their real query (with_query(FEATURES)).
+SPLIT_TRAIN_SEARCH = "train_search_requests"
+SPLIT_EVAL_SEARCH = "eval_search"
+SEARCH_SPLITS = (SPLIT_TRAIN_SEARCH, SPLIT_EVAL_SEARCH)
 TFRECORD_SUFFIX = ".tfrecord.gz"
 # Beside the eval split: every ad each eval request's user converted on strictly before the
 # request (JSON lines {REQUEST_ID: id, "items": [item-vocab indices]}), for evaluation's
 # exclude_history rule (the examples' histories keep only the last MAX_HISTORY events).
 EVAL_CONSUMED_DIR = "eval_consumed"
+EVAL_SEARCH_CONSUMED_DIR = "eval_search_consumed"  # the same for the eval_search split
 CONSUMED_ITEMS = "items"
 
 
 def split_features(split: str) -> dict[str, Feature]:
-    """The feature set a split's examples carry."""
+    """The feature set a split's examples carry (the search splits: with the query)."""
+    if split in SEARCH_SPLITS:
+        return with_query(FEATURES)
     return SEQUENCE_FEATURES if split == SPLIT_TRAIN_SEQUENCES else FEATURES
 
 
@@ -418,13 +440,15 @@ REQUEST_K = "k"  # optional head input, [B] or [1] int64: results wanted, 1..exp
 # default) or an id outside the ad vocabulary: no subject ad (a raw ad id of -1 cannot be a subject).
 SUBJECT_AD = "subject_ad_id"
 NO_SUBJECT_AD = -1
+# Optional head input of a search-capable model (model.search_query), [B] string: CONTEXT_QUERY, the
+# raw query text (tokenised and hashed in the graph); "" (the default) = no query.
 
 
 def feature_spec(features: dict[str, Feature] | None = None) -> dict[str, Any]:
     """``tf.io.parse_example`` spec for every feature of a feature set (default: ``FEATURES``)."""
     import tensorflow as tf
 
-    dtypes = {"int64": tf.int64, "float32": tf.float32}
+    dtypes = {"int64": tf.int64, "float32": tf.float32, "string": tf.string}
     return {
         f.name: tf.io.FixedLenFeature(f.shape, dtypes[f.dtype], default_value=_default(f))
         for f in (FEATURES if features is None else features).values()
