@@ -54,6 +54,11 @@ class ModelConfig:
     # The subject ad's own id embedding (shared with the towers) in the context path (tfrs_ctx/models/subject.py);
     # trained where the data defines the subject (train.context_is_previous_event; tfrs_ctx/training/subject.py)
     subject_embedding: bool = False
+    # The search surface (tfrs_ctx/models/query_encoder.py): the query text, hashed words and char n-grams in the
+    # graph, as a second context block with its own trust; one model serves both surfaces (a request brings
+    # the subject item's categories, or a query, or neither). Needs data with the taxonomy's names.
+    search_query: bool = False
+    query_buckets: int = 65_536  # hash buckets of the word table and of the n-gram table each
 
 
 @dataclasses.dataclass
@@ -90,6 +95,9 @@ class TrainConfig:
     # (that event then left out of their history, as in a request); the others have no subject
     subject_share: float = 0.5
     subject_real_context: bool = True  # a subject target's category context: the subject's own (else the label's)
+    # model.search_query: the share of training targets whose context is their synthetic query (categories
+    # cleared) rather than their synthetic categories (query cleared): each target trains one surface
+    search_share: float = 0.5
     exclude_history: bool = False  # evaluation: drop already-converted ads from the ranking
     seed: int = 0
 
@@ -138,6 +146,7 @@ class Config:
             if train.context_source == "real":
                 raise ValueError("train.mode=dense trains on conversions: train.context_source=real needs per_target")
         _check_subject(model, train)
+        _check_search(model, train)
         return cls(model, train)
 
 
@@ -161,6 +170,18 @@ def _check_subject(model: ModelConfig, train: TrainConfig) -> None:
         raise ValueError("train.subject_share must be in (0, 1]")
     if train.mode == MODE_DENSE and train.dense_strict_history:
         raise ValueError("model.subject_embedding with train.dense_strict_history is not supported")
+
+
+def _check_search(model: ModelConfig, train: TrainConfig) -> None:
+    """model.search_query trains per target (sequence examples carry no query)."""
+    if not model.search_query or not model.use_context:
+        return
+    if train.mode == MODE_DENSE:
+        raise ValueError("model.search_query needs train.mode=per_target (train_sequences carry no query)")
+    if not 0.0 < train.search_share < 1.0:
+        raise ValueError("train.search_share must be in (0, 1): each surface needs training targets")
+    if model.query_buckets < 1:
+        raise ValueError("model.query_buckets must be >= 1")
 
 
 def _retired_train_keys(values: dict[str, Any]) -> dict[str, Any]:

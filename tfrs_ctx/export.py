@@ -25,6 +25,9 @@ Inputs are *raw* values: vocabularies are looked up inside the graph, so no clie
   and ``full`` also take an optional ``subject_ad_id`` (``[B]`` or ``[1]``; default
   ``schema.NO_SUBJECT_AD``): the request's subject ad as a raw ad id, looked up in the graph (an
   unknown id: no subject). Other models' signatures are unchanged.
+* a model with ``model.search_query`` (``model_info.json`` ``search_query``): ``context_head`` and ``full``
+  also take an optional ``context_query`` (``[B]`` or ``[1]`` string; default ""): the search request's
+  query as typed, tokenised and hashed in the graph (core ``tf.strings`` ops); "" = no query.
 
 The corpus is searched by one :class:`tfrs_ctx.retrieval.IVFIndex` (brute force up to the
 exact threshold, IVF above), built here and saved into ``context_head`` and ``full`` only (the
@@ -210,7 +213,11 @@ class ExportModule:
         return {schema.SUBJECT_AD: signatures.OPTIONAL_HEAD_INPUTS[schema.SUBJECT_AD]}
 
     def _with_subject(self, module: _Exported, raw: dict[str, tf.Tensor], features: dict, batch_of) -> dict:
-        """``features`` plus the subject ad's vocab index (raw ``subject_ad_id`` mapped in the graph)."""
+        """``features`` plus the subject ad's vocab index (raw ``subject_ad_id`` mapped in the graph)
+        and, for a search model, the query (``[1]`` broadcast to every row)."""
+        if getattr(self.model, "query_layer", None) is not None:
+            query = tf.broadcast_to(tf.reshape(raw[schema.CONTEXT_QUERY], [-1]), tf.shape(batch_of)[:1])
+            features = {**features, schema.CONTEXT_QUERY: query}
         if self.model.subject_layer is None:
             return features
         table = module.lookups.tables[schema.VOCAB_ITEM]
@@ -319,6 +326,8 @@ def export_all(
     k_default = {schema.REQUEST_K: tf.constant([top_k], tf.int64)}
     if model.subject_layer is not None:  # only a model that reads the subject ad takes it (default: none)
         k_default[schema.SUBJECT_AD] = tf.constant([schema.NO_SUBJECT_AD], tf.int64)
+    if getattr(model, "query_layer", None) is not None:  # a search model: the query (default: none)
+        k_default[schema.CONTEXT_QUERY] = tf.constant([""], tf.string)
     plans = {
         schema.MODEL_ENCODER: (exporter.encode, signatures.encoder_inputs_spec(), {}),
         schema.MODEL_CONTEXT_HEAD: (exporter.head, signatures.head_inputs_spec(dim, model.fusion_states), k_default),
@@ -333,6 +342,7 @@ def export_all(
         "n_items": int(built.n_items),
         "use_context": model.context_layer is not None,
         "subject_embedding": getattr(model, "subject_layer", None) is not None,
+        "search_query": getattr(model, "query_layer", None) is not None,
         # How the caller computes the history's gap buckets (beam_pipelines.encode_users reads it).
         "time_gap": model.cfg.time_gap,
         **fusion_info(model),
@@ -343,6 +353,14 @@ def export_all(
         trust = float(model.context_layer.trust.numpy())
         flagged = bool(c.get("flagged", False))  # summaries before the flag: chosen on requests
         info["calibration"] = {"source": c.get("source"), "trust": trust, "flagged": flagged, "flag": c.get("flag")}
+        if getattr(model, "query_layer", None) is not None:  # the search surface's own trust
+            s = c.get("search") or {"source": "unknown", "flagged": True, "flag": "uncalibrated"}
+            info["calibration"]["search"] = {
+                "source": s.get("source"),
+                "trust": float(model.query_layer.trust.numpy()),
+                "flagged": bool(s.get("flagged", False)),
+                "flag": s.get("flag"),
+            }
     paths = {}
     for name, (fn, inputs, defaults) in plans.items():
         base = os.path.join(out_dir, name)

@@ -67,9 +67,12 @@ HEAD_INPUTS: dict[str, Input] = {
 # ``subject_ad_id`` (only models with model.subject_embedding take it): the request's subject ad, a raw
 # ad id (the subject item's ``ad_id`` from the Feast subject-item view), [B] or [1]; default
 # NO_SUBJECT_AD (none).
+# ``context_query`` (only models with model.search_query take it): the search request's query text as
+# typed, [B] or [1]; default "" (no query).
 OPTIONAL_HEAD_INPUTS: dict[str, Input] = {
     S.REQUEST_K: Input("int64", ()),
     S.SUBJECT_AD: Input("int64", (), S.VOCAB_ITEM),
+    S.CONTEXT_QUERY: Input("string", ()),
 }
 
 
@@ -105,6 +108,7 @@ class HeadRow:
     context_weights: Sequence[float] = ()
     demographics: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
     subject_ad_id: int | None = None  # raw ad id of the subject item where it is an ad
+    query: str | None = None  # a search request's query as typed (search models only)
 
     @property
     def has_history(self) -> bool:
@@ -112,7 +116,7 @@ class HeadRow:
 
     @property
     def has_context(self) -> bool:
-        return any(w > 0 for w in self.context_weights[: S.MAX_CATEGORIES])
+        return any(w > 0 for w in self.context_weights[: S.MAX_CATEGORIES]) or bool(self.query)
 
 
 def head_inputs(rows: Sequence[HeadRow], dim: int, states: int = 0) -> dict[str, np.ndarray]:
@@ -140,7 +144,15 @@ def head_inputs(rows: Sequence[HeadRow], dim: int, states: int = 0) -> dict[str,
     for column, feature in S.DEMOGRAPHIC_FEATURE_OF_COLUMN.items():
         out[feature] = np.asarray([(r.demographics.get(column) or S.MISSING_STRING).encode() for r in rows], object)
     out.update(subject_ad_inputs(rows))
+    out.update(query_inputs(rows))
     return out
+
+
+def query_inputs(rows: Sequence[HeadRow]) -> dict[str, np.ndarray]:
+    """The optional ``context_query`` input where some row has a query (else nothing: the default "")."""
+    if all(not r.query for r in rows):
+        return {}
+    return {S.CONTEXT_QUERY: np.asarray([(r.query or "").encode() for r in rows], object)}
 
 
 def subject_ad_inputs(rows: Sequence[HeadRow]) -> dict[str, np.ndarray]:

@@ -114,13 +114,16 @@ class FeatureReader(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class AdRequest:
-    """One ad request: a user and what they are looking at (a subject item, or explicit context)."""
+    """One ad request: a user and what they are looking at (a subject item, or explicit context), or,
+    on the search surface, what they typed (``query``; a model without the search input ignores it,
+    noted)."""
 
     user_id: int
     subject_item_id: int | None = None
     context_categories: Sequence[int] | None = None  # raw category ids, instead of a subject item
     context_weights: Sequence[float] | None = None
     k: int | None = None  # results wanted (1..the exported top_k); None: the client's k
+    query: str | None = None  # a search request's query text as typed
 
 
 @dataclasses.dataclass
@@ -193,6 +196,7 @@ class CandidateClient:
         self._max_k: int | None = None
         self._has_k = False
         self._has_subject: bool | None = None  # the served signature takes subject_ad_id (None: not asked yet)
+        self._has_query: bool | None = None  # ... and context_query (a search model)
         self.k = k
         if k is not None:
             self._check_k(k)
@@ -214,6 +218,7 @@ class CandidateClient:
             self._dim, self._states = encoded_layout(sig.inputs[schema.ENCODED_HISTORY].tensor_shape)
         self._has_k = schema.REQUEST_K in sig.inputs
         self._has_subject = schema.SUBJECT_AD in sig.inputs
+        self._has_query = schema.CONTEXT_QUERY in sig.inputs
         if self._has_k and schema.REQUEST_K in sig.defaults:
             self._max_k = int(to_ndarray(sig.defaults[schema.REQUEST_K]).reshape(-1)[0])
         else:  # an export without a k input: its output width is the only k
@@ -224,6 +229,12 @@ class CandidateClient:
         if self._has_subject is None:
             self._metadata()
         return bool(self._has_subject)
+
+    def takes_query(self) -> bool:
+        """Whether the served model reads a search query (the optional ``context_query`` input; asked once)."""
+        if self._has_query is None:
+            self._metadata()
+        return bool(self._has_query)
 
     @property
     def embedding_dim(self) -> int:
@@ -413,6 +424,11 @@ class CandidateClient:
             else:
                 cats, weights = list(subject[0])[:c], list(subject[1])[:c]
                 subject_ad = subject_ad_of(subject)
+        query = request.query or None
+        if query is not None and not self.takes_query():
+            log.info("user %s: the served model has no search input: query ignored", request.user_id)
+            notes.append("the served model reads no query: no search context")
+            query = None
         user = user or UserState()
         vector, length, version = user.encoded_history, int(user.history_length), user.model_version
         if vector is not None and np.size(vector) != self.stored_width:  # another layout (store schema)
@@ -432,7 +448,7 @@ class CandidateClient:
                 log.info("user %s: no stored history vector: cold start", request.user_id)
                 notes.append("no stored history: cold start")
             vector, length, version = None, 0, None
-        return HeadRow(vector, length, cats, weights, user.demographics, subject_ad), version
+        return HeadRow(vector, length, cats, weights, user.demographics, subject_ad, query), version
 
     def _note_unknown_categories(self, categories: np.ndarray, notes: list[str]) -> None:
         """Log and note each explicit context category outside ``known_categories`` (when given)."""

@@ -16,6 +16,14 @@
     the baseline and the contextual model, evaluated; the lift and the context-missing row per
     point, and each point's lift against the first (``corpus.md``, ``report.json``).
 
+``tfrs-ctx study surfaces --out DIR [--users N] [--strengths 0.75,0] [--fusions concat,cross_attention]``
+    Per context strength (the related-items ``context_strength`` and the search log's
+    ``search_strength`` together): one synthetic dataset with both surfaces; the baseline and one
+    search-capable contextual model per fusion; each evaluated on both surfaces' held-out requests
+    (related items: ``eval``; search: ``eval_search``), with the context-missing row and paired
+    intervals (``surfaces.md``, ``report.json``: ``surfaces.<surface>.<fusion>.lift_recall_at_100``,
+    ``.lo``, ``.hi``, ``.missing_over_baseline`` at the first strength; ``by_strength`` for all).
+
 Every run directory, dataset and per-run report stays under ``DIR`` for inspection.
 """
 
@@ -52,15 +60,18 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
 METRICS = ("recall@10", "recall@50", "recall@100", "recall@200", "ndcg@10")
 
 
-def prepare_data(root: str, users: int, strength: float, max_targets: int, seed: int = 0, ads: int = 10_000) -> str:
-    """Generate + build (skipped when already there); returns the TFRecord directory."""
+def prepare_data(
+    root: str, users: int, strength: float, max_targets: int, seed: int = 0, ads: int = 10_000, **generator
+) -> str:
+    """Generate + build (skipped when already there); returns the TFRecord directory.
+    ``generator``: more :class:`~tfrs_ctx.sources.synthetic.SyntheticConfig` fields (e.g. ``search_strength``)."""
     from beam_pipelines import build_training_data
     from tfrs_ctx import schema
     from tfrs_ctx.sources.synthetic import SyntheticConfig, generate
 
     raw, data = os.path.join(root, "raw"), os.path.join(root, "data")
     if not os.path.exists(os.path.join(data, schema.METADATA_FILE)):
-        config = SyntheticConfig(users=users, context_strength=strength, seed=seed, items=ads)
+        config = SyntheticConfig(users=users, context_strength=strength, seed=seed, items=ads, **generator)
         generate(raw, config, progress=False)
         build_training_data.run(["--input", raw, "--output", data, "--max_targets_per_user", str(max_targets)])
     return data
@@ -283,6 +294,81 @@ def _corpus_lines(result: dict) -> list[str]:
     return lines
 
 
+SURFACES = ("related_items", "search")
+
+
+def surfaces(args: argparse.Namespace) -> dict:
+    """Both surfaces x each fusion x each strength: lift, context missing, trust (see the module docstring)."""
+    from tfrs_ctx.evaluation import evaluate
+
+    fusions = args.fusions.split(",")
+    by_strength: dict[str, dict] = {}
+    for strength in [float(x) for x in args.strengths.split(",")]:
+        root = os.path.join(args.out, f"strength_{strength:g}")
+        print(f"\n=== context and search strength {strength:g}", flush=True)
+        data = prepare_data(root, args.users, strength, args.max_targets_per_user, args.seed, search_strength=strength)
+        base = train_once(args.config, data, os.path.join(root, "baseline"), [*args.set, "model.use_context=false"])
+        point: dict[str, dict] = {name: {} for name in SURFACES}
+        for fusion in fusions:
+            sets = [*args.set, "model.search_query=true", f"model.fusion={fusion}"]
+            ctx = train_once(args.config, data, os.path.join(root, fusion), sets)
+            report = evaluate.evaluate_runs(data, ctx, base, os.path.join(root, f"report_{fusion}"), args.bootstrap)
+            for name, figures in report.get("surfaces", {}).items():
+                point[name][fusion] = surface_point(figures, report, name)
+        by_strength[f"{strength:g}"] = point
+    first = next(iter(by_strength.values()))
+    result = {"users": args.users, "overrides": args.set, "surfaces": first, "by_strength": by_strength}
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    _write(args.out, "surfaces.md", _surface_lines(result))
+    return result
+
+
+def surface_point(figures: dict, report: dict, surface: str) -> dict:
+    """One surface's figures of one contextual model (an evaluation report's ``surfaces`` entry)."""
+    lift, missing = figures["lift"], figures.get("missing_over_baseline", {})
+    trust = figures.get("trust", report.get("context_trust"))
+    rows = {row: figures["rows"][row]["recall@100"] for row in ("baseline", "contextual", "contextual_no_context")}
+    return {
+        "requests": figures["requests"],
+        "trust": trust,
+        "lift_recall_at_100": lift["recall@100"]["lift"],
+        "lo": lift["recall@100"]["lo"],
+        "hi": lift["recall@100"]["hi"],
+        "missing_over_baseline": missing.get("recall@100", {}).get("lift"),
+        "missing_lo": missing.get("recall@100", {}).get("lo"),
+        "missing_hi": missing.get("recall@100", {}).get("hi"),
+        "lift": lift,
+        "recall@100": rows,
+    }
+
+
+def _surface_lines(result: dict) -> list[str]:
+    lines = [
+        f"# Context surfaces ({result['users']} synthetic users; related items: the subject item's categories, "
+        "search: the query text)",
+        "",
+        "| strength | surface | fusion | requests | trust | baseline R@100 | lift R@10 | lift R@100 | lift R@200 "
+        "| context missing / baseline (R@100) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for strength, point in result["by_strength"].items():
+        for surface, fusions in point.items():
+            for fusion, p in fusions.items():
+                lifts = [
+                    f"{p['lift'][m]['lift']:.2f}x [{p['lift'][m]['lo']:.2f}, {p['lift'][m]['hi']:.2f}]"
+                    for m in ("recall@10", "recall@100", "recall@200")
+                ]
+                missing = "-" if p["missing_over_baseline"] is None else (
+                    f"{p['missing_over_baseline']:.3f}x [{p['missing_lo']:.3f}, {p['missing_hi']:.3f}]"
+                )  # fmt: skip
+                lines.append(
+                    f"| {strength} | {surface} | {fusion} | {p['requests']} | {_fmt(p['trust'])} | "
+                    f"{p['recall@100']['baseline']['mean']:.4f} | " + " | ".join(lifts) + f" | {missing} |"
+                )
+    return lines
+
+
 def _trust(run_dir: str) -> float | None:
     """The calibrated context trust of a run (``None``: not calibrated)."""
     from tfrs_ctx.training.run_dir import read_summary
@@ -327,7 +413,7 @@ def _plot_curve(points: list[dict], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tfrs-ctx study", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="study", required=True)
-    for name in ("lift-curve", "ablation", "corpus"):
+    for name in ("lift-curve", "ablation", "corpus", "surfaces"):
         p = sub.add_parser(name)
         p.add_argument("--out", required=True)
         p.add_argument("--users", type=int, default=10_000)
@@ -337,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--bootstrap", type=int, default=1000)
         p.add_argument("--seed", type=int, default=0)
     sub.choices["lift-curve"].add_argument("--strengths", default="0,0.25,0.5,0.75")
+    sub.choices["surfaces"].add_argument(
+        "--strengths", default="0.75,0", help="context and search strengths (the first: report.json's surfaces)"
+    )
+    sub.choices["surfaces"].add_argument("--fusions", default="concat,cross_attention")
     for name in ("ablation", "corpus"):
         sub.choices[name].add_argument("--strength", type=float, default=0.75)
     sub.choices["corpus"].add_argument(
@@ -350,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    {"lift-curve": lift_curve, "ablation": ablation, "corpus": corpus}[args.study](args)
+    {"lift-curve": lift_curve, "ablation": ablation, "corpus": corpus, "surfaces": surfaces}[args.study](args)
     return 0
 
 

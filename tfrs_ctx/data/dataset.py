@@ -93,8 +93,10 @@ def make_dataset(
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     drop_remainder: bool = False,
     worker: tuple[int, int] | None = None,
+    features: dict[str, schema.Feature] | None = None,
 ) -> tf.data.Dataset:
-    """Batches of parsed examples of one split (its schema feature set: :func:`schema.split_features`).
+    """Batches of parsed examples of one split (its schema feature set: :func:`schema.split_features`,
+    or ``features``, e.g. with the search query; a feature an example lacks parses as its default).
 
     Without ``shuffle`` the order is deterministic (files sorted, interleave deterministic);
     with it, files and examples are shuffled (seeded) and parallel reads may reorder. The
@@ -131,7 +133,7 @@ def make_dataset(
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    spec = schema.feature_spec(schema.split_features(split))
+    spec = schema.feature_spec(features or schema.split_features(split))
     ds = ds.map(lambda s: tf.io.parse_example(s, spec), num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
     return ds.prefetch(tf.data.AUTOTUNE)
 

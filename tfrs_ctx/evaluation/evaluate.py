@@ -43,6 +43,7 @@ from tfrs_ctx.evaluation.metrics import (
 
 ROWS = ("popularity", "baseline", "contextual", "contextual_no_context", "baseline_subject_as_history")
 LIFT_OF = ("contextual", "baseline")
+MISSING = "contextual_no_context"
 
 
 # ---- scoring the rows ----------------------------------------------------------------
@@ -92,11 +93,11 @@ EXCLUDE_RULE_HISTORY_ONLY = (
 )
 
 
-def load_consumed(data_dir: str) -> dict[int, np.ndarray] | None:
+def load_consumed(data_dir: str, directory: str = schema.EVAL_CONSUMED_DIR) -> dict[int, np.ndarray] | None:
     """Eval request id -> item indices its user converted on before it (``None`` if the data has none)."""
     import glob
 
-    files = sorted(glob.glob(os.path.join(data_dir, schema.EVAL_CONSUMED_DIR, "part*")))
+    files = sorted(glob.glob(os.path.join(data_dir, directory, "part*")))
     if not files:
         return None
     out = {}
@@ -119,13 +120,20 @@ def consumed_matrix(request_ids: np.ndarray, consumed: dict[int, np.ndarray]) ->
 
 
 def score_rows(
-    data_dir: str, contextual, baseline, exclude_history: bool, max_requests: int | None = None, notes=None
+    data_dir: str,
+    contextual,
+    baseline,
+    exclude_history: bool,
+    max_requests: int | None = None,
+    notes=None,
+    split: str = schema.SPLIT_EVAL,
 ) -> dict:
     """Ranks of every held-out request's label under each row; returns ``{row: ranks}``.
 
     With ``exclude_history`` every ad the user converted on before the request is dropped from
     the ranking (the data's ``eval_consumed``; older data: the kept history). ``notes``: a list
-    the rule applied is appended to.
+    the rule applied is appended to. ``split``: the eval split of a surface (``eval_search``: the
+    search requests, with their query as the context).
     """
     from tfrs_ctx.data import dataset, vocab
     from tfrs_ctx.models.two_tower import without_context
@@ -139,13 +147,14 @@ def score_rows(
     )
     ctx_corpus = contextual.corpus_embeddings().numpy()
     base_corpus = baseline.corpus_embeddings().numpy()
-    consumed = load_consumed(data_dir) if exclude_history else None
+    consumed_dir = schema.EVAL_SEARCH_CONSUMED_DIR if split == schema.SPLIT_EVAL_SEARCH else schema.EVAL_CONSUMED_DIR
+    consumed = load_consumed(data_dir, consumed_dir) if exclude_history else None
     if exclude_history and notes is not None:
         rule = EXCLUDE_RULE if consumed is not None else EXCLUDE_RULE_HISTORY_ONLY
         notes.append(rule.format(max_history=schema.MAX_HISTORY, consumed=schema.EVAL_CONSUMED_DIR))
     ranks: dict[str, list[np.ndarray]] = {row: [] for row in ROWS}
     subject_is_ad = []
-    ds = dataset.make_dataset(data_dir, schema.SPLIT_EVAL, 1024)
+    ds = dataset.make_dataset(data_dir, split, 1024)
     if max_requests:
         ds = ds.unbatch().take(max_requests).batch(1024)
     for batch in ds:
@@ -252,6 +261,8 @@ def build_report(ranks: dict[str, np.ndarray], bootstrap: int = 1000, seed: int 
     a, b = LIFT_OF
     if a in values and b in values:
         report["lift"] = {m: paired_lift(values[a][m], values[b][m], idx) for m in values[a]}
+    if MISSING in values and b in values:  # the context-missing path against the baseline, paired
+        report["missing_over_baseline"] = {m: paired_lift(values[MISSING][m], values[b][m], idx) for m in values[b]}
     return report
 
 
@@ -259,10 +270,22 @@ def write_report(report: dict, out_dir: str, title: str = "tfrs-ctx evaluation")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
+    lines = [f"# {title}", "", *_figure_lines(report)]
+    search = report.get("surfaces", {}).get(SURFACE_SEARCH)
+    if search:
+        lines += ["", "## Search surface (eval_search: the query as the context)", "", *_figure_lines(search)]
+    extra = report.get("notes")
+    if extra:
+        lines += ["", *extra]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot_recall(report, os.path.join(out_dir, "recall_at_k.png"), title)
+
+
+def _figure_lines(report: dict) -> list[str]:
+    """A report's (or a surface's) rows and lift as markdown tables."""
     metrics = [f"recall@{k}" for k in KS] + [f"ndcg@{NDCG_K}"]
     lines = [
-        f"# {title}",
-        "",
         f"{report['requests']} held-out requests, full ranking over the whole ad corpus; "
         f"95% bootstrap intervals ({report['bootstrap_samples']} resamples).",
         "",
@@ -278,12 +301,11 @@ def write_report(report: dict, out_dir: str, title: str = "tfrs-ctx evaluation")
         for m in metrics:
             lift = report["lift"][m]
             lines.append(f"| {m} | {lift['lift']:.2f}x | [{lift['lo']:.2f}, {lift['hi']:.2f}] |")
-    extra = report.get("notes")
-    if extra:
-        lines += ["", *extra]
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    plot_recall(report, os.path.join(out_dir, "recall_at_k.png"), title)
+    missing = report.get("missing_over_baseline")
+    if missing:
+        cells = [f"{m} {missing[m]['lift']:.3f}x [{missing[m]['lo']:.3f}, {missing[m]['hi']:.3f}]" for m in metrics]
+        lines += ["", f"{MISSING} / baseline (paired bootstrap 95% interval): " + ", ".join(cells) + "."]
+    return lines
 
 
 def plot_recall(report: dict, path: str, title: str) -> None:
@@ -339,6 +361,22 @@ def calibration_line(trust: float, calibration: dict | None) -> dict:
     return {"source": source, "trust": trust, "flagged": flagged, "note": note}
 
 
+SURFACE_RELATED_ITEMS, SURFACE_SEARCH = "related_items", "search"
+
+
+def _split_count(data_dir: str, split: str) -> int:
+    """Examples of a split by the data's metadata (0 where the data has none)."""
+    from tfrs_ctx.data import dataset
+
+    return int(dataset.load_metadata(data_dir).get("counts", {}).get(split, 0) or 0)
+
+
+def _surface_summary(report: dict) -> dict:
+    """The related-items figures (the report's top level) as one entry of ``surfaces``."""
+    keys = ("requests", "bootstrap_samples", "rows", "lift", "missing_over_baseline")
+    return {key: report[key] for key in keys if key in report}
+
+
 def evaluate_runs(
     data_dir: str,
     contextual_run: str,
@@ -372,6 +410,14 @@ def evaluate_runs(
     calibration = read_summary(contextual_run).get("calibration")
     report["calibration"] = calibration_line(trust, calibration)
     report.setdefault("notes", []).append(report["calibration"]["note"])
+    search_layer = getattr(contextual, "query_layer", None)
+    if search_layer is not None and _split_count(data_dir, schema.SPLIT_EVAL_SEARCH):
+        search_ranks = score_rows(data_dir, contextual, baseline, exclude, max_requests, split=schema.SPLIT_EVAL_SEARCH)
+        search = build_report(search_ranks, bootstrap)
+        search["trust"] = float(search_layer.trust.numpy())
+        search["calibration"] = calibration_line(search["trust"], (calibration or {}).get("search"))
+        report["surfaces"] = {SURFACE_RELATED_ITEMS: _surface_summary(report), SURFACE_SEARCH: search}
+        report["notes"].append("Search surface: " + search["calibration"]["note"].replace("Context trust", "trust"))
     if served:
         r = served.get("retrieval", {})
         report["served_index"] = {"models_dir": os.path.abspath(models_dir), "top_k": served["top_k"], **r}

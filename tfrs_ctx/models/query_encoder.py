@@ -109,3 +109,45 @@ class QueryEncoder(keras.layers.Layer):
             max_words=self.max_words,
         )
         return config
+
+
+@keras.utils.register_keras_serializable("tfrs_ctx")
+class QueryContextLayer(keras.layers.Layer):
+    """The search surface's context block: ``[B]`` raw queries -> ``[B, dim + 1]`` (vector, has-query flag).
+
+    The search counterpart of :class:`tfrs_ctx.models.layers.ContextLayer`: the
+    :class:`QueryEncoder` vector, a dropout, the whole query dropped with ``drop_context`` in
+    training, and its own non-trainable ``trust`` (1 as trained, chosen on logged search requests
+    after training: :func:`tfrs_ctx.training.calibrate.calibrate_search`); at trust 0 (or an empty
+    query) the block is exactly zero, the no-query answer.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dropout: float = 0.0,
+        drop_context: float = 0.0,
+        buckets: int = 1 << 16,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.dim, self.dropout, self.drop_context, self.buckets, self.seed = dim, dropout, drop_context, buckets, seed
+        self.encoder = QueryEncoder(dim, word_buckets=buckets, ngram_buckets=buckets, name="query_encoder")
+        self.drop = keras.layers.Dropout(dropout, seed=seed)
+        self.trust = self.add_weight(name="trust", shape=(), initializer="ones", trainable=False)
+
+    def call(self, queries: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        queries = tf.reshape(queries, [-1])
+        present = tf.cast(self.encoder.present(queries), tf.float32)[:, tf.newaxis]
+        if training and self.drop_context > 0:
+            present *= tf.cast(tf.random.uniform(tf.shape(present), seed=self.seed) >= self.drop_context, tf.float32)
+        vector = self.drop(self.encoder(queries), training=training) * present
+        return tf.concat([vector, present], axis=-1) * self.trust
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            dim=self.dim, dropout=self.dropout, drop_context=self.drop_context, buckets=self.buckets, seed=self.seed
+        )
+        return config

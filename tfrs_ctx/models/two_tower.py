@@ -74,6 +74,7 @@ from tfrs_ctx.models.layers import (
     mask_states,
     weighted_average,
 )
+from tfrs_ctx.models.query_encoder import QueryContextLayer
 from tfrs_ctx.models.subject import SubjectLayer, subject_of
 
 CORPUS_BLOCK = 262_144  # ads per eager candidate-tower call (corpus_embeddings)
@@ -105,13 +106,27 @@ TARGET_WEIGHT = "target_weight"  # the per-target name of SEQ_TARGET_WEIGHT once
 
 
 def without_context(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """The same examples with the context cleared (categories PAD, weights 0, no subject ad)."""
+    """The same examples with the context cleared (categories PAD, weights 0, no subject ad, no query)."""
     features = dict(features)
     features[schema.CONTEXT_CATEGORIES] = tf.zeros_like(features[schema.CONTEXT_CATEGORIES])
     features[schema.CONTEXT_WEIGHTS] = tf.zeros_like(features[schema.CONTEXT_WEIGHTS])
     if schema.SUBJECT_ITEM in features:
         features[schema.SUBJECT_ITEM] = tf.zeros_like(features[schema.SUBJECT_ITEM])
+    if schema.CONTEXT_QUERY in features:
+        features[schema.CONTEXT_QUERY] = no_query(features[schema.CONTEXT_QUERY])
     return features
+
+
+def no_query(queries: tf.Tensor) -> tf.Tensor:
+    """Empty queries of the same shape (the search surface's "no context")."""
+    return tf.fill(tf.shape(queries), tf.constant("", tf.string))
+
+
+def queries_of(features: dict[str, tf.Tensor], batch_of: tf.Tensor) -> tf.Tensor:
+    """``[B]`` the batch's raw query strings ("" where the features carry none)."""
+    if schema.CONTEXT_QUERY in features:
+        return tf.reshape(features[schema.CONTEXT_QUERY], [-1])
+    return tf.fill(tf.shape(batch_of)[:1], tf.constant("", tf.string))
 
 
 def global_mean(per_example: tf.Tensor) -> tf.Tensor:
@@ -248,6 +263,19 @@ class ContextualTwoTower(tfrs.models.Model):
         self.subject_layer = (
             SubjectLayer(cfg.context_dim, name="subject_layer") if cfg.use_context and cfg.subject_embedding else None
         )
+        # model.search_query: the search surface's query text as a second context block (its own trust)
+        self.query_layer = (
+            QueryContextLayer(
+                cfg.context_dim,
+                cfg.context_dropout,
+                cfg.context_drop_prob,
+                cfg.query_buckets,
+                seed=seed + 7,
+                name="query_context",
+            )
+            if cfg.use_context and cfg.search_query
+            else None
+        )
         self.demographic_embeddings = {
             feature: keras.layers.Embedding(
                 vocab_sizes[schema.DEMOGRAPHIC_VOCAB[column]], cfg.demographic_dim, name=f"{feature}_embedding"
@@ -358,9 +386,13 @@ class ContextualTwoTower(tfrs.models.Model):
         parts = [tf.where(has_history, encoded, self.no_history[tf.newaxis])]
         if self.context_layer is not None:
             categories = self.category_embedding(features[schema.CONTEXT_CATEGORIES])
-            parts.append(self.context_layer(categories, features[schema.CONTEXT_WEIGHTS], training=training))
-            if self.cross_attention is not None:
-                parts.append(self.cross_attention(parts[-1], states, features[schema.HISTORY_LENGTH]))
+            context = [self.context_layer(categories, features[schema.CONTEXT_WEIGHTS], training=training)]
+            if self.query_layer is not None:  # the search surface's block (zero without a query)
+                context.append(self.query_layer(queries_of(features, encoded), training=training))
+            parts += context
+            if self.cross_attention is not None:  # every context block together is the attention's query
+                query = context[0] if len(context) == 1 else tf.concat(context, axis=-1)
+                parts.append(self.cross_attention(query, states, features[schema.HISTORY_LENGTH]))
         if self.subject_layer is not None:
             parts.append(self.subject_part(features, encoded))
         parts += [self.demographic_embeddings[f](features[f]) for f in schema.DEMOGRAPHIC_FEATURES]

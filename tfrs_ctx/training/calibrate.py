@@ -29,6 +29,12 @@ Which requests (``train_summary.json["calibration"]["source"]``, the first that 
 * ``off``: ``train.calibration_examples=0``: the trust stays at 1, flagged "uncalibrated".
 * ``not_applicable``: ``train.context_source`` real or none (the context was never synthetic).
 
+The search surface (``model.search_query``) has its own trust, on the query block, chosen the same
+way on the logged search requests before the cutoff (``train_search_requests``, at most
+``train.calibration_examples``; they are never validation examples), or flagged "uncalibrated" on
+training examples with their synthetic query where the data has none
+(:func:`calibrate_search`; ``calibration.search`` in the summary).
+
 Every contextual run records its outcome (source, trust, flag, recall per grid value) in the
 summary; the export copies source, trust and flag into ``model_info.json`` and the evaluation
 report states them. Training calls :func:`calibrate` itself; the command re-chooses the trust of
@@ -62,23 +68,26 @@ SOURCES = {
     "synthetic": "training examples with synthetic context (NO request log: uncalibrated, trust at most 1)",
     "off": "none: calibration switched off (train.calibration_examples=0), trust as trained",
     "not_applicable": "none: the context was not synthetic in training (train.context_source)",
+    "search_requests": "logged train_search_requests (real queries before the cutoff)",
+    "synthetic_queries": "training examples with their synthetic query (NO search log: uncalibrated, trust at most 1)",
 }
 _SHIFTED = (*schema.HISTORY_FEATURES, schema.HISTORY_NEXT_GAP)
 
 
 def choose_trust(
-    model, batches: list, k: int, grid: tuple[float, ...] = TRUST_GRID
+    model, batches: list, k: int, grid: tuple[float, ...] = TRUST_GRID, layer=None
 ) -> tuple[float, dict[float, float]]:
-    """Set the context trust to the grid value with the highest Recall@``k`` on ``batches``
-    (ties: the lower trust); returns it and the recall at every grid value."""
-    if model.context_layer is None:
+    """Set the context trust (of ``layer``, default the context layer) to the grid value with the highest
+    Recall@``k`` on ``batches`` (ties: the lower trust); returns it and the recall at every grid value."""
+    layer = model.context_layer if layer is None else layer
+    if layer is None:
         raise ValueError("choose_trust needs the contextual model (model.use_context=true)")
     recalls = {}
     for trust in grid:
-        model.context_layer.trust.assign(trust)
+        layer.trust.assign(trust)
         recalls[trust] = recall_at_k(model, batches, k)
     best = max(grid, key=lambda trust: (recalls[trust], -trust))
-    model.context_layer.trust.assign(best)
+    layer.trust.assign(best)
     return best, recalls
 
 
@@ -135,22 +144,72 @@ def calibration_requests(cfg: Config, counts: dict[str, int], validation: list) 
 
 def record(source: str, trust: float, **figures) -> dict:
     """The summary's ``calibration`` entry: where the trust comes from, the trust, the flag."""
-    flagged = source in ("synthetic", "off")
+    flagged = source in ("synthetic", "off", "synthetic_queries")
     return {
         "source": source,
         "description": SOURCES[source],
         "trust": float(trust),
         "flagged": flagged,
         "flag": UNCALIBRATED if flagged else None,
-        "in_sample": source in ("previous_event", "validation", "synthetic"),
+        "in_sample": source in ("previous_event", "validation", "synthetic", "synthetic_queries"),
         **figures,
     }
 
 
+def search_requests(cfg: Config, counts: dict[str, int]) -> tuple[list, str]:
+    """The search-trust batches and their source: the logged search requests, else synthetic queries."""
+    t = cfg.train
+    n = min(counts.get(schema.SPLIT_TRAIN_SEARCH, 0), t.calibration_examples)
+    if n > 0:
+        logged = dataset.make_dataset(t.data_dir, schema.SPLIT_TRAIN_SEARCH, 1024).unbatch()
+        return list(logged.take(n).batch(1024)), "search_requests"
+    from tfrs_ctx.training.search import one_surface  # the training input's rule, with every target a query
+
+    train = dataset.make_dataset(t.data_dir, schema.SPLIT_TRAIN, 1024, features=schema.with_query(schema.FEATURES))
+    train = train.unbatch().filter(lambda e: tf.strings.length(e[schema.CONTEXT_QUERY]) > 0)
+    return [one_surface(b, 1.0, t.seed) for b in train.take(t.calibration_examples).batch(1024)], "synthetic_queries"
+
+
+def calibrate_search(model, cfg: Config, counts: dict[str, int]) -> dict | None:
+    """Choose the query block's trust on search requests (see the module docstring); ``None`` without one."""
+    layer = getattr(model, "query_layer", None)
+    if layer is None:
+        return None
+    t = cfg.train
+    if t.context_source != "synthetic" or t.calibration_examples <= 0:
+        source = "not_applicable" if t.context_source != "synthetic" else "off"
+        return record(source, float(layer.trust.numpy()), examples=0)
+    batches, source = search_requests(cfg, counts)
+    grid = tuple(g for g in TRUST_GRID if g <= 1.0) if source == "synthetic_queries" else TRUST_GRID
+    trust, recalls = choose_trust(model, batches, t.early_stopping_k, grid, layer=layer)
+    examples = sum(int(b[schema.LABEL_ITEM].shape[0]) for b in batches)
+    result = record(
+        source,
+        trust,
+        examples=examples,
+        recall_by_trust={f"{g:g}": r for g, r in recalls.items()},
+        no_context_recall=recalls[0.0],
+    )
+    flag = f" [{UNCALIBRATED.upper()}: no search log]" if result["flagged"] else ""
+    print(
+        f"search trust {trust:g}{flag} (Recall@{t.early_stopping_k} on {examples} {SOURCES[source]}: "
+        f"{recalls[1.0]:.4f} as trained, {recalls[0.0]:.4f} without a query -> {recalls[trust]:.4f})",
+        file=sys.stderr if result["flagged"] else sys.stdout,
+    )
+    return result
+
+
 def calibrate(model, cfg: Config, counts: dict[str, int], validation: list) -> dict | None:
-    """Choose the context trust (see the module docstring); ``None`` for a baseline."""
+    """Choose the context trust (see the module docstring) and, for a search model, the query's
+    (``["search"]``); ``None`` for a baseline."""
     if model.context_layer is None:
         return None
+    result = _calibrate_categories(model, cfg, counts, validation)
+    search = calibrate_search(model, cfg, counts)
+    return result if search is None else {**result, "search": search}
+
+
+def _calibrate_categories(model, cfg: Config, counts: dict[str, int], validation: list) -> dict:
     t = cfg.train
     trust_now = float(model.context_layer.trust.numpy())
     if t.context_source != "synthetic":

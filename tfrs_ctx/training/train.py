@@ -28,7 +28,7 @@ from tfrs_ctx.config import MODE_DENSE, Config, load_config, save_config
 from tfrs_ctx.data import dataset
 from tfrs_ctx.evaluation.metrics import recall_at_k
 from tfrs_ctx.models.two_tower import without_context
-from tfrs_ctx.training import dense, distributed, optimizers, subject
+from tfrs_ctx.training import dense, distributed, optimizers, search, subject
 from tfrs_ctx.training.calibrate import calibrate
 from tfrs_ctx.training.run_dir import (
     CHECKPOINT_DIR,
@@ -54,6 +54,10 @@ def mix_context(features: dict[str, tf.Tensor], noise: float, seed: int) -> dict
     swap = tf.random.uniform([batch], seed=seed + 1) < noise
     for name in schema.CONTEXT_FEATURES:
         features[name] = tf.where(swap[:, tf.newaxis], tf.gather(features[name], other), features[name])
+    if schema.CONTEXT_QUERY in features:  # the search surface's context swaps with the rest
+        features[schema.CONTEXT_QUERY] = tf.where(
+            swap, tf.gather(features[schema.CONTEXT_QUERY], other), features[schema.CONTEXT_QUERY]
+        )
     return features
 
 
@@ -135,6 +139,7 @@ def training_dataset(
     if t.mode == MODE_DENSE:
         return sequence_dataset(cfg, counts, worker, batch_size)
     batch_size = batch_size or t.batch_size
+    searching = cfg.model.search_query and cfg.model.use_context and t.context_source == "synthetic"
     train = dataset.make_dataset(
         t.data_dir,
         schema.SPLIT_TRAIN,
@@ -144,10 +149,15 @@ def training_dataset(
         seed=t.seed,
         shuffle_buffer=t.shuffle_buffer,
         worker=worker,
+        features=schema.with_query(schema.FEATURES) if searching else None,
     )
     if t.context_source == "synthetic":
         if t.context_noise > 0:
             train = train.map(lambda f: mix_context(f, t.context_noise, t.seed), num_parallel_calls=tf.data.AUTOTUNE)
+        if searching:  # each target keeps its query or its categories (training/search.py)
+            train = train.map(
+                lambda f: search.one_surface(f, t.search_share, t.seed), num_parallel_calls=tf.data.AUTOTUNE
+            )
         if cfg.model.subject_embedding:  # the previous event as the subject ad (training/subject.py)
             tables = subject.corpus_tables(t.data_dir) if t.subject_real_context else None
             train = train.map(
