@@ -160,3 +160,25 @@ def test_the_subject_ad_from_the_feature_view_is_sent_only_to_a_head_that_takes_
     client._has_subject = False
     assert schema.SUBJECT_AD not in client._build(rows, None).inputs
     client.close()
+
+
+def test_a_search_query_is_sent_only_to_a_head_that_takes_it():
+    """``AdRequest.query`` becomes ``context_query``; requests without one send the default, and a head
+    exported without the search input never receives it (the request is noted: no search context)."""
+    from serving.client.candidates import AdRequest, CandidateClient
+    from serving.tensor_codec import to_ndarray
+    from tfrs_ctx import schema
+
+    client = CandidateClient(f"127.0.0.1:{free_port()}", None, embedding_dim=4)
+    client._has_query = True
+    requests = [AdRequest(1, query="Red Shoes?"), AdRequest(2), AdRequest(3, query="")]
+    rows = [client._row(r, None, {}, [])[0] for r in requests]
+    assert [r.query for r in rows] == ["Red Shoes?", None, None] and rows[0].has_context and not rows[1].has_context
+    sent = client._build(rows, None).inputs[schema.CONTEXT_QUERY]
+    assert to_ndarray(sent).tolist() == [b"Red Shoes?", b"", b""]
+    assert schema.CONTEXT_QUERY not in client._build(rows[1:], None).inputs  # no query: the default
+    client._has_query = False
+    notes: list[str] = []
+    row = client._row(requests[0], None, {}, notes)[0]
+    assert row.query is None and any("no search context" in n for n in notes)
+    client.close()
