@@ -22,6 +22,8 @@ import numpy as np
 
 from tfrs_ctx import schema
 from tfrs_ctx.data.rawio import ItemColumns
+from tfrs_ctx.data.search_context import category_name_table, synthetic_queries
+from tfrs_ctx.data.stable_random import stable_keys, stable_uniform
 from tfrs_ctx.data.vocab import IntVocabulary, Vocabulary
 
 S = schema
@@ -272,8 +274,6 @@ def subject_ad_indices(ad_ids: np.ndarray, item_vocab: Vocabulary) -> np.ndarray
 
 
 def _name_table(categories: IntVocabulary, names: Mapping[int, str]) -> np.ndarray:
-    from tfrs_ctx.data.search_context import category_name_table  # it imports this module
-
     return category_name_table([None] * S.NUM_RESERVED_IDS + categories.ids.tolist(), names)
 
 
@@ -518,40 +518,6 @@ def history_at(
 # --------------------------------------------------------------------------------------
 # Deterministic randomness and synthetic context
 # --------------------------------------------------------------------------------------
-_U64 = np.uint64
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser (uint64 in, uint64 out)."""
-    z = z + _U64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
-    return z ^ (z >> _U64(31))
-
-
-def _u64(values: Any) -> np.ndarray:
-    return np.asarray(values, dtype=np.int64).view(np.uint64)
-
-
-def stable_keys(seed: int, user_ids: Any, timestamps: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """A 64-bit key per (seed, user, timestamp, item): the same in every process and run."""
-    timestamps = np.asarray(timestamps, dtype=np.int64)
-    with np.errstate(over="ignore"):
-        key = _mix(np.full(len(timestamps), seed & _MASK64, dtype=np.uint64))
-        key = _mix(key ^ _u64(np.broadcast_to(np.asarray(user_ids, dtype=np.int64), timestamps.shape)))
-        key = _mix(key ^ _u64(timestamps))
-        return _mix(key ^ _u64(items))
-
-
-def stable_uniform(keys: np.ndarray, stream: int, n: int) -> np.ndarray:
-    """``[len(keys), n]`` uniforms in [0, 1) drawn from the keys; ``stream`` separates uses."""
-    with np.errstate(over="ignore"):
-        salt = _mix(np.arange(stream * n + 1, stream * n + n + 1, dtype=np.uint64))
-        z = _mix(keys[:, None] ^ salt[None, :])
-    return (z >> _U64(11)).astype(np.float64) * 2.0**-53
-
-
 def synthetic_context(
     categories: np.ndarray, confidences: np.ndarray, keys: np.ndarray, drop_prob: float, jitter: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -650,8 +616,6 @@ def training_examples(
         options.seed, user_ids[rank], ts, encoded.item[targets], label, lookups, options
     )
     if lookups.category_names is not None:
-        from tfrs_ctx.data.search_context import synthetic_queries  # it imports this module
-
         keys = stable_keys(options.seed, user_ids[rank], ts, encoded.item[targets])
         columns[S.CONTEXT_QUERY] = synthetic_queries(
             lookups.item_categories[label], lookups.item_confidences[label], lookups.category_names, keys
