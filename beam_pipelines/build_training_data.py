@@ -130,6 +130,7 @@ from tfrs_ctx.data.vocab import file_text
 S = schema
 DUP = "dup"
 CONSUMED = "consumed"  # BuildExamples' output of the eval requests' consumed items
+SEARCH_CONSUMED = "search_consumed"  # the same for the eval search requests
 
 
 class BuildDataOptions(OutputOptions):
@@ -188,6 +189,10 @@ class BuildConfig:
 # --------------------------------------------------------------------------------------
 
 
+def _cell(values: np.ndarray, i: int) -> Any:
+    return str(values[i]) if values.dtype.kind in "US" else int(values[i])
+
+
 def split_duplicate_requests(duplicated: frozenset, blocks: Iterable[tuple[int, tuple]]) -> Iterator[tuple]:
     """Validated request blocks -> blocks without the duplicated request ids (``MAIN``), and those rows (``DUP``)."""
     wanted = np.fromiter(duplicated, dtype=np.int64, count=len(duplicated))
@@ -202,23 +207,27 @@ def split_duplicate_requests(duplicated: frozenset, blocks: Iterable[tuple[int, 
             yield out(MAIN, block)
             continue
         for i in np.flatnonzero(dup):
-            row = {S.USER_ID: user, **{name: int(values[i]) for name, values in b.items()}}
+            row = {S.USER_ID: user, **{name: _cell(values, i) for name, values in b.items()}}
             yield out(DUP, (row[S.REQUEST_ID], row))
         if not dup.all():
             yield out(MAIN, (user, T.pack_block({name: values[~dup] for name, values in b.items()})))
 
 
-def keep_first_request(kv: tuple[int, Iterable[Mapping]]) -> Iterator[tuple]:
-    """One request row per id (``MAIN``); the others are dead letters, taken back from ``rows_requests``."""
-    for tag, value in keep_first(S.REQUESTS, kv):
+def keep_first_request(kv: tuple[int, Iterable[Mapping]], table: S.Table = S.REQUESTS) -> Iterator[tuple]:
+    """One request row per id (``MAIN``); the others are dead letters, taken back from ``rows_<table>``."""
+    for tag, value in keep_first(table, kv):
         yield tag, value
         if tag == DEAD:
-            yield count(f"rows_{S.REQUESTS.name}", -1)
+            yield count(f"rows_{table.name}", -1)
 
 
-def request_block(row: Mapping[str, int]) -> tuple[int, tuple]:
-    """One kept request row as a one-row block of its user."""
-    data = {c.name: np.asarray([row[c.name]], np.int64) for c in S.REQUESTS.columns if c.name != S.USER_ID}
+def request_block(row: Mapping[str, Any], table: S.Table = S.REQUESTS) -> tuple[int, tuple]:
+    """One kept request row (of ``table``: requests or search_requests) as a one-row block of its user."""
+    data = {
+        c.name: np.asarray([row[c.name]], str if c.kind == "string" else np.int64)
+        for c in table.columns
+        if c.name != S.USER_ID
+    }
     return int(row[S.USER_ID]), T.pack_block(data)
 
 
@@ -227,34 +236,38 @@ def by_user(block: tuple[int, Any]) -> tuple[int, tuple[int, Any]]:
     return group_key(block[0]), block
 
 
-def dedupe_requests(blocks: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection, beam.PCollection]:
+def dedupe_requests(
+    blocks: beam.PCollection, table: S.Table = S.REQUESTS
+) -> tuple[beam.PCollection, beam.PCollection, beam.PCollection]:
     """Validated request blocks with one row per ``request_id``, the duplicates' dead letters, counts.
 
     Request ids seen more than once are found first (normally none: the blocks then pass
     through untouched); their rows are grouped by id and :func:`keep_first` keeps one.
+    ``table``: the requests or the search requests (their transforms' labels start with ``Search``).
     """
+    x = "" if table is S.REQUESTS else "Search"
     ids = (
         blocks
-        | "RequestIds" >> beam.FlatMap(lambda b: T.unpack_block(b[1])[S.REQUEST_ID].tolist())
-        | "CountRequestIds" >> beam.combiners.Count.PerElement()
-        | "DuplicatedIds" >> beam.FlatMap(lambda kv: [kv[0]] if kv[1] > 1 else [])
+        | f"{x}RequestIds" >> beam.FlatMap(lambda b: T.unpack_block(b[1])[S.REQUEST_ID].tolist())
+        | f"{x}CountRequestIds" >> beam.combiners.Count.PerElement()
+        | f"{x}DuplicatedIds" >> beam.FlatMap(lambda kv: [kv[0]] if kv[1] > 1 else [])
     )
-    listed = combine_globally("DuplicatedList", ids, beam.combiners.ToListCombineFn())
-    duplicated = listed | "DuplicatedSet" >> beam.Map(frozenset)
-    keyed = blocks | "KeyRequestBlocks" >> beam.Map(by_user)
+    listed = combine_globally(f"{x}DuplicatedList", ids, beam.combiners.ToListCombineFn())
+    duplicated = listed | f"{x}DuplicatedSet" >> beam.Map(frozenset)
+    keyed = blocks | f"{x}KeyRequestBlocks" >> beam.Map(by_user)
     split_blocks = split(
-        with_context("SplitDuplicateRequests", keyed, duplicated, range(JOIN_GROUPS), split_duplicate_requests),
-        "SplitDuplicates",
+        with_context(f"{x}SplitDuplicateRequests", keyed, duplicated, range(JOIN_GROUPS), split_duplicate_requests),
+        f"{x}SplitDuplicates",
         (MAIN, DUP),
     )
     kept = (
         split_blocks[DUP]
-        | "GroupDuplicateRequests" >> beam.GroupByKey()
-        | "KeepFirstRequest" >> beam.FlatMap(keep_first_request)
+        | f"{x}GroupDuplicateRequests" >> beam.GroupByKey()
+        | f"{x}KeepFirstRequest" >> beam.FlatMap(keep_first_request, table)
     )
-    kept = split(kept, "SplitKeptRequests", (MAIN, DEAD, COUNT))
-    kept_blocks = kept[MAIN] | "KeptRequestBlocks" >> beam.Map(request_block)
-    deduped = (split_blocks[MAIN], kept_blocks) | "DedupedRequests" >> beam.Flatten()
+    kept = split(kept, f"{x}SplitKeptRequests", (MAIN, DEAD, COUNT))
+    kept_blocks = kept[MAIN] | f"{x}KeptRequestBlocks" >> beam.Map(request_block, table)
+    deduped = (split_blocks[MAIN], kept_blocks) | f"{x}DedupedRequests" >> beam.Flatten()
     return deduped, kept[DEAD], kept[COUNT]
 
 
@@ -294,13 +307,14 @@ def assemble_user(item: tuple[int, Mapping[str, Sequence]]) -> Iterator[tuple]:
     user_id, grouped = item
     rows = list(grouped[S.USERS.name])
     conversions, requests = list(grouped[S.CONVERSIONS.name]), list(grouped[S.REQUESTS.name])
-    if not conversions and not requests:
+    if not conversions and not requests and not list(grouped.get(S.SEARCH_REQUESTS.name, ())):
         yield count("users_without_events")
         return
     if not rows:
         yield count("users_without_users_row")
     yield count("users")
     conversions, requests = [T.unpack_block(b) for b in conversions], [T.unpack_block(b) for b in requests]
+    searches = [T.unpack_block(b) for b in grouped.get(S.SEARCH_REQUESTS.name, ())]
     yield out(
         MAIN,
         T.UserData(
@@ -308,6 +322,7 @@ def assemble_user(item: tuple[int, Mapping[str, Sequence]]) -> Iterator[tuple]:
             T.UserEvents.from_blocks(conversions),
             T.UserRequests.from_blocks(requests),
             dict(rows[0]) if rows else None,
+            T.UserSearches.from_blocks(searches) if searches else None,
         ),
     )
 
@@ -394,7 +409,8 @@ def build_context(g: Mapping[str, list], output: str, config: BuildConfig) -> Bu
     (items,) = g["items"]
     subjects = T.as_item_columns(g["subjects"], with_advertiser=False)
     vocabs = T.build_vocabularies(items, subjects, counts, stats[2], demographics)
-    lookups = T.Lookups.build(vocabs, items, subjects, counts)
+    names = {int(r[S.CATEGORY_ID]): str(r[S.NAME]) for r in g["names"]} if "names" in g else None
+    lookups = T.Lookups.build(vocabs, items, subjects, counts, names)
     metadata = write_artifacts(lookups, counts, int(cutoff), output, config)
     path = os.path.join(output, STAGING_DIR, f"lookups-{uuid.uuid4().hex}.pickle")
     _ensure_parent(path)
@@ -412,8 +428,9 @@ def _ensure_parent(path: str) -> None:
 class BuildExamples:
     """Serialised examples of a join group's users (in batches of ``USER_BATCH``), tagged by split."""
 
-    def __init__(self, config: BuildConfig):
+    def __init__(self, config: BuildConfig, search: bool = False):
         self.config = config
+        self.search = search
 
     def __call__(self, context: BuildContext, users: Iterable[T.UserData]) -> Iterator[tuple]:
         options = T.ExampleOptions(
@@ -423,17 +440,21 @@ class BuildExamples:
             max_targets_per_user=self.config.max_targets_per_user,
             seed=self.config.seed,
             sequence_stride=self.config.sequence_stride,
+            search=self.search,
         )
         lookups = context.lookups
         for batch in chunked(users, USER_BATCH):
             per_split = T.batch_examples(batch, lookups, options)
-            for split_name in S.SPLITS:
-                for record in serialize_examples(per_split[split_name], S.split_features(split_name)):
+            for split_name, columns in per_split.items():
+                for record in serialize_examples(columns, T.example_features(split_name, columns)):
                     yield split_name, record
             sequences = per_split[S.SPLIT_TRAIN_SEQUENCES]
             yield count("train_sequence_targets", int((sequences[S.SEQ_LABEL_ITEM] != S.PAD_ID).sum()))
             for request_id, items in T.eval_consumed(batch, lookups, context.cutoff):
                 yield CONSUMED, json.dumps({S.REQUEST_ID: request_id, S.CONSUMED_ITEMS: items})
+            if self.search:
+                for request_id, items in T.eval_consumed(batch, lookups, context.cutoff, search=True):
+                    yield SEARCH_CONSUMED, json.dumps({S.REQUEST_ID: request_id, S.CONSUMED_ITEMS: items})
 
 
 # --------------------------------------------------------------------------------------
@@ -504,20 +525,37 @@ def write_artifacts(
     }
 
 
-def finalize_metadata(output: str, totals: Mapping[str, int], metadata: dict) -> dict:
-    """Write the metadata file with the run's counts (examples per split, dead letters, rows)."""
+def finalize_metadata(
+    output: str,
+    totals: Mapping[str, int],
+    metadata: dict,
+    splits: Sequence[str] = S.SPLITS,
+    optional_tables: Sequence[str] = (),
+) -> dict:
+    """Write the metadata file with the run's counts (examples per split, dead letters, rows).
+
+    ``splits``: the splits written; ``optional_tables``: the OPTIONAL_RAW_TABLES the data has
+    (counted beside the raw tables, and listed as ``optional_tables``).
+    """
     metadata = dict(metadata)
-    metadata["counts"] = {split: totals.get(f"examples_{split}", 0) for split in S.SPLITS}
+    tables = [*S.RAW_TABLES, *optional_tables]
+    metadata["counts"] = {split: totals.get(f"examples_{split}", 0) for split in splits}
     metadata["train_sequence_targets"] = totals.get("train_sequence_targets", 0)
-    metadata["dead_letter"] = {name: totals.get(f"dead_letter_{name}", 0) for name in S.RAW_TABLES}
-    metadata["rows"] = {name: totals.get(f"rows_{name}", 0) for name in S.RAW_TABLES}
+    metadata["optional_tables"] = list(optional_tables)
+    metadata["dead_letter"] = {name: totals.get(f"dead_letter_{name}", 0) for name in tables}
+    metadata["rows"] = {name: totals.get(f"rows_{name}", 0) for name in tables}
     metadata["pipeline_counters"] = dict(sorted(totals.items()))
     write_bytes(os.path.join(output, S.METADATA_FILE), json.dumps(metadata, indent=2).encode())
     return metadata
 
 
-def _finalize(totals: dict, gathered: dict, output: str) -> dict:
-    return finalize_metadata(output, totals, gathered["metadata"][0])
+def _finalize(totals: dict, gathered: dict, output: str, splits: Sequence[str], optional: Sequence[str]) -> dict:
+    return finalize_metadata(output, totals, gathered["metadata"][0], splits, optional)
+
+
+def optional_tables(raw_dir: str) -> list[str]:
+    """The OPTIONAL_RAW_TABLES present under ``raw_dir`` (decided when the pipeline is built)."""
+    return [name for name in S.OPTIONAL_RAW_TABLES if FileSystems.exists(S.raw_table_path(raw_dir, name))]
 
 
 # --------------------------------------------------------------------------------------
@@ -541,12 +579,18 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig) -> beam.PCollection:
         small[table.name], dead[table.name], rows = small_table(p, raw, table)
         counts += rows
     subjects, users = small[S.SUBJECT_ITEMS.name], small[S.USERS.name]
+    optional = optional_tables(raw)
+    has_search = S.SEARCH_REQUESTS.name in optional
+    names = None
+    if S.CATEGORY_NAMES.name in optional:
+        names, dead[S.CATEGORY_NAMES.name], rows = small_table(p, raw, S.CATEGORY_NAMES)
+        counts += rows
 
     known = known_ids({S.ITEMS.name: items, S.SUBJECT_ITEMS.name: subjects})
 
     events = {}
     stats = None
-    for table in (S.CONVERSIONS, S.REQUESTS):
+    for table in (S.CONVERSIONS, S.REQUESTS, *([S.SEARCH_REQUESTS] if has_search else [])):
         checked = validated_events(p, raw, table, known)
         events[table.name] = checked[MAIN]
         dead[table.name] = [checked[DEAD]]
@@ -554,7 +598,7 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig) -> beam.PCollection:
         if table is S.CONVERSIONS:
             stats = combine_globally("Stats", checked[STATS], StatsFn())
         else:
-            events[table.name], duplicates, uncounted = dedupe_requests(checked[MAIN])
+            events[table.name], duplicates, uncounted = dedupe_requests(checked[MAIN], table)
             dead[table.name].append(duplicates)
             counts.append(uncounted)
 
@@ -580,33 +624,41 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig) -> beam.PCollection:
     demographics = combine_globally(
         "DemographicCounts", users | "DemographicValues" >> beam.Map(demographic_counts), MergeDemographics()
     )
-    context = gather(
-        "Context",
-        {
-            "items": items,
-            "subjects": subjects,
-            "counts": target_counts,
-            "stats": stats,
-            "demographics": demographics,
-            "cutoff": cutoff,
-        },
-    ) | "BuildContext" >> beam.Map(build_context, out_dir, config)
+    gathered = {
+        "items": items,
+        "subjects": subjects,
+        "counts": target_counts,
+        "stats": stats,
+        "demographics": demographics,
+        "cutoff": cutoff,
+    }
+    if names is not None:
+        gathered["names"] = names
+    context = gather("Context", gathered) | "BuildContext" >> beam.Map(build_context, out_dir, config)
     artifacts = context | "Metadata" >> beam.Map(lambda c: c.metadata)
 
     keyed = per_user[MAIN] | "KeyUserData" >> beam.Map(lambda u: (group_key(u.user_id), u))
-    examples = with_context("BuildExamples", keyed, context, range(JOIN_GROUPS), BuildExamples(config))
-    examples = split(examples, "SplitExamples", (*S.SPLITS, CONSUMED, COUNT))
+    examples = with_context("BuildExamples", keyed, context, range(JOIN_GROUPS), BuildExamples(config, has_search))
+    splits = (*S.SPLITS, *(S.SEARCH_SPLITS if has_search else ()))
+    tags = (*splits, CONSUMED, *((SEARCH_CONSUMED,) if has_search else ()), COUNT)
+    examples = split(examples, "SplitExamples", tags)
     counts.append(examples[COUNT])
     shards = config.num_shards or AUTO_SHARDS
-    for split_name in S.SPLITS:
+    for split_name in splits:
         sink = Sink(
             os.path.join(out_dir, split_name, "part"), S.TFRECORD_SUFFIX, shards, "tfrecord", f"examples_{split_name}"
         )
         counts.append(write_shards(f"Write{split_name}", examples[split_name], sink))
     consumed = Sink(os.path.join(out_dir, S.EVAL_CONSUMED_DIR, "part"), ".jsonl", shards, "text", "eval_consumed")
     counts.append(write_shards("WriteEvalConsumed", examples[CONSUMED], consumed))
+    if has_search:
+        path = os.path.join(out_dir, S.EVAL_SEARCH_CONSUMED_DIR, "part")
+        sink = Sink(path, ".jsonl", shards, "text", "eval_search_consumed")
+        counts.append(write_shards("WriteEvalSearchConsumed", examples[SEARCH_CONSUMED], sink))
     counts += write_dead_letters(dead, out_dir)
-    return finish("Finish", counts, lambda totals, g: _finalize(totals, g, out_dir), {"metadata": artifacts})
+    return finish(
+        "Finish", counts, lambda totals, g: _finalize(totals, g, out_dir, splits, optional), {"metadata": artifacts}
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -616,7 +668,8 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig) -> beam.PCollection:
 
 def clear_outputs(output: str) -> None:
     """Remove the shards and dead letters of a previous run (their count may differ)."""
-    patterns = [os.path.join(output, split, "part-*") for split in (*S.SPLITS, S.EVAL_CONSUMED_DIR)]
+    dirs = (*S.SPLITS, *S.SEARCH_SPLITS, S.EVAL_CONSUMED_DIR, S.EVAL_SEARCH_CONSUMED_DIR)
+    patterns = [os.path.join(output, split, "part-*") for split in dirs]
     patterns.append(os.path.join(output, DEAD_LETTER_DIR, "*.jsonl"))
     patterns.append(os.path.join(output, STAGING_DIR, "*"))
     stale = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]

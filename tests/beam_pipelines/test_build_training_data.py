@@ -115,8 +115,11 @@ def test_outputs_exist_and_parse_with_the_schema_only_reader(built, examples, me
             assert values.dtype == (np.int64 if feature.dtype == "int64" else np.float32), name
     assert "apache_beam.runners.portability.prism_runner" not in sys.modules  # never tried
     assert metadata["schema_version"] == S.SCHEMA_VERSION
-    assert metadata["dead_letter"] == {name: 0 for name in S.RAW_TABLES}
+    # the synthetic default has the search surface: both optional tables, both search splits
+    assert metadata["dead_letter"] == {name: 0 for name in [*S.RAW_TABLES, *S.OPTIONAL_RAW_TABLES]}
     assert metadata["options"]["context_drop_prob"] == 0.3
+    for split in S.SEARCH_SPLITS:
+        assert len(glob.glob(S.tfrecord_pattern(str(built), split))) == 4 and metadata["counts"][split] > 0
 
 
 def test_vocabularies_item_counts_and_corpus(built, small_raw, examples, metadata):
@@ -560,7 +563,14 @@ def test_typed_parquet_fast_path_matches_row_by_row_validation():
 # --------------------------------------------------------------------------------------
 # The numpy example builder and the wire encoder
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("features", [S.FEATURES, S.SEQUENCE_FEATURES], ids=["per_target", "sequence"])
+QUERIES = ["", "kube molla", "Ünïcode – query?", "x" * 300, "a", "b c", "zeta pol!"]
+
+
+@pytest.mark.parametrize(
+    "features",
+    [S.FEATURES, S.SEQUENCE_FEATURES, S.with_query(S.FEATURES)],
+    ids=["per_target", "sequence", "with_query"],
+)
 def test_serialize_examples_is_byte_identical_to_tf_train_example(features):
     import tensorflow as tf
 
@@ -571,19 +581,37 @@ def test_serialize_examples_is_byte_identical_to_tf_train_example(features):
         shape = (n, *f.shape)
         if f.dtype == "int64":
             columns[name] = rng.integers(0, 2**40, shape) * (rng.random(shape) < 0.3) + rng.integers(0, 300, shape)
+        elif f.dtype == "string":
+            columns[name] = np.asarray(QUERIES, dtype=object)
         else:
             columns[name] = rng.random(shape).astype(np.float32)
     if S.EX_REQUEST_ID in columns:
         columns[S.EX_REQUEST_ID][:3] = -1
     blobs = serialize_examples(columns, features)
     assert len(blobs) == n
+    numeric = {name: f for name, f in features.items() if f.dtype != "string"}
     for i, blob in enumerate(blobs):
         example = tf.train.Example()
         for name, f in features.items():
-            values = np.asarray(columns[name][i]).reshape(-1).tolist()
             target = example.features.feature[name]
+            if f.dtype == "string":
+                target.bytes_list.value.append(columns[name][i].encode())
+                continue
+            values = np.asarray(columns[name][i]).reshape(-1).tolist()
             (target.int64_list if f.dtype == "int64" else target.float_list).value.extend(values)
+        if len(numeric) < len(features):
+            # strings: a second `features` field after the numeric part, which the parser merges
+            assert tf.train.Example.FromString(blob) == example
+            assert blob.startswith(serialize_examples(columns, numeric)[i])
+            continue
         assert blob == example.SerializeToString(deterministic=True)
+    parsed_back = tf.io.parse_example(tf.constant(blobs), S.feature_spec(features))
+    for name, f in features.items():
+        got = parsed_back[name].numpy()
+        if f.dtype == "string":
+            assert [v.decode() for v in got] == QUERIES
+        else:
+            np.testing.assert_array_equal(got, np.asarray(columns[name]).astype(got.dtype).reshape(got.shape))
     assert serialize_examples({name: np.zeros((0, *f.shape)) for name, f in features.items()}, features) == []
     bad = {name: np.zeros((n, *f.shape)) for name, f in S.SEQUENCE_FEATURES.items()}
     bad[S.SEQ_LABEL_ITEM] = np.zeros(n)  # a per-target label where the sequence spec has one per position
@@ -722,3 +750,144 @@ def test_history_at_for_user_encoding(tiny):
         S.USER_COUNTRY: vocabularies[S.VOCAB_COUNTRY].index("US"),
         S.USER_GENDER: S.OOV_ID,
     }
+
+
+# --------------------------------------------------------------------------------------
+# The search surface: category names (synthetic training queries) and the search log
+# --------------------------------------------------------------------------------------
+NAMES = {10: "Kube", 11: "vupo tesa", 12: "molla", 13: "rana", 16: "zeta pol"}  # 14, 15, 17: no name
+SEARCHES = [  # (request_id, user, timestamp, query, item): two before the cutoff, two at/after it
+    (1, 2, T0 + 30 * 1000 + 500, "Kube molla?", 103),
+    (2, 2, T0 + 64 * 1000, "vupo", 105),  # user 2 converted at exactly this time: not history
+    (3, 1, T0 + 100, "tesa", 104),  # user 1 converted at T0 + 100 too
+    (4, 4, T0 + 70 * 1000, "x", 101),  # user 4: no conversion at all
+]
+BAD_SEARCHES = [
+    {S.REQUEST_ID: 1, S.USER_ID: 2, S.TIMESTAMP: T0 + 5, S.QUERY: "dup", S.ITEM_ID: 105},  # duplicate id
+    {S.REQUEST_ID: 5, S.USER_ID: 1, S.TIMESTAMP: T0 + 10, S.QUERY: "a", S.ITEM_ID: 999},  # unknown ad
+    {S.REQUEST_ID: 6, S.USER_ID: 1, S.TIMESTAMP: 12, S.QUERY: "a", S.ITEM_ID: 101},  # time out of range
+    {S.REQUEST_ID: 7, S.USER_ID: 1, S.TIMESTAMP: T0 + 10, S.ITEM_ID: 101},  # no query
+]
+TINY_FLAGS = (f"--cutoff={CUTOFF}", "--context_drop_prob=0", "--context_weight_jitter=0", "--num_shards=1")
+
+
+def parsed_with_query(data_dir: pathlib.Path, split: str) -> dict[str, np.ndarray]:
+    """Every example of a split parsed with ``with_query(FEATURES)`` (a missing query reads as "")."""
+    import tensorflow as tf
+
+    blobs = records(data_dir, split)
+    spec = S.feature_spec(S.with_query(S.FEATURES))
+    return {k: v.numpy() for k, v in tf.io.parse_example(tf.constant(blobs, tf.string), spec).items()}
+
+
+def without_query(blob: bytes) -> bytes:
+    import tensorflow as tf
+
+    example = tf.train.Example.FromString(blob)
+    del example.features.feature[S.CONTEXT_QUERY]
+    return example.SerializeToString(deterministic=True)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, tiny) -> dict[str, pathlib.Path]:
+    """The tiny raw data plus a search log (with bad rows), with and without the taxonomy's names."""
+    out = {}
+    for name, with_names in (("names", True), ("no_names", False)):
+        raw, data = tmp_path_factory.mktemp(f"search_raw_{name}"), tmp_path_factory.mktemp(f"search_data_{name}")
+        write_tiny_raw(raw)
+        good = [dict(zip(S.SEARCH_REQUESTS.column_names, row, strict=True)) for row in SEARCHES]
+        _jsonl(raw / S.SEARCH_REQUESTS.name, [*good[:2], *BAD_SEARCHES, *good[2:]])
+        if with_names:
+            names = pd.DataFrame(list(NAMES.items()), columns=list(S.CATEGORY_NAMES.column_names))
+            rawio.write_table(str(raw), S.CATEGORY_NAMES, names)
+        build(raw, data, *TINY_FLAGS)
+        out[name] = data
+    return out
+
+
+def test_search_requests_become_examples_with_the_typed_query_and_a_strict_history(searched):
+    out = searched["names"]
+    items = Vocabulary(load_vocab(str(out), S.VOCAB_ITEM))
+    train, held = parsed_with_query(out, S.SPLIT_TRAIN_SEARCH), parsed_with_query(out, S.SPLIT_EVAL_SEARCH)
+    assert sorted(train[S.EX_REQUEST_ID].tolist()) == [1, 3] and sorted(held[S.EX_REQUEST_ID].tolist()) == [2, 4]
+    by_id = {}
+    for ex in (train, held):
+        for i, request_id in enumerate(ex[S.EX_REQUEST_ID].tolist()):
+            by_id[request_id] = {name: values[i] for name, values in ex.items()}
+    for request_id, user, ts, query, item in SEARCHES:
+        row = by_id[request_id]
+        assert row[S.CONTEXT_QUERY].decode() == query  # as typed: case and punctuation kept
+        assert row[S.EX_USER_ID] == user and row[S.EX_TIMESTAMP] == ts
+        assert row[S.LABEL_ITEM] == items.index(item) and row[S.SUBJECT_ITEM] == S.PAD_ID
+        assert (row[S.CONTEXT_CATEGORIES] == S.PAD_ID).all() and (row[S.CONTEXT_WEIGHTS] == 0).all()
+    # histories: the conversions strictly before the request (user 2 converts every 1000 s from T0)
+    assert by_id[1][S.HISTORY_LENGTH] == 31
+    row = by_id[2]
+    np.testing.assert_array_equal(row[S.HISTORY_ITEM], [items.index(LONG[i % len(LONG)]) for i in range(14, 64)])
+    assert by_id[3][S.HISTORY_LENGTH] == 1 and by_id[3][S.HISTORY_ITEM][-1] == items.index(103)
+    assert by_id[4][S.HISTORY_LENGTH] == 0
+    consumed = {}
+    for f in glob.glob(str(out / S.EVAL_SEARCH_CONSUMED_DIR / "part-*.jsonl")):
+        for line in pathlib.Path(f).read_text().splitlines():
+            d = json.loads(line)
+            consumed[d[S.REQUEST_ID]] = d[S.CONSUMED_ITEMS]
+    assert consumed == {2: sorted(items.index(i) for i in set(LONG)), 4: []}
+
+
+def test_bad_search_rows_reach_the_dead_letter_output_and_every_row_is_counted(searched):
+    out = searched["names"]
+    metadata = dataset.load_metadata(str(out))
+    assert metadata["optional_tables"] == [S.SEARCH_REQUESTS.name, S.CATEGORY_NAMES.name]
+    assert metadata["dead_letter"][S.SEARCH_REQUESTS.name] == len(BAD_SEARCHES)
+    assert metadata["rows"][S.SEARCH_REQUESTS.name] == len(SEARCHES)
+    assert metadata["rows"][S.CATEGORY_NAMES.name] == len(NAMES) and metadata["dead_letter"][S.CATEGORY_NAMES.name] == 0
+    assert metadata["counts"][S.SPLIT_TRAIN_SEARCH] == 2 and metadata["counts"][S.SPLIT_EVAL_SEARCH] == 2
+    files = glob.glob(str(out / DEAD_LETTER_DIR / f"{S.SEARCH_REQUESTS.name}-*.jsonl"))
+    reasons = sorted(json.loads(line)["reason"] for f in files for line in pathlib.Path(f).read_text().splitlines())
+    assert len(reasons) == 4
+    assert any("duplicate key" in r for r in reasons) and any("unknown id 999" in r for r in reasons)
+    assert any("timestamp 12 out of range" in r for r in reasons)
+    assert any("column 'query': missing" in r for r in reasons)
+
+
+def test_train_queries_come_from_the_label_s_confident_category_names_deterministically(searched, tiny):
+    from tfrs_ctx.data.search_context import category_name_table, synthetic_queries
+
+    out = searched["names"]
+    train = parsed_with_query(out, S.SPLIT_TRAIN)
+    items, categories = load_vocab(str(out), S.VOCAB_ITEM), load_vocab(str(out), S.VOCAB_CATEGORY)
+    raw_item = np.asarray([int(items[i - S.NUM_RESERVED_IDS]) for i in train[S.LABEL_ITEM]])
+    names = category_name_table([None, None, *map(int, categories)], NAMES)
+    keys = T.stable_keys(0, train[S.EX_USER_ID], train[S.EX_TIMESTAMP], raw_item)
+    expected = synthetic_queries(train[S.LABEL_CATEGORIES], train[S.LABEL_CONFIDENCES], names, keys)
+    queries = [q.decode() for q in train[S.CONTEXT_QUERY]]
+    assert queries == expected.tolist()
+    confident = {  # label ad -> the words of its categories of confidence >= 0.3 that have a name
+        101: {"kube", "vupo", "tesa"},
+        102: {"kube", "rana"},  # molla (12) is one of its top-5 but at 0.2
+        103: {"rana"},
+        104: set(),
+        105: {"zeta", "pol"},
+    }
+    for item, query in zip(raw_item.tolist(), queries, strict=True):
+        allowed = confident[item]
+        assert (query == "") == (not allowed)
+        for w in query.split():  # a word is a name's word, or a one-letter edit of one (typo)
+            assert w in allowed or any(w[0] == a[0] and w[-1] == a[-1] and abs(len(w) - len(a)) <= 1 for a in allowed)
+    # the query is the only change: every split is the no-names build's, byte for byte, once the query is removed
+    base, _ = tiny
+    assert sorted(map(without_query, records(out, S.SPLIT_TRAIN))) == sorted(records(base, S.SPLIT_TRAIN))
+    for split in (S.SPLIT_TRAIN_REQUESTS, S.SPLIT_EVAL, S.SPLIT_TRAIN_SEQUENCES):
+        assert sorted(records(out, split)) == sorted(records(base, split)), split
+
+
+def test_without_names_or_search_log_the_splits_are_exactly_today_s(searched, tiny):
+    base, _ = tiny
+    no_names = searched["no_names"]
+    for split in S.SPLITS:  # a search log without names: the four splits byte-identical, no query anywhere
+        assert sorted(records(no_names, split)) == sorted(records(base, split)), split
+    assert (parsed_with_query(no_names, S.SPLIT_TRAIN)[S.CONTEXT_QUERY] == b"").all()
+    assert len(records(no_names, S.SPLIT_EVAL_SEARCH)) == 2
+    metadata = dataset.load_metadata(str(base))  # no search log: neither search split, no optional table
+    assert set(metadata["counts"]) == set(S.SPLITS) and metadata["optional_tables"] == []
+    assert not (base / S.SPLIT_EVAL_SEARCH).exists() and not (base / S.EVAL_SEARCH_CONSUMED_DIR).exists()

@@ -45,12 +45,15 @@ def raw(small_raw, tmp_path_factory) -> tuple[pathlib.Path, dict[str, int]]:
     shutil.copytree(small_raw, out)
     conv, item = _first_row(out, S.CONVERSIONS), _first_row(out, S.ITEMS)
     user, subject, request = _first_row(out, S.USERS), _first_row(out, S.SUBJECT_ITEMS), _first_row(out, S.REQUESTS)
+    search, name = _first_row(out, S.SEARCH_REQUESTS), _first_row(out, S.CATEGORY_NAMES)
     bad = {
         S.CONVERSIONS: [{**conv, S.ITEM_ID: UNKNOWN_ID}, {**conv, S.EVENT_TYPE: "refund"}, '{"user_id": 1, '],
         S.ITEMS: [item, {**item, S.ITEM_ID: None}],  # a duplicate key, a missing id
         S.USERS: [{**user, S.USER_ID: "u1"}],
         S.SUBJECT_ITEMS: [{**subject, S.CATEGORIES: None}],
         S.REQUESTS: [request, {**request, S.SUBJECT_ITEM_ID: UNKNOWN_ID}],  # a duplicate id, an unknown subject
+        S.SEARCH_REQUESTS: [{**search, S.QUERY: "other"}, {**search, S.REQUEST_ID: 10**9, S.ITEM_ID: UNKNOWN_ID}],
+        S.CATEGORY_NAMES: [{**name, S.NAME: "zzz"}],  # a duplicate key
     }
     for table, rows in bad.items():
         extra = [conv] if table is S.CONVERSIONS else []  # a good row among bad ones (a repeated event)
@@ -82,11 +85,12 @@ def training_outputs(data_dir: pathlib.Path) -> dict:
     import tensorflow as tf
 
     result: dict = {}
-    for split in S.SPLITS:
+    for split in (*S.SPLITS, *S.SEARCH_SPLITS):
         files = sorted(glob.glob(S.tfrecord_pattern(str(data_dir), split)))
         result[split] = sorted(r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP"))
         result[f"{split} files"] = [pathlib.Path(f).name for f in files]
-    for pattern in (f"{S.EVAL_CONSUMED_DIR}/part-*", f"{DEAD_LETTER_DIR}/*.jsonl"):
+    consumed = [f"{name}/part-*" for name in (S.EVAL_CONSUMED_DIR, S.EVAL_SEARCH_CONSUMED_DIR)]
+    for pattern in (*consumed, f"{DEAD_LETTER_DIR}/*.jsonl"):
         for path in sorted(data_dir.glob(pattern)):
             result[str(path.relative_to(data_dir))] = sorted(path.read_text().splitlines())
     for path in sorted((data_dir / S.VOCAB_DIR).iterdir()):
@@ -137,7 +141,8 @@ def test_build_training_data_on_dask_equals_the_direct_runner(raw, cluster, tmp_
     flags = ["--input", str(raw_dir), "--num_shards", "3"]
     direct = btd.run([*flags, "--output", str(tmp_path / "direct")], save_main_session=False)
     on_dask = btd.run([*flags, "--output", str(tmp_path / "dask"), *dask_flags(cluster)], save_main_session=False)
-    assert on_dask["dead_letter"] == direct["dead_letter"] == {name: dead[name] for name in S.RAW_TABLES}
+    tables = [*S.RAW_TABLES, *S.OPTIONAL_RAW_TABLES]  # the synthetic default has the search surface
+    assert on_dask["dead_letter"] == direct["dead_letter"] == {name: dead[name] for name in tables}
     assert on_dask["counts"] == direct["counts"] and min(direct["counts"].values()) > 0
     a, b = training_outputs(tmp_path / "direct"), training_outputs(tmp_path / "dask")
     assert a.keys() == b.keys()

@@ -76,7 +76,7 @@ def test_masks_agree_with_the_padding_of_real_examples(data_dir):
 def test_metadata_and_corpus(data_dir):
     metadata = dataset.load_metadata(str(data_dir))
     assert metadata["vocab_sizes"] == vocab_sizes(str(data_dir))
-    assert set(metadata["counts"]) == set(S.SPLITS)
+    assert set(metadata["counts"]) == {*S.SPLITS, *S.SEARCH_SPLITS}  # the synthetic default has the search log
     corpus = dataset.load_corpus(str(data_dir))
     n = metadata["vocab_sizes"][S.VOCAB_ITEM] - S.NUM_RESERVED_IDS
     assert set(corpus) == {S.ITEM_ID, *S.CANDIDATE_FEATURES}

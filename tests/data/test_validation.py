@@ -281,7 +281,7 @@ def test_missing_demographics_are_allowed(raw_copy):
 
 def test_good_synthetic_tables_pass(small_raw):
     frames = check_raw_dir(str(small_raw))
-    assert set(frames) == set(schema.RAW_TABLES) | {schema.CATEGORY_NAMES.name}  # search log off by default
+    assert set(frames) == set(schema.RAW_TABLES) | set(schema.OPTIONAL_RAW_TABLES)  # the search surface is on
     assert all(len(f) > 0 for f in frames.values())
 
 
@@ -311,7 +311,7 @@ def test_validate_cli_good_dir(small_raw, capsys):
     assert cli.main(["validate", "--raw", str(small_raw)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["valid"] is True
-    tables = {**schema.RAW_TABLES, schema.CATEGORY_NAMES.name: schema.CATEGORY_NAMES}
+    tables = {**schema.RAW_TABLES, **schema.OPTIONAL_RAW_TABLES}
     assert report["rows"] == {name: len(read_valid_table(str(small_raw), t)) for name, t in tables.items()}
 
 

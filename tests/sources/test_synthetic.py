@@ -90,7 +90,8 @@ def test_row_counts_and_relations_are_sane(small_raw):
     per_user = conversions.groupby(schema.USER_ID).size()
     assert per_user.min() >= 3  # every user has some history
     mean = per_user.mean()
-    assert cfg.events_per_user <= mean <= cfg.events_per_user + cfg.requests_per_user + 2, mean
+    requests_per_user = cfg.requests_per_user + cfg.search_requests_per_user  # both logs' conversions join
+    assert cfg.events_per_user <= mean <= cfg.events_per_user + requests_per_user + 2, mean
     assert 0.7 * cfg.requests_per_user <= len(requests) / cfg.users <= 1.3 * cfg.requests_per_user
     assert requests[schema.REQUEST_ID].tolist() == list(range(1, len(requests) + 1))
     assert set(conversions[schema.EVENT_TYPE]) <= set(schema.EVENT_TYPES)
@@ -195,7 +196,8 @@ def _query_matches_label(raw_dir: pathlib.Path) -> float:
 
 
 def test_search_log_is_an_optional_surface_with_its_own_stream(tmp_path):
-    _generate(tmp_path / "off", seed=4)
+    assert SyntheticConfig().search_requests_per_user > 0  # on by default: the pipeline reads it
+    _generate(tmp_path / "off", seed=4, search_requests_per_user=0.0)
     _generate(tmp_path / "on", seed=4, search_requests_per_user=2.0)
     off, on = _contents(tmp_path / "off"), _contents(tmp_path / "on")
     assert not (tmp_path / "off" / schema.SEARCH_REQUESTS.name).exists()

@@ -22,6 +22,8 @@ import numpy as np
 
 from tfrs_ctx import schema
 from tfrs_ctx.data.rawio import ItemColumns
+from tfrs_ctx.data.search_context import category_name_table, synthetic_queries
+from tfrs_ctx.data.stable_random import stable_keys, stable_uniform
 from tfrs_ctx.data.vocab import IntVocabulary, Vocabulary
 
 S = schema
@@ -31,6 +33,8 @@ Columns = dict[str, np.ndarray]  # examples, feature-wise: name -> [N, *shape]
 
 CONVERSION_COLUMNS = (S.TIMESTAMP, S.ITEM_ID, S.ADVERTISER_ID, S.EVENT_TYPE)
 REQUEST_COLUMNS = (S.REQUEST_ID, S.TIMESTAMP, S.SUBJECT_ITEM_ID, S.ITEM_ID)
+SEARCH_COLUMNS = (S.REQUEST_ID, S.TIMESTAMP, S.QUERY, S.ITEM_ID)
+QUERY_FEATURES = S.with_query(S.FEATURES)  # one object, so the wire writer's layout cache holds it
 INT_VOCABULARIES = (S.VOCAB_ITEM, S.VOCAB_ADVERTISER, S.VOCAB_CATEGORY)  # held as int64 arrays
 _GAP_EDGES = np.asarray(S.TIME_GAP_EDGES, dtype=np.int64)
 
@@ -128,6 +132,32 @@ class UserRequests:
 
     def select(self, mask: np.ndarray) -> UserRequests:
         return UserRequests(self.request_id[mask], self.timestamp[mask], self.subject_item[mask], self.item[mask])
+
+
+@dataclasses.dataclass
+class UserSearches:
+    """One user's search requests sorted by (timestamp, request_id); ``query`` as typed."""
+
+    request_id: np.ndarray
+    timestamp: np.ndarray
+    query: np.ndarray  # str
+    item: np.ndarray
+
+    @classmethod
+    def from_blocks(cls, blocks: Sequence[Block]) -> UserSearches:
+        b = _concat(blocks, SEARCH_COLUMNS, string_columns=(S.QUERY,))
+        order = np.lexsort((b[S.REQUEST_ID], b[S.TIMESTAMP]))
+        return cls(*(b[c][order] for c in SEARCH_COLUMNS))
+
+    @classmethod
+    def empty(cls) -> UserSearches:
+        return cls.from_blocks([])
+
+    def __len__(self) -> int:
+        return len(self.timestamp)
+
+    def select(self, mask: np.ndarray) -> UserSearches:
+        return UserSearches(self.request_id[mask], self.timestamp[mask], self.query[mask], self.item[mask])
 
 
 # --------------------------------------------------------------------------------------
@@ -243,6 +273,10 @@ def subject_ad_indices(ad_ids: np.ndarray, item_vocab: Vocabulary) -> np.ndarray
     return out
 
 
+def _name_table(categories: IntVocabulary, names: Mapping[int, str]) -> np.ndarray:
+    return category_name_table([None] * S.NUM_RESERVED_IDS + categories.ids.tolist(), names)
+
+
 @dataclasses.dataclass
 class Lookups:
     """Vocabularies plus per-item feature tables, built once and shared by every user.
@@ -264,6 +298,10 @@ class Lookups:
     # (PAD_ID where not an ad, OOV_ID for an ad id outside the vocabulary); aligned with subject_ids.
     subject_ad_ids: np.ndarray | None = None
     subject_ad: np.ndarray | None = None
+    # The taxonomy's names aligned with the category vocabulary (index -> lower-case name, "" unknown:
+    # search_context.category_name_table) where the raw data has CATEGORY_NAMES; None: no names, and
+    # then no synthetic query in the training examples.
+    category_names: np.ndarray | None = None
 
     @classmethod
     def build(
@@ -272,8 +310,13 @@ class Lookups:
         items: ItemColumns | Sequence[Mapping[str, Any]],
         subject_items: ItemColumns | Sequence[Mapping[str, Any]],
         item_counts: Mapping[int, int],
+        category_names: Mapping[int, str] | None = None,
     ) -> Lookups:
-        """The lookups of the valid, key-unique ``items`` / ``subject_items`` (columns or row dicts)."""
+        """The lookups of the valid, key-unique ``items`` / ``subject_items`` (columns or row dicts).
+
+        ``category_names``: category id -> name (the CATEGORY_NAMES table), or ``None`` where the
+        data has none.
+        """
         items, subjects = as_item_columns(items), as_item_columns(subject_items, with_advertiser=False)
         vocabs = {
             name: IntVocabulary(vocab_values[name]) if name in INT_VOCABULARIES else Vocabulary(vocab_values[name])
@@ -310,6 +353,7 @@ class Lookups:
             subject_confidences=s_confs[s_order],
             subject_ad_ids=ad_ids,
             subject_ad=subject_ad_indices(ad_ids, item_vocab),
+            category_names=None if category_names is None else _name_table(categories, category_names),
         )
 
     def subject_ads(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -474,40 +518,6 @@ def history_at(
 # --------------------------------------------------------------------------------------
 # Deterministic randomness and synthetic context
 # --------------------------------------------------------------------------------------
-_U64 = np.uint64
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser (uint64 in, uint64 out)."""
-    z = z + _U64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
-    return z ^ (z >> _U64(31))
-
-
-def _u64(values: Any) -> np.ndarray:
-    return np.asarray(values, dtype=np.int64).view(np.uint64)
-
-
-def stable_keys(seed: int, user_ids: Any, timestamps: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """A 64-bit key per (seed, user, timestamp, item): the same in every process and run."""
-    timestamps = np.asarray(timestamps, dtype=np.int64)
-    with np.errstate(over="ignore"):
-        key = _mix(np.full(len(timestamps), seed & _MASK64, dtype=np.uint64))
-        key = _mix(key ^ _u64(np.broadcast_to(np.asarray(user_ids, dtype=np.int64), timestamps.shape)))
-        key = _mix(key ^ _u64(timestamps))
-        return _mix(key ^ _u64(items))
-
-
-def stable_uniform(keys: np.ndarray, stream: int, n: int) -> np.ndarray:
-    """``[len(keys), n]`` uniforms in [0, 1) drawn from the keys; ``stream`` separates uses."""
-    with np.errstate(over="ignore"):
-        salt = _mix(np.arange(stream * n + 1, stream * n + n + 1, dtype=np.uint64))
-        z = _mix(keys[:, None] ^ salt[None, :])
-    return (z >> _U64(11)).astype(np.float64) * 2.0**-53
-
-
 def synthetic_context(
     categories: np.ndarray, confidences: np.ndarray, keys: np.ndarray, drop_prob: float, jitter: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -543,16 +553,18 @@ class ExampleOptions:
     max_targets_per_user: int = 0  # per-target examples only; sequence examples hold every target
     seed: int = 0
     sequence_stride: int = S.SEQUENCE_STRIDE
+    search: bool = False  # the data has a search log: write the SEARCH_SPLITS too
 
 
 @dataclasses.dataclass
 class UserData:
-    """Everything known about one user: sorted events, requests, the users-table row."""
+    """Everything known about one user: sorted events, requests, the users-table row, search requests."""
 
     user_id: int
     events: UserEvents
     requests: UserRequests
     row: dict | None = None
+    searches: UserSearches | None = None  # None: no search log (or none of this user's)
 
 
 def training_targets(
@@ -603,6 +615,11 @@ def training_examples(
     columns[S.CONTEXT_CATEGORIES], columns[S.CONTEXT_WEIGHTS] = _target_context(
         options.seed, user_ids[rank], ts, encoded.item[targets], label, lookups, options
     )
+    if lookups.category_names is not None:
+        keys = stable_keys(options.seed, user_ids[rank], ts, encoded.item[targets])
+        columns[S.CONTEXT_QUERY] = synthetic_queries(
+            lookups.item_categories[label], lookups.item_confidences[label], lookups.category_names, keys
+        )
     columns[S.EX_REQUEST_ID] = np.full(len(targets), -1, dtype=np.int64)
     columns[S.SUBJECT_ITEM] = np.full(len(targets), S.PAD_ID, dtype=np.int64)
     return columns
@@ -734,6 +751,45 @@ def request_examples(
     return columns
 
 
+def search_examples(
+    encoded: EncodedEvents,
+    searches: UserSearches,
+    rank: np.ndarray,
+    user_ids: np.ndarray,
+    demographics: np.ndarray,
+    lookups: Lookups,
+) -> Columns:
+    """One example per search request (``rank``: its user's position), features ``with_query(FEATURES)``.
+
+    History: the user's conversions strictly before the request; context: the query as typed
+    (no subject item, no context categories); label: the converted ad.
+    """
+    n = len(searches)
+    positions = window_positions(encoded.ends_before(rank, searches.timestamp), encoded.user_start[rank])
+    label = lookups.vocabularies[S.VOCAB_ITEM].int_indices(searches.item)
+    columns = _common(user_ids[rank], searches.timestamp, demographics[rank], label, lookups)
+    columns.update(gather_history(encoded, positions, searches.timestamp))
+    columns[S.CONTEXT_CATEGORIES] = np.full((n, S.MAX_CATEGORIES), S.PAD_ID, dtype=np.int64)
+    columns[S.CONTEXT_WEIGHTS] = np.zeros((n, S.MAX_CATEGORIES), dtype=np.float32)
+    columns[S.CONTEXT_QUERY] = np.asarray(searches.query, dtype=object)
+    columns[S.EX_REQUEST_ID] = searches.request_id.astype(np.int64)
+    columns[S.SUBJECT_ITEM] = np.full(n, S.PAD_ID, dtype=np.int64)
+    return columns
+
+
+def _all_searches(users: Sequence[UserData]) -> tuple[UserSearches, np.ndarray]:
+    """The batch's search requests (concatenated) and each one's user position."""
+    per_user = [u.searches if u.searches is not None else UserSearches.empty() for u in users]
+    joined = UserSearches(
+        *(
+            np.concatenate([getattr(s, f.name) for s in per_user] or [getattr(UserSearches.empty(), f.name)])
+            for f in dataclasses.fields(UserSearches)
+        )
+    )
+    rank = np.repeat(np.arange(len(users)), [len(s) for s in per_user]).astype(np.int64)
+    return joined, rank
+
+
 def batch_examples(users: Sequence[UserData], lookups: Lookups, options: ExampleOptions) -> dict[str, Columns]:
     """Every example of a batch of users, per split (see the pipeline's module docstring)."""
     encoded = EncodedEvents.encode([u.events for u in users], lookups.vocabularies)
@@ -750,12 +806,25 @@ def batch_examples(users: Sequence[UserData], lookups: Lookups, options: Example
     rank = np.repeat(np.arange(len(users)), [len(u.requests) for u in users]).astype(np.int64)
     by_request = request_examples(encoded, requests, rank, user_ids, demographics, lookups)
     before = requests.timestamp < options.cutoff
-    return {
+    out = {
         S.SPLIT_TRAIN: training_examples(encoded, user_ids, demographics, lookups, options),
         S.SPLIT_TRAIN_REQUESTS: select_examples(by_request, before),
         S.SPLIT_EVAL: select_examples(by_request, ~before),
         S.SPLIT_TRAIN_SEQUENCES: sequence_examples(encoded, user_ids, demographics, lookups, options),
     }
+    if options.search:
+        searches, s_rank = _all_searches(users)
+        by_search = search_examples(encoded, searches, s_rank, user_ids, demographics, lookups)
+        s_before = searches.timestamp < options.cutoff
+        out[S.SPLIT_TRAIN_SEARCH] = select_examples(by_search, s_before)
+        out[S.SPLIT_EVAL_SEARCH] = select_examples(by_search, ~s_before)
+    return out
+
+
+def example_features(split: str, columns: Columns) -> dict[str, S.Feature]:
+    """The feature set to write a split's examples with: ``split_features``, plus the query where they hold one."""
+    features = S.split_features(split)
+    return QUERY_FEATURES if features is S.FEATURES and S.CONTEXT_QUERY in columns else features
 
 
 def consumed_before(encoded: EncodedEvents, requests: UserRequests, rank: np.ndarray) -> list[np.ndarray]:
@@ -765,12 +834,18 @@ def consumed_before(encoded: EncodedEvents, requests: UserRequests, rank: np.nda
     return [np.unique(encoded.item_index[a:b]) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
 
 
-def eval_consumed(users: Sequence[UserData], lookups: Lookups, cutoff: int) -> list[tuple[int, list[int]]]:
-    """``(request_id, consumed item indices)`` of every eval request (at/after ``cutoff``) of a batch of users."""
+def eval_consumed(
+    users: Sequence[UserData], lookups: Lookups, cutoff: int, search: bool = False
+) -> list[tuple[int, list[int]]]:
+    """``(request_id, consumed item indices)`` of every eval request (at/after ``cutoff``) of a batch of users.
+
+    ``search``: of the search requests instead (the eval_search split).
+    """
     encoded = EncodedEvents.encode([u.events for u in users], lookups.vocabularies)
     out = []
     for r, u in enumerate(users):
-        held_out = u.requests.select(u.requests.timestamp >= cutoff)
+        log = (u.searches if u.searches is not None else UserSearches.empty()) if search else u.requests
+        held_out = log.select(log.timestamp >= cutoff)
         rank = np.full(len(held_out), r, dtype=np.int64)
         for request_id, items in zip(
             held_out.request_id.tolist(), consumed_before(encoded, held_out, rank), strict=True

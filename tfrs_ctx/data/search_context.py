@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tfrs_ctx import schema as S
-from tfrs_ctx.data.examples import stable_uniform
+from tfrs_ctx.data.stable_random import stable_uniform
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 MAX_QUERY_WORDS = 8

@@ -5,6 +5,12 @@ of a schema feature set: :data:`tfrs_ctx.schema.FEATURES` by default, or
 :data:`tfrs_ctx.schema.SEQUENCE_FEATURES`) into serialised protos byte-identical to
 ``tf.train.Example.SerializeToString(deterministic=True)`` (features in key order, packed lists),
 with no per-example Python and no TensorFlow; a test checks the bytes against the proto library.
+
+String features (the search query, :data:`tfrs_ctx.schema.CONTEXT_QUERY`) are appended after the
+numeric part as a second length-delimited ``features`` field (one ``bytes_list`` entry each):
+protobuf parsers merge repeated occurrences of a message field, so the example parses as one
+(a test checks it with ``tf.io.parse_example`` and the proto library). A feature set without
+strings gives exactly the bytes it gave before strings existed.
 """
 
 from __future__ import annotations
@@ -124,7 +130,68 @@ def _payloads(columns: Columns, layout: _Layout, n: int, base: int) -> tuple[lis
     return buffers, src, length
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _delimited(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
+
+
+def _string_suffixes(columns: Columns, names: list[str], n: int) -> list[bytes]:
+    """Per example: a ``features`` field (tag 1) holding each string feature as a one-value ``bytes_list``."""
+    heads = [b"\x0a" + _varint(len(name.encode())) + name.encode() for name in names]
+    values = [np.asarray(columns[name]).reshape(n) for name in names]
+    out = []
+    for i in range(n):
+        entries = b"".join(
+            _delimited(b"\x0a", head + _delimited(b"\x12", _delimited(b"\x0a", _delimited(b"\x0a", _utf8(v[i])))))
+            for head, v in zip(heads, values, strict=True)
+        )
+        out.append(_delimited(b"\x0a", entries))
+    return out
+
+
+def _utf8(value: object) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
 def serialize_examples(columns: Columns, features: dict[str, S.Feature] | None = None) -> list[bytes]:
+    """Serialise column-wise examples as ``tf.train.Example`` protos (every feature of ``features``).
+
+    ``features``: a schema feature set (default :data:`~tfrs_ctx.schema.FEATURES`). Numeric
+    features are written as :func:`serialize_numeric` does; string features (scalars) follow as
+    a second ``features`` field, which every protobuf parser merges into the first.
+    """
+    features = S.FEATURES if features is None else features
+    strings = sorted(name for name, f in features.items() if f.dtype == "string")
+    if not strings:
+        return serialize_numeric(columns, features)
+    numeric = _numeric_part(features)
+    blobs = serialize_numeric(columns, numeric)
+    if not blobs:
+        return []
+    suffixes = _string_suffixes(columns, strings, len(blobs))
+    return [a + b for a, b in zip(blobs, suffixes, strict=True)]
+
+
+_NUMERIC: dict[int, tuple[dict, dict]] = {}  # id(feature set) -> (the set, kept alive; its numeric features)
+
+
+def _numeric_part(features: dict[str, S.Feature]) -> dict[str, S.Feature]:
+    cached = _NUMERIC.get(id(features))
+    if cached is None or cached[0] is not features:
+        numeric = {name: f for name, f in features.items() if f.dtype != "string"}
+        cached = _NUMERIC[id(features)] = (features, numeric)
+    return cached[1]
+
+
+def serialize_numeric(columns: Columns, features: dict[str, S.Feature] | None = None) -> list[bytes]:
     """Serialise column-wise examples as ``tf.train.Example`` protos (every feature of ``features``).
 
     ``features``: a schema feature set, :data:`~tfrs_ctx.schema.FEATURES` (default) or

@@ -70,7 +70,7 @@ class SyntheticConfig:
     subject_from_interest: float = 0.2
     days: int = 180
     missing_demographic: float = 0.05
-    search_requests_per_user: float = 0.0  # the search surface's log (off until the pipeline reads it)
+    search_requests_per_user: float = 2.5  # the search surface's log (~10k eval search requests at 20k users)
     search_strength: float = 0.75  # share of search conversions that follow the query's intent
     search_from_interest: float = 0.5  # share of queries about one of the user's own interests
     typo_rate: float = 0.08  # share of query words (4+ letters) misspelt
