@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-partitions", type=int)
     p.add_argument("--nprobe", type=int)
     p.add_argument("--quantization", default=None)
+    p.add_argument(
+        "--primary-queries", type=int,
+        help="IVF: training requests whose exact top-100 ads form the primary partition group (0: none)",
+    )  # fmt: skip
+    p.add_argument("--rescore", type=int, help="IVF: first-pass candidates kept per result (default: export's)")
     p.add_argument("--hot-items", type=int, help="IVF: most popular ads scored by every query (default: export's)")
     p.add_argument("--target-overlap", type=float, help="export's nprobe calibration target (default: export's)")
     p.add_argument(
@@ -223,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             "n_partitions": args.n_partitions,
             "nprobe": args.nprobe,
             "quantization": args.quantization,
+            "rescore": args.rescore,
+            "primary_queries": args.primary_queries,
             "target_overlap": args.target_overlap,
             "hot_items": args.hot_items,
         }

@@ -137,6 +137,21 @@ def popularity(model: ContextualTwoTower, data_dir: str) -> np.ndarray | None:
     return np.asarray([counts.get(int(i), 0) for i in model.corpus_item_ids.numpy()], np.float64)
 
 
+def primary_ads(model: ContextualTwoTower, data_dir: str, embeddings: np.ndarray, n: int, k: int) -> np.ndarray | None:
+    """``[N]`` bool: the ads in the exact top-``k`` of ``n`` training requests after the calibration ones
+    (:func:`calibration_queries` never sees them), or ``None`` if the data has none."""
+    from tfrs_ctx.data import dataset
+    from tfrs_ctx.retrieval.ivf import exact_top_k
+
+    batches = list(dataset.requests_after_validation(data_dir, CALIBRATION_QUERIES).take(n).batch(1024))
+    if not batches:
+        return None
+    queries = np.concatenate([model.query_embedding(b, training=False).numpy() for b in batches])
+    mask = np.zeros(len(embeddings), bool)
+    mask[exact_top_k(embeddings, queries, k).ravel()] = True
+    return mask
+
+
 def build_index(
     model: ContextualTwoTower, top_k: int, index: str = "auto", data_dir: str | None = None, **params
 ) -> IVFIndex:
@@ -172,6 +187,9 @@ def build_index(
     else:
         params.pop("hot_items", None)
     params.pop("popularity_sample", None)
+    n_primary = params.pop("primary_queries", 0)
+    if is_ivf and n_primary and data_dir is not None:
+        params["primary"] = primary_ads(model, data_dir, embeddings, n_primary, top_k)
     return IVFIndex.build(embeddings, ids, max_k=top_k, **params)
 
 

@@ -309,3 +309,31 @@ def test_hot_tier_nprobe_all_equals_brute_force_and_hot_ads_are_always_scored(qu
     assert cal.config["nprobe"] == 1
     with pytest.raises(ValueError, match="sample_weights"):
         build_tables(x, ids, exact_threshold=0, hot_items=10)
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_primary_group_nprobe_all_equals_brute_force_and_calibrates_both_groups(quantization):
+    """The primary ads (those sample queries retrieved) get their own partitions and the rest a second
+    group: probing every partition of both is brute force exactly (ties included, no id twice); without
+    rest probes only primary ads come back; the calibration picks both nprobes and reaches its target."""
+    x, ids, q = dyadic(1500, 0), raw_ids(1500), dyadic(9, 1)
+    primary = np.zeros(len(x), bool)
+    primary[np.random.default_rng(4).choice(len(x), 300, replace=False)] = True
+    common = dict(max_k=40, n_partitions=12, rest_partitions=8, quantization=quantization, rescore=40)
+    index = ivf(x, ids, nprobe=12, nprobe_rest=8, primary=primary, **common)
+    cfg = index.get_config()
+    assert (cfg["n_partitions"], cfg["primary_partitions"], cfg["primary_items"]) == (20, 12, 300)
+    want = reference(x, ids, q, 40)
+    got = search(index, q)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    only = search(ivf(x, ids, nprobe=12, primary=primary, **common), q)[0]
+    assert set(only.ravel()) <= set(ids[primary]) | {-1}
+    np.testing.assert_array_equal(only, reference(x[primary], ids[primary], q, 40)[0])
+    for row in only:
+        assert len(set(row[row >= 0])) == (row >= 0).sum()
+    cal = build_tables(
+        x, ids, exact_threshold=0, primary=primary, target_overlap=0.9, calibration_queries=q, **common
+    ).config  # fmt: skip
+    assert cal["nprobe_source"] == "target_overlap" and cal["calibration"]["overlap"] >= 0.9
+    assert cal["nprobe"] <= 12 and cal["nprobe_rest"] == cal["calibration"]["nprobe_rest"] <= 8

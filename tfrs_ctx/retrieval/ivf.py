@@ -205,6 +205,9 @@ def build_tables(
     calibration_queries: np.ndarray | None = None,
     sample_weights: np.ndarray | None = None,
     hot_items: int = 0,
+    primary: np.ndarray | None = None,
+    rest_partitions: int | None = None,
+    nprobe_rest: int | None = None,
 ) -> IVFTables:
     """Cluster, sort and (optionally) quantize ``embeddings [N, d]`` with raw ``ids [N]``.
 
@@ -221,6 +224,11 @@ def build_tables(
     ``hot_items`` (needs ``sample_weights``): that many ads of the largest weight (ties: lower row) form a
     hot tier at the head of the table that every query scores; the partitions (k-means, assignment)
     cover the other ads only. A trained model's results crowd into its popular ads (ivf_report.md).
+    ``primary [N]`` (bool): the ads that held a result of some sample queries (export: the exact top-k
+    of training requests). They get their own ``n_partitions`` (default ``8 sqrt(N primary)``) and the
+    other ads ``rest_partitions`` (default ``sqrt(N rest)``) in a second group; a query probes its
+    ``nprobe`` best primary and ``nprobe_rest`` best rest partitions (both calibrated with
+    ``target_overlap``). A trained model's queries reach few ads (ivf_report.md, session 8).
     """
     t0 = time.perf_counter()
     x = np.ascontiguousarray(embeddings, np.float32)
@@ -263,21 +271,39 @@ def build_tables(
         cold_rows = np.sort(by_weight[hot:]).astype(np.int32)
     else:
         hot_rows, cold_rows = np.zeros(0, np.int32), np.arange(n, dtype=np.int32)
-    cold = x[cold_rows] if hot else x
-    nc = len(cold_rows)
-    p = int(min(nc, n_partitions or default_n_partitions(nc)))
-    probe = int(min(p, nprobe or default_nprobe(p)))
-    groups = round(math.sqrt(p)) if p >= two_level_from else 0
-    centroids = spherical_kmeans(
-        cold, p, iters=kmeans_iters, sample_per_cluster=sample_per_partition, max_sample=max_sample, groups=groups,
-        seed=seed, weights=None if weights is None else weights[cold_rows],
-    )  # fmt: skip
+    split = None if primary is None else np.asarray(primary, bool).reshape(-1)[cold_rows]
+    if split is not None and (split.all() or not split.any()):
+        split = None  # one group: nothing to split off
+    group_rows = [cold_rows] if split is None else [cold_rows[split], cold_rows[~split]]
     step = 1 << 22
-    labels = np.concatenate([assign(cold[s : s + step], centroids, groups=groups) for s in range(0, nc, step)])
-    # hot tier (corpus order), then partition by partition (original row order inside each)
-    order = np.concatenate([hot_rows, cold_rows[np.argsort(labels, kind="stable")]]).astype(np.int32)
+    centroids, labels, sizes_p, groups = [], [], [], 0
+    for g, rows_g in enumerate(group_rows):
+        ng = len(rows_g)
+        if g == 0:
+            pg = int(min(ng, n_partitions or default_n_partitions(ng)))
+        else:
+            pg = int(min(ng, rest_partitions or max(1, round(math.sqrt(ng)))))
+        groups_g = round(math.sqrt(pg)) if pg >= two_level_from else 0
+        groups = max(groups, groups_g)
+        xg = x[rows_g] if len(rows_g) < n else x
+        c = spherical_kmeans(
+            xg, pg, iters=kmeans_iters, sample_per_cluster=sample_per_partition, max_sample=max_sample,
+            groups=groups_g, seed=seed + g, weights=None if weights is None else weights[rows_g],
+        )  # fmt: skip
+        lab = np.concatenate([assign(xg[s : s + step], c, groups=groups_g) for s in range(0, ng, step)])
+        centroids.append(c)
+        labels.append(lab + sum(sizes_p))
+        sizes_p.append(pg)
+        del xg
+    p0, p = sizes_p[0], sum(sizes_p)
+    centroids = np.concatenate(centroids)
+    probe = int(min(p0, nprobe or default_nprobe(p0)))
+    probe_rest = int(min(p - p0, nprobe_rest or 0))
+    labels = np.concatenate(labels)
+    grouped = np.concatenate(group_rows)
+    # hot tier (corpus order), then partition by partition (primary group first; corpus order inside each)
+    order = np.concatenate([hot_rows, grouped[np.argsort(labels, kind="stable")]]).astype(np.int32)
     offsets = (hot + np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=p))])).astype(np.int32)
-    del cold
     table = x[order]
     quantized = scale = None
     if quantization == "int8":
@@ -292,6 +318,9 @@ def build_tables(
     config.update(
         n_partitions=p,
         nprobe=probe,
+        primary_partitions=p0,
+        nprobe_rest=probe_rest,
+        primary_items=len(group_rows[0]) if split is not None else 0,
         hot_items=hot,
         quantization=quantization,
         rescore=int(rescore) if quantization != "none" else 0,
@@ -304,7 +333,9 @@ def build_tables(
     config["kmeans_sample"] = "uniform" if sample_weights is None else "weighted"
     if target_overlap is not None and calibration_queries is not None and not nprobe:
         found = calibrate_nprobe(tables, calibration_queries, target_overlap)
-        config.update(nprobe=found["nprobe"], nprobe_source="target_overlap", calibration=found)
+        config.update(
+            nprobe=found["nprobe"], nprobe_rest=found["nprobe_rest"], nprobe_source="target_overlap", calibration=found
+        )
     tables.build_seconds = time.perf_counter() - t0
     return tables
 
@@ -323,44 +354,83 @@ def exact_top_k(table: np.ndarray, queries: np.ndarray, k: int, chunk: int = 256
     return np.concatenate(out) if out else np.zeros((0, k), np.int32)
 
 
+def _groups(tables: IVFTables) -> tuple[int, int]:
+    """(primary partitions, all partitions): partitions ``[p0, P)`` are the rest group (none if p0 = P)."""
+    p = len(tables.offsets) - 1
+    return int(tables.config.get("primary_partitions") or p), p
+
+
 def probe_ranks(tables: IVFTables, queries: np.ndarray, k: int) -> np.ndarray:
     """``[nq, k]``: for each query's exact top-``k`` ad, the rank (0 = probed first) of its partition
-    in the query's partition order. ``mean(ranks < nprobe)`` is the share of the exact top-k that
-    ``nprobe`` partitions hold, i.e. the overlap@k the index reaches when re-scoring keeps them."""
+    in the query's partition order within its group (-1: the hot tier). ``mean(ranks < nprobe)`` is the
+    share of the exact top-k that ``nprobe`` partitions hold, i.e. the overlap@k the index reaches when
+    re-scoring keeps them. With a rest group its ads' ranks are offset by :data:`REST_RANK` (so
+    ``ranks - REST_RANK`` is their rank among the rest partitions)."""
     queries = np.asarray(queries, np.float32)
     top = exact_top_k(tables.embeddings, queries, k)
     sizes = np.diff(tables.offsets)
+    p0, p = _groups(tables)
     hot = int(tables.offsets[0])
-    part = np.repeat(np.arange(-1, len(sizes), dtype=np.int32), np.concatenate([[hot], sizes]))  # hot: -1
+    part = np.repeat(np.arange(-1, p, dtype=np.int32), np.concatenate([[hot], sizes]))  # hot: -1
     scores = tf.matmul(tf.constant(queries), tf.constant(tables.centroids), transpose_b=True)
-    order = tf.math.top_k(scores, len(sizes)).indices.numpy()  # the same order search() probes in
-    rank = np.empty((len(order), len(sizes) + 1), order.dtype)  # column 0: the hot tier, rank -1
+    rank = np.empty((len(queries), p + 1), np.int64)  # column 0: the hot tier, rank -1
     rank[:, 0] = -1
-    rank[np.arange(len(order))[:, None], order + 1] = np.arange(order.shape[1], dtype=order.dtype)[None, :]
+    rows = np.arange(len(queries))[:, None]
+    for lo, hi, base in ((0, p0, 0), (p0, p, REST_RANK)):
+        if hi > lo:  # the same order search() probes each group in
+            order = tf.math.top_k(scores[:, lo:hi], hi - lo).indices.numpy() + lo
+            rank[rows, order + 1] = base + np.arange(hi - lo)[None, :]
     return np.take_along_axis(rank, part[top] + 1, axis=1)
 
 
-def overlap_curve(ranks: np.ndarray, nprobes) -> dict[int, float]:
-    """Overlap@k at each ``nprobe`` from :func:`probe_ranks`."""
-    return {int(n): float(np.mean(ranks < n)) if ranks.size else 1.0 for n in nprobes}
+REST_RANK = 1 << 40
+
+
+def overlap_curve(ranks: np.ndarray, nprobes, nprobe_rest: int = 0) -> dict[int, float]:
+    """Overlap@k at each ``nprobe`` (and ``nprobe_rest`` rest partitions) from :func:`probe_ranks`."""
+    rest = ranks >= REST_RANK
+    got_rest = rest & (ranks - REST_RANK < nprobe_rest)
+    return {int(n): float(np.mean((~rest & (ranks < n)) | got_rest)) if ranks.size else 1.0 for n in nprobes}
 
 
 def calibrate_nprobe(tables: IVFTables, queries: np.ndarray, target: float, k: int | None = None) -> dict:
     """The smallest ``nprobe`` whose probed partitions hold a share ``>= target`` of the exact top-``k``
-    (default ``max_k``) of sample ``queries``: ``{"nprobe", "overlap", "queries", "target"}``."""
+    (default ``max_k``) of sample ``queries``: ``{"nprobe", "nprobe_rest", "overlap", "queries", "target"}``.
+
+    With a rest group, every ``nprobe_rest`` in 0, 1, 2, 4, ... is tried with its smallest primary
+    ``nprobe``, and the pair with the fewest candidates on these queries wins."""
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target overlap must be in (0, 1], got {target}")
     k = int(k or tables.config["max_k"])
-    ranks = np.sort(probe_ranks(tables, queries, k).ravel())
-    n_parts = len(tables.offsets) - 1
-    if ranks.size:
-        need = math.ceil(target * ranks.size - 1e-9)  # that many (query, ad) pairs must be probed
-        nprobe = int(max(1, min(n_parts, ranks[max(need, 1) - 1] + 1)))  # the hot tier alone: rank -1
-    else:
-        nprobe = 1
+    ranks = probe_ranks(tables, queries, k)
+    p0, p = _groups(tables)
+    sizes = np.diff(tables.offsets)
+    queries = np.asarray(queries, np.float32)
+    scores = queries @ tables.centroids.T if len(queries) else np.zeros((0, p), np.float32)
+    mean_cum = []  # mean candidates of the n best partitions of each group (index n)
+    for lo, hi in ((0, p0), (p0, p)):
+        order = np.argsort(-scores[:, lo:hi], axis=1, kind="stable") + lo
+        mean_cum.append(np.concatenate([[0.0], np.cumsum(sizes[order], axis=1).mean(0) if len(queries) else []]))
+    rest_options = [0] + [r for r in (2**i for i in range(40)) if r <= p - p0] if p > p0 else [0]
+    best = None
+    flat = np.sort(ranks[ranks < REST_RANK].ravel())
+    need = math.ceil(target * ranks.size - 1e-9)  # that many (query, ad) pairs must be probed
+    for n_rest in rest_options:
+        missing = need - int(np.sum((ranks >= REST_RANK) & (ranks - REST_RANK < n_rest)))
+        if missing > len(flat):
+            continue  # not reachable with this many rest partitions
+        nprobe = 1 if missing <= 0 else int(max(1, min(p0, flat[missing - 1] + 1)))  # hot tier alone: rank -1
+        cost = mean_cum[0][min(nprobe, p0)] + (mean_cum[1][n_rest] if p > p0 and len(queries) else 0.0)
+        if best is None or cost < best[0]:
+            best = (cost, nprobe, n_rest)
+    if best is None or not ranks.size:
+        best = (0.0, 1, 0)
+    _, nprobe, n_rest = best
     return {
         "nprobe": nprobe,
-        "overlap": overlap_curve(ranks, [nprobe])[nprobe],
+        "nprobe_rest": n_rest,
+        "overlap": overlap_curve(ranks, [nprobe], n_rest)[nprobe],
+        "candidates": round(float(best[0]) + int(tables.offsets[0]), 1),
         "queries": len(queries),
         "target": float(target),
     }
@@ -399,6 +469,10 @@ class IVFIndex(tf.Module):
         self.mode, self.max_k, self.n_items, self.dim = cfg["mode"], cfg["max_k"], cfg["n_items"], cfg["dim"]
         self.nprobe, self.quantization, self.rescore = cfg["nprobe"], cfg["quantization"], cfg["rescore"]
         self.hot = int(tables.offsets[0]) if self.mode == "ivf" else 0  # rows every query scores
+        self.n_partitions = len(tables.offsets) - 1 if self.mode == "ivf" else 0
+        self.primary_partitions = int(cfg.get("primary_partitions") or self.n_partitions)
+        self.nprobe_rest = int(min(cfg.get("nprobe_rest") or 0, self.n_partitions - self.primary_partitions))
+        self.nprobe = int(min(self.nprobe, self.primary_partitions))
 
         def var(value, dtype, vname):
             return tf.Variable(value, dtype=dtype, trainable=False, name=vname)
@@ -468,7 +542,15 @@ class IVFIndex(tf.Module):
 
     def _candidates(self, queries: tf.Tensor) -> tf.Tensor:
         """Table rows of the ``nprobe`` best partitions of each query, ``[B, max count]``, -1 padded."""
-        _, probe = tf.math.top_k(tf.matmul(queries, self.centroids, transpose_b=True), self.nprobe)
+        scores = tf.matmul(queries, self.centroids, transpose_b=True)
+        if self.primary_partitions == self.n_partitions:
+            _, probe = tf.math.top_k(scores, self.nprobe)
+        else:  # the primary group's nprobe best, then the rest group's nprobe_rest best
+            p0 = self.primary_partitions
+            _, probe = tf.math.top_k(scores[:, :p0], self.nprobe)
+            if self.nprobe_rest:
+                _, rest = tf.math.top_k(scores[:, p0:], self.nprobe_rest)
+                probe = tf.concat([probe, rest + p0], axis=1)
         starts = tf.gather(self.offsets, probe)
         ends = tf.gather(self.offsets, probe + 1)
         if self.hot:  # the hot tier, rows [0, hot), as one more probed range
