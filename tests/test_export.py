@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from tfrs_ctx import export, schema, signatures
 from tfrs_ctx.data import dataset, vocab
+from tfrs_ctx.testing import call_signature
 
 
 @pytest.fixture(scope="module")
@@ -97,19 +98,6 @@ def _random_raw(data_dir, n: int, seed: int) -> dict[str, np.ndarray]:
     return raw
 
 
-def _call(path: str, inputs: dict, k=None) -> dict[str, np.ndarray]:
-    """Run ``serving_default`` in process. A loaded TF2 signature cannot leave an input out (model
-    servers fill it from ``SignatureDef.defaults``), so ``k`` defaults to the exported max here."""
-    fn = tf.saved_model.load(path).signatures["serving_default"]
-    inputs = dict(inputs)
-    if schema.REQUEST_K in fn.structured_input_signature[1]:
-        info_path = os.path.join(path, "assets.extra", export.INFO_FILE)
-        with open(info_path) as f:
-            top_k = json.load(f)["top_k"]
-        inputs[schema.REQUEST_K] = np.asarray([top_k] if k is None else k, np.int64).reshape(-1)
-    return {name: v.numpy() for name, v in fn(**{n: tf.constant(v) for n, v in inputs.items()}).items()}
-
-
 @pytest.mark.parametrize("source", ["random", "real"])
 def test_head_of_encoder_equals_full(models, small_data, source):
     _, result = models
@@ -119,10 +107,10 @@ def test_head_of_encoder_equals_full(models, small_data, source):
     else:
         batch = next(iter(dataset.make_dataset(str(small_data), schema.SPLIT_EVAL, 64)))
         raw = _raw({k: v.numpy() for k, v in batch.items()}, small_data)
-    enc = _call(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})
+    enc = call_signature(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})
     head_inputs = {k: raw[k] for k in signatures.HEAD_INPUTS} | {schema.ENCODED_HISTORY: enc[schema.ENCODED_HISTORY]}
-    head = _call(paths["context_head"], head_inputs)
-    full = _call(paths["full"], raw)
+    head = call_signature(paths["context_head"], head_inputs)
+    full = call_signature(paths["full"], raw)
     np.testing.assert_allclose(head[schema.USER_EMBEDDING], full[schema.USER_EMBEDDING], atol=1e-5)
     np.testing.assert_allclose(head[schema.TOP_K_SCORES], full[schema.TOP_K_SCORES], atol=1e-5)
     assert (head[schema.TOP_K_IDS] == full[schema.TOP_K_IDS]).mean() > 0.99  # ties may swap
@@ -138,7 +126,7 @@ def test_full_export_matches_the_in_process_model(models, small_data, tiny_runs)
     batch = next(iter(dataset.make_dataset(str(small_data), schema.SPLIT_EVAL, 32)))
     expected = model.query_embedding(batch).numpy()
     raw = _raw({k: v.numpy() for k, v in batch.items()}, small_data)
-    got = _call(models[1]["paths"]["full"], raw)[schema.USER_EMBEDDING]
+    got = call_signature(models[1]["paths"]["full"], raw)[schema.USER_EMBEDDING]
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
@@ -210,10 +198,10 @@ def test_dense_model_exports_its_time_gap_semantics_and_hybrid_equals_full(small
     features = {k: v.numpy() for k, v in batch.items()}
     features[schema.HISTORY_TIME_GAP] = features[schema.HISTORY_NEXT_GAP]  # the signature's gaps, its semantics
     raw = _raw(features, small_data)
-    enc = _call(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})
+    enc = call_signature(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})
     head_inputs = {k: raw[k] for k in signatures.HEAD_INPUTS} | {schema.ENCODED_HISTORY: enc[schema.ENCODED_HISTORY]}
-    head = _call(paths["context_head"], head_inputs)[schema.USER_EMBEDDING]
-    full = _call(paths["full"], raw)[schema.USER_EMBEDDING]
+    head = call_signature(paths["context_head"], head_inputs)[schema.USER_EMBEDDING]
+    full = call_signature(paths["full"], raw)[schema.USER_EMBEDDING]
     np.testing.assert_allclose(head, full, atol=1e-5)
     np.testing.assert_allclose(full, model.query_embedding(batch).numpy(), atol=1e-5)
 
@@ -223,7 +211,7 @@ def test_dense_model_exports_its_time_gap_semantics_and_hybrid_equals_full(small
 
 def _head_raw(paths, small_data, n: int = 32, seed: int = 5) -> dict[str, np.ndarray]:
     raw = _random_raw(small_data, n, seed=seed)
-    enc = _call(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})
+    enc = call_signature(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})
     return {k: raw[k] for k in signatures.HEAD_INPUTS} | {schema.ENCODED_HISTORY: enc[schema.ENCODED_HISTORY]}
 
 
@@ -243,13 +231,13 @@ def test_signature_defaults_make_k_optional(models):
 def test_k_per_request(models, small_data):
     paths = models[1]["paths"]
     inputs = _head_raw(paths, small_data)
-    full = _call(paths["context_head"], inputs)
-    five = _call(paths["context_head"], inputs, k=[5])  # [1]: the same k for every row
+    full = call_signature(paths["context_head"], inputs)
+    five = call_signature(paths["context_head"], inputs, k=[5])  # [1]: the same k for every row
     assert five[schema.TOP_K_IDS].shape == (32, 5)
     np.testing.assert_array_equal(five[schema.TOP_K_IDS], full[schema.TOP_K_IDS][:, :5])
     np.testing.assert_array_equal(five[schema.TOP_K_SCORES], full[schema.TOP_K_SCORES][:, :5])
     ks = np.arange(32) % 20 + 1  # [B]: one k per row; output [B, max(k)], padded beyond each row's k
-    each = _call(paths["context_head"], inputs, k=ks)
+    each = call_signature(paths["context_head"], inputs, k=ks)
     assert each[schema.TOP_K_IDS].shape == (32, 20)
     for row, k in enumerate(ks):
         np.testing.assert_array_equal(each[schema.TOP_K_IDS][row, :k], full[schema.TOP_K_IDS][row, :k])
@@ -260,7 +248,7 @@ def test_k_per_request(models, small_data):
 def test_bad_k_fails_in_the_graph(models, small_data, k):
     paths = models[1]["paths"]
     with pytest.raises(tf.errors.InvalidArgumentError):
-        _call(paths["context_head"], _head_raw(paths, small_data, n=4), k=k)
+        call_signature(paths["context_head"], _head_raw(paths, small_data, n=4), k=k)
 
 
 def _variable_names(path) -> list[str]:
@@ -307,13 +295,13 @@ def test_ivf_head_with_every_partition_equals_exact_and_full(models, ivf_models,
     assert ivf_models[1]["retrieval"]["mode"] == "ivf" and ivf_models[1]["retrieval"]["n_partitions"] == 8
     raw = _random_raw(small_data, 48, seed=11)
     paths = ivf_models[1]["paths"]
-    enc = _call(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})
+    enc = call_signature(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})
     inputs = {k: raw[k] for k in signatures.HEAD_INPUTS} | {schema.ENCODED_HISTORY: enc[schema.ENCODED_HISTORY]}
-    ivf = _call(paths["context_head"], inputs)
-    exact = _call(models[1]["paths"]["context_head"], inputs)
+    ivf = call_signature(paths["context_head"], inputs)
+    exact = call_signature(models[1]["paths"]["context_head"], inputs)
     for name in (schema.TOP_K_IDS, schema.TOP_K_SCORES):  # same total order, same canonical scores
         np.testing.assert_array_equal(ivf[name], exact[name])
-    full = _call(paths["full"], raw)
+    full = call_signature(paths["full"], raw)
     np.testing.assert_allclose(full[schema.TOP_K_SCORES], ivf[schema.TOP_K_SCORES], atol=1e-5)
     assert (full[schema.TOP_K_IDS] == ivf[schema.TOP_K_IDS]).mean() > 0.99
 
@@ -344,7 +332,7 @@ def test_tiny_corpus_pads_missing_results(tiny_runs, small_data, tmp_path):
     n = int(model.corpus_item_ids.shape[0])
     result = export.export_all(model, str(small_data), str(tmp_path), version=1, top_k=n + 5)
     paths = result["paths"]
-    out = _call(paths["context_head"], _head_raw(paths, small_data, n=3))
+    out = call_signature(paths["context_head"], _head_raw(paths, small_data, n=3))
     assert out[schema.TOP_K_IDS].shape == (3, n + 5)
     assert (out[schema.TOP_K_IDS][:, n:] == -1).all() and np.isneginf(out[schema.TOP_K_SCORES][:, n:]).all()
     assert (out[schema.TOP_K_IDS][:, :n] >= 0).all()

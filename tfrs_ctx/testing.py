@@ -211,3 +211,19 @@ def random_features(batch: int, n: int, rng: np.random.Generator) -> dict[str, n
         out[f.name] = rng.integers(2, 12, shape) if f.dtype == "int64" else rng.random(shape).astype("float32")
     out[schema.HISTORY_ITEM] = rng.integers(2, n + 2, (batch, schema.MAX_HISTORY))
     return out
+
+
+def call_signature(path: str, inputs: dict, k=None) -> dict[str, np.ndarray]:
+    """Run a SavedModel's ``serving_default`` in process. A loaded TF2 signature cannot leave an input
+    out (model servers fill it from ``SignatureDef.defaults``), so ``k`` defaults to the exported max."""
+    import json
+
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(path).signatures["serving_default"]
+    inputs = dict(inputs)
+    if schema.REQUEST_K in fn.structured_input_signature[1]:
+        with open(os.path.join(path, "assets.extra", schema.MODEL_INFO_FILE)) as f:
+            top_k = json.load(f)["top_k"]
+        inputs[schema.REQUEST_K] = np.asarray([top_k] if k is None else k, np.int64).reshape(-1)
+    return {name: v.numpy() for name, v in fn(**{n: tf.constant(v) for n, v in inputs.items()}).items()}

@@ -10,7 +10,7 @@ import tensorflow as tf
 from tfrs_ctx import export, schema, signatures
 from tfrs_ctx.config import Config, ModelConfig
 from tfrs_ctx.models.two_tower import ContextualTwoTower, without_context
-from tfrs_ctx.testing import random_features, toy_corpus
+from tfrs_ctx.testing import call_signature, random_features, toy_corpus
 from tfrs_ctx.training import search
 
 N, B = 60, 6
@@ -115,14 +115,14 @@ def test_hybrid_export_with_the_query_is_exact(small_data, tmp_path):
         model(batch)
         out = tmp_path / fusion
         paths = export.export_all(model, str(small_data), str(out), version=1, top_k=10)["paths"]
-        enc = _call(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})[schema.ENCODED_HISTORY]
+        enc = call_signature(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})[schema.ENCODED_HISTORY]
         head_in = {k: raw[k] for k in signatures.HEAD_INPUTS} | {schema.ENCODED_HISTORY: enc}
-        head = _call(paths["context_head"], {**head_in, schema.CONTEXT_QUERY: queries})[schema.USER_EMBEDDING]
-        full = _call(paths["full"], {**raw, schema.CONTEXT_QUERY: queries})[schema.USER_EMBEDDING]
+        head = call_signature(paths["context_head"], {**head_in, schema.CONTEXT_QUERY: queries})[schema.USER_EMBEDDING]
+        full = call_signature(paths["full"], {**raw, schema.CONTEXT_QUERY: queries})[schema.USER_EMBEDDING]
         np.testing.assert_allclose(head, full, atol=1e-5)
         np.testing.assert_allclose(full, model.query_embedding(batch).numpy(), atol=1e-5)
         none = model.query_embedding({**batch, schema.CONTEXT_QUERY: tf.constant([""] * B)}).numpy()
-        default = _call(paths["context_head"], {**head_in, schema.CONTEXT_QUERY: np.asarray([b""], object)})
+        default = call_signature(paths["context_head"], {**head_in, schema.CONTEXT_QUERY: np.asarray([b""], object)})
         np.testing.assert_allclose(default[schema.USER_EMBEDDING], none, atol=1e-5)  # [1] "" for every row
         proto = saved_model_pb2.SavedModel()
         with open(f"{paths['context_head']}/saved_model.pb", "rb") as f:
@@ -132,10 +132,3 @@ def test_hybrid_export_with_the_query_is_exact(small_data, tmp_path):
     rows = [signatures.HeadRow(), signatures.HeadRow(query="red shoes")]
     assert signatures.head_inputs(rows, 16)[schema.CONTEXT_QUERY].tolist() == [b"", b"red shoes"]
     assert schema.CONTEXT_QUERY not in signatures.head_inputs(rows[:1], 16)  # none: the signature's default
-
-
-def _call(path: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    fn = tf.saved_model.load(path).signatures["serving_default"]
-    if schema.REQUEST_K in fn.structured_input_signature[1]:
-        inputs = {**inputs, schema.REQUEST_K: np.asarray([10], np.int64)}
-    return {k: v.numpy() for k, v in fn(**{k: tf.constant(v) for k, v in inputs.items()}).items()}

@@ -10,7 +10,7 @@ import tensorflow as tf
 from tfrs_ctx import export, schema, signatures
 from tfrs_ctx.config import Config, ModelConfig
 from tfrs_ctx.models.two_tower import SEQ_STATE_POSITION, SEQ_SUBJECT_ITEM, ContextualTwoTower, without_context
-from tfrs_ctx.testing import random_features, toy_corpus
+from tfrs_ctx.testing import call_signature, random_features, toy_corpus
 from tfrs_ctx.training import subject
 
 N, B = 60, 8
@@ -139,17 +139,17 @@ def test_hybrid_export_with_the_subject_ad_is_exact(small_data, tmp_path):
     paths = export.export_all(model, str(small_data), str(tmp_path / "models"), version=3, top_k=10)["paths"]
     raw = raw_inputs({k: v.numpy() for k, v in batch.items()}, str(small_data))
     subject_ids = ads[index]
-    enc = _call(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})[schema.ENCODED_HISTORY]
+    enc = call_signature(paths["encoder"], {k: raw[k] for k in signatures.ENCODER_INPUTS})[schema.ENCODED_HISTORY]
     assert enc.shape == (16, 4, cfg.model.embedding_dim)  # the [N, d] states of cross-attention
     head_in = {k: raw[k] for k in signatures.HEAD_INPUTS} | {schema.ENCODED_HISTORY: enc}
-    head = _call(paths["context_head"], {**head_in, schema.SUBJECT_AD: subject_ids})[schema.USER_EMBEDDING]
-    full = _call(paths["full"], {**raw, schema.SUBJECT_AD: subject_ids})[schema.USER_EMBEDDING]
+    head = call_signature(paths["context_head"], {**head_in, schema.SUBJECT_AD: subject_ids})[schema.USER_EMBEDDING]
+    full = call_signature(paths["full"], {**raw, schema.SUBJECT_AD: subject_ids})[schema.USER_EMBEDDING]
     np.testing.assert_allclose(head, full, atol=1e-5)
     np.testing.assert_allclose(full, model.query_embedding(batch).numpy(), atol=1e-5)
     none = model.query_embedding({**batch, schema.SUBJECT_ITEM: tf.zeros([16], tf.int64)}).numpy()
     assert not np.allclose(none, full, atol=1e-4)
     for missing in (np.full(16, ads.max() + 12345, np.int64), np.asarray([schema.NO_SUBJECT_AD], np.int64)):
-        got = _call(paths["context_head"], {**head_in, schema.SUBJECT_AD: missing})[schema.USER_EMBEDDING]
+        got = call_signature(paths["context_head"], {**head_in, schema.SUBJECT_AD: missing})[schema.USER_EMBEDDING]
         np.testing.assert_allclose(got, none, atol=1e-5)  # an unknown ad id, the default ([1]: every row)
     for name in (schema.MODEL_CONTEXT_HEAD, schema.MODEL_FULL):  # optional for a model server: a default
         proto = saved_model_pb2.SavedModel()
@@ -160,14 +160,6 @@ def test_hybrid_export_with_the_subject_ad_is_exact(small_data, tmp_path):
     rows = [signatures.HeadRow(subject_ad_id=None), signatures.HeadRow(subject_ad_id=int(ads[0]))]
     assert signatures.head_inputs(rows, 16)[schema.SUBJECT_AD].tolist() == [schema.NO_SUBJECT_AD, int(ads[0])]
     assert schema.SUBJECT_AD not in signatures.head_inputs(rows[:1], 16)  # none: the signature's default
-
-
-def _call(path: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """In process (no SignatureDef defaults here): ``k`` given as the exported 10."""
-    fn = tf.saved_model.load(path).signatures["serving_default"]
-    if schema.REQUEST_K in fn.structured_input_signature[1]:
-        inputs = {**inputs, schema.REQUEST_K: np.asarray([10], np.int64)}
-    return {k: v.numpy() for k, v in fn(**{k: tf.constant(v) for k, v in inputs.items()}).items()}
 
 
 def test_subject_ads_come_from_ad_id_only_and_older_rows_mean_none(caplog):

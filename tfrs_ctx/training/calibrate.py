@@ -55,6 +55,7 @@ from tfrs_ctx.config import Config
 from tfrs_ctx.data import dataset
 from tfrs_ctx.evaluation.metrics import recall_at_k
 from tfrs_ctx.training import run_dir
+from tfrs_ctx.training.search import one_surface
 
 # 1 = as trained. Above 1: real context is more reliable than the dropped, swapped synthetic
 # context the model hedged against in training.
@@ -71,6 +72,7 @@ SOURCES = {
     "search_requests": "logged train_search_requests (real queries before the cutoff)",
     "synthetic_queries": "training examples with their synthetic query (NO search log: uncalibrated, trust at most 1)",
 }
+SYNTHETIC_SOURCES = ("synthetic", "synthetic_queries")  # no real request chose the trust
 _SHIFTED = (*schema.HISTORY_FEATURES, schema.HISTORY_NEXT_GAP)
 
 
@@ -144,14 +146,14 @@ def calibration_requests(cfg: Config, counts: dict[str, int], validation: list) 
 
 def record(source: str, trust: float, **figures) -> dict:
     """The summary's ``calibration`` entry: where the trust comes from, the trust, the flag."""
-    flagged = source in ("synthetic", "off", "synthetic_queries")
+    flagged = source in (*SYNTHETIC_SOURCES, "off")
     return {
         "source": source,
         "description": SOURCES[source],
         "trust": float(trust),
         "flagged": flagged,
         "flag": UNCALIBRATED if flagged else None,
-        "in_sample": source in ("previous_event", "validation", "synthetic", "synthetic_queries"),
+        "in_sample": source in ("previous_event", "validation", *SYNTHETIC_SOURCES),
         **figures,
     }
 
@@ -163,8 +165,7 @@ def search_requests(cfg: Config, counts: dict[str, int]) -> tuple[list, str]:
     if n > 0:
         logged = dataset.make_dataset(t.data_dir, schema.SPLIT_TRAIN_SEARCH, 1024).unbatch()
         return list(logged.take(n).batch(1024)), "search_requests"
-    from tfrs_ctx.training.search import one_surface  # the training input's rule, with every target a query
-
+    # the training input's rule, with every target a query
     train = dataset.make_dataset(t.data_dir, schema.SPLIT_TRAIN, 1024, features=schema.with_query(schema.FEATURES))
     train = train.unbatch().filter(lambda e: tf.strings.length(e[schema.CONTEXT_QUERY]) > 0)
     return [one_surface(b, 1.0, t.seed) for b in train.take(t.calibration_examples).batch(1024)], "synthetic_queries"
@@ -180,23 +181,8 @@ def calibrate_search(model, cfg: Config, counts: dict[str, int]) -> dict | None:
         source = "not_applicable" if t.context_source != "synthetic" else "off"
         return record(source, float(layer.trust.numpy()), examples=0)
     batches, source = search_requests(cfg, counts)
-    grid = tuple(g for g in TRUST_GRID if g <= 1.0) if source == "synthetic_queries" else TRUST_GRID
-    trust, recalls = choose_trust(model, batches, t.early_stopping_k, grid, layer=layer)
-    examples = sum(int(b[schema.LABEL_ITEM].shape[0]) for b in batches)
-    result = record(
-        source,
-        trust,
-        examples=examples,
-        recall_by_trust={f"{g:g}": r for g, r in recalls.items()},
-        no_context_recall=recalls[0.0],
-    )
-    flag = f" [{UNCALIBRATED.upper()}: no search log]" if result["flagged"] else ""
-    print(
-        f"search trust {trust:g}{flag} (Recall@{t.early_stopping_k} on {examples} {SOURCES[source]}: "
-        f"{recalls[1.0]:.4f} as trained, {recalls[0.0]:.4f} without a query -> {recalls[trust]:.4f})",
-        file=sys.stderr if result["flagged"] else sys.stdout,
-    )
-    return result
+    trust, recalls = choose_trust(model, batches, t.early_stopping_k, _grid(source), layer=layer)
+    return _chosen("search trust", "without a query", "no search log", source, batches, t, trust, recalls)
 
 
 def calibrate(model, cfg: Config, counts: dict[str, int], validation: list) -> dict | None:
@@ -217,11 +203,25 @@ def _calibrate_categories(model, cfg: Config, counts: dict[str, int], validation
     if t.calibration_examples <= 0:
         return record("off", trust_now, examples=0)
     batches, source = calibration_requests(cfg, counts, validation)
-    grid = tuple(g for g in TRUST_GRID if g <= 1.0) if source == "synthetic" else TRUST_GRID
     model.context_layer.trust.assign(1.0)
     before = recall_at_k(model, validation, t.early_stopping_k)
-    trust, recalls = choose_trust(model, batches, t.early_stopping_k, grid)
+    trust, recalls = choose_trust(model, batches, t.early_stopping_k, _grid(source))
     after = recall_at_k(model, validation, t.early_stopping_k)
+    return _chosen(
+        "context trust", "without context", "no request log", source, batches, t, trust, recalls,
+        val_recall_before=before, val_recall_after=after,
+    )  # fmt: skip
+
+
+def _grid(source: str) -> tuple[float, ...]:
+    """The trust grid: up to 1 (as trained) where only synthetic context chose it, else the whole grid."""
+    return tuple(g for g in TRUST_GRID if g <= 1.0) if source in SYNTHETIC_SOURCES else TRUST_GRID
+
+
+def _chosen(
+    what: str, without: str, missing: str, source: str, batches: list, t, trust: float, recalls: dict, **figures
+) -> dict:
+    """The summary entry of a chosen trust (:func:`record`), printed (to stderr when flagged)."""
     examples = sum(int(b[schema.LABEL_ITEM].shape[0]) for b in batches)
     result = record(
         source,
@@ -229,13 +229,12 @@ def _calibrate_categories(model, cfg: Config, counts: dict[str, int], validation
         examples=examples,
         recall_by_trust={f"{g:g}": r for g, r in recalls.items()},
         no_context_recall=recalls[0.0],
-        val_recall_before=before,
-        val_recall_after=after,
+        **figures,
     )
-    flag = f" [{UNCALIBRATED.upper()}: no request log]" if result["flagged"] else ""
+    flag = f" [{UNCALIBRATED.upper()}: {missing}]" if result["flagged"] else ""
     print(
-        f"context trust {trust:g}{flag} (Recall@{t.early_stopping_k} on {examples} {SOURCES[source]}: "
-        f"{recalls[1.0]:.4f} as trained, {recalls[0.0]:.4f} without context -> {recalls[trust]:.4f})",
+        f"{what} {trust:g}{flag} (Recall@{t.early_stopping_k} on {examples} {SOURCES[source]}: "
+        f"{recalls[1.0]:.4f} as trained, {recalls[0.0]:.4f} {without} -> {recalls[trust]:.4f})",
         file=sys.stderr if result["flagged"] else sys.stdout,
     )
     return result
