@@ -91,12 +91,16 @@ class QueryEncoder(keras.layers.Layer):
         """``[B]`` bool: the query holds at least one word."""
         return query_words(queries, self.max_words).row_lengths() > 0
 
-    def call(self, queries: tf.Tensor) -> tf.Tensor:
+    def embed(self, queries: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``[B, dim]`` embeddings and the ``[B, 1]`` float has-a-word flag, from one tokenisation."""
         queries = tf.reshape(queries, [-1])
         word_ids, ngram_ids = self.tokens(queries)
         pooled = tf.concat([_bag_mean(word_ids, self.words), _bag_mean(ngram_ids, self.ngrams)], axis=-1)
         present = tf.cast(word_ids.row_lengths() > 0, pooled.dtype)[:, tf.newaxis]
-        return self.project(pooled) * present
+        return self.project(pooled) * present, present
+
+    def call(self, queries: tf.Tensor) -> tf.Tensor:
+        return self.embed(queries)[0]
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -138,11 +142,10 @@ class QueryContextLayer(keras.layers.Layer):
         self.trust = self.add_weight(name="trust", shape=(), initializer="ones", trainable=False)
 
     def call(self, queries: tf.Tensor, training: bool | None = None) -> tf.Tensor:
-        queries = tf.reshape(queries, [-1])
-        present = tf.cast(self.encoder.present(queries), tf.float32)[:, tf.newaxis]
+        vector, present = self.encoder.embed(queries)  # one tokenisation serves both
         if training and self.drop_context > 0:
             present *= tf.cast(tf.random.uniform(tf.shape(present), seed=self.seed) >= self.drop_context, tf.float32)
-        vector = self.drop(self.encoder(queries), training=training) * present
+        vector = self.drop(vector, training=training) * present
         return tf.concat([vector, present], axis=-1) * self.trust
 
     def get_config(self) -> dict:
